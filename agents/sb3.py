@@ -1,0 +1,143 @@
+"""Any saved stable-baselines3 agent (PPO by default) behind the common Policy interface.
+
+The model's own ``predict`` does the work; this wrapper resolves the algorithm by name, and checks
+the saved spaces against the env before anything runs, because an agent trained on another feature
+set or bit set would otherwise act on misread observations without complaint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from agents.base import Policy
+
+DEFAULT_ALGO = "PPO"
+
+
+def known_algorithms() -> dict[str, type]:
+    """Algorithm classes exported by ``stable_baselines3`` (PPO, A2C, DQN, SAC, TD3, DDPG, ...)."""
+    import stable_baselines3
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+    out = {}
+    for name in dir(stable_baselines3):
+        obj = getattr(stable_baselines3, name)
+        if isinstance(obj, type) and issubclass(obj, BaseAlgorithm):
+            out[name] = obj
+    return out
+
+
+def resolve_algorithm(name: str) -> type:
+    """The SB3 class called ``name`` (case-insensitive)."""
+    algos = known_algorithms()
+    for key, cls in algos.items():
+        if key.lower() == name.lower():
+            return cls
+    raise ValueError(f"unknown stable-baselines3 algorithm {name!r}; known: {sorted(algos)}")
+
+
+def _describe(space: gym.Space) -> str:
+    if isinstance(space, gym.spaces.Box):
+        return f"Box(shape={space.shape}, dtype={space.dtype})"
+    return repr(space)
+
+
+def _same_space(a: gym.Space, b: gym.Space) -> bool:
+    """Same kind and layout; Box bounds may differ (they are documentation, not what the net reads)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, gym.spaces.Discrete):
+        return int(a.n) == int(b.n)
+    return a.shape == b.shape
+
+
+def _expected_spaces(
+    env_or_spaces: Any, observation_names: Sequence[str] | None, bits: Sequence[int] | None
+) -> tuple[gym.Space, gym.Space] | None:
+    if env_or_spaces is not None:
+        if isinstance(env_or_spaces, tuple | list) and len(env_or_spaces) == 2:
+            return env_or_spaces[0], env_or_spaces[1]
+        return env_or_spaces.observation_space, env_or_spaces.action_space
+    if observation_names is not None and bits is not None:
+        obs = gym.spaces.Box(-np.inf, np.inf, shape=(len(observation_names),), dtype=np.float32)
+        return obs, gym.spaces.Discrete(len(bits))
+    return None
+
+
+class SB3Policy(Policy):
+    """A stable-baselines3 model loaded from ``path``.
+
+    ``env_or_spaces`` (an env, or an ``(observation_space, action_space)`` pair) is what the saved spaces
+    are checked against; without it they are checked against ``observation_names``/``bits`` if given.
+    Those default to the env's ``unwrapped.observation_names``/``bits`` when an env is passed.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        env_or_spaces: Any = None,
+        algo: str | None = None,
+        *,
+        observation_names: Sequence[str] | None = None,
+        bits: Sequence[int] | None = None,
+    ):
+        unwrapped = getattr(env_or_spaces, "unwrapped", None)
+        observation_names = observation_names or getattr(unwrapped, "observation_names", None)
+        bits = bits or getattr(unwrapped, "bits", None)
+        path = Path(path)
+        if not path.is_file() and path.with_name(path.name + ".zip").is_file():
+            path = path.with_name(path.name + ".zip")  # SB3 itself saves "x" as "x.zip"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"stable-baselines3 model {path} not found; train one with experiments.train_ppo"
+            )
+        self.algo = (algo or DEFAULT_ALGO).upper()
+        cls = resolve_algorithm(self.algo)
+        try:
+            self.model = cls.load(path, device="cpu")
+        except Exception as e:
+            raise ValueError(
+                f"could not load {path} as {cls.__name__} ({type(e).__name__}: {e}); if it was trained with another "
+                f"algorithm pass it, e.g. 'sb3:A2C:{path}'"
+            ) from e
+        self.path = path
+        self._check_spaces(_expected_spaces(env_or_spaces, observation_names, bits))
+
+        space = self.model.observation_space
+        n_obs = int(np.prod(space.shape)) if space.shape else 1
+        n_act = int(getattr(self.model.action_space, "n", 1))
+        super().__init__(
+            observation_names or [f"obs_{i}" for i in range(n_obs)],
+            bits or list(range(1, n_act + 1)),
+        )
+        self.name = self.algo.lower()
+
+    def _check_spaces(self, expected: tuple[gym.Space, gym.Space] | None) -> None:
+        if expected is None:
+            return
+        for what, saved, env_space in (
+            ("observation", self.model.observation_space, expected[0]),
+            ("action", self.model.action_space, expected[1]),
+        ):
+            if not _same_space(saved, env_space):
+                raise ValueError(
+                    f"{self.path}: saved {what} space {_describe(saved)} does not match the env's "
+                    f"{_describe(env_space)}; the agent was trained on a different env config "
+                    "(observation features or bits) — retrain it or evaluate with that config"
+                )
+
+    def act(self, obs2d: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        actions, _ = self.model.predict(obs2d, deterministic=deterministic)
+        return np.asarray(actions, dtype=np.int64).reshape(-1)
+
+    def predict(
+        self, obs: Any, state: Any = None, episode_start: Any = None, deterministic: bool = True
+    ) -> tuple[np.ndarray, Any]:
+        """Delegates to the SB3 model (recurrent state and episode starts pass straight through)."""
+        return self.model.predict(obs, state=state, episode_start=episode_start, deterministic=deterministic)

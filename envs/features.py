@@ -1,0 +1,265 @@
+"""Observation features: per-token signals summarised per block, plus episode-state features.
+
+A feature is one class registered by name (``@register_feature("entropy")``). Token features
+return one value per token of the block just run and declare how they are summarised
+(``summaries = ("mean", "max")``), which gives observation entries ``entropy_mean``,
+``entropy_max``. State features return a single value under their own name. Every entry is
+documented with its unit and range so observations stay roughly unit-scaled without hidden
+normalisation.
+
+Features declare what they ``needs`` from the forward pass (attention maps, input gradients), so
+the environment only pays for what the chosen features use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from envs.registry import Registry
+
+FEATURES: Registry[Feature] = Registry("feature")
+register_feature = FEATURES.register
+
+_SUMMARIES = {
+    "mean": lambda x: x.mean(),
+    "max": lambda x: x.max(),
+    "min": lambda x: x.min(),
+    "std": lambda x: x.std(unbiased=False),
+}
+
+
+class RunningFrequency:
+    """Token counts of the episode so far, for the online rarity measure of the seeds."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.total = 0
+
+    def observe(self, token_ids: Sequence[int]) -> list[float]:
+        """Count each token as it arrives and return ``-log(count / total)`` at that moment."""
+        out = []
+        for tok in token_ids:
+            self.counts[tok] = self.counts.get(tok, 0) + 1
+            self.total += 1
+            out.append(-math.log(self.counts[tok] / self.total))
+        return out
+
+
+@dataclass
+class EpisodeState:
+    """What state features read: where the episode is and what the cache holds."""
+
+    block_index: int  # index of the block just run (0-based)
+    n_blocks: int
+    avg_bits: float  # token-weighted average of committed bits (16 before any commit)
+    kv_ratio: float  # committed KV bytes / fp16 bytes of the same tokens (1 before any commit)
+    last_bits: int  # bits of the last committed block (16 before any commit)
+    max_bits: int = 16
+
+
+@dataclass
+class BlockContext:
+    """Everything a feature may read about the block just run through the model."""
+
+    token_ids: torch.Tensor  # [T] tokens of the block
+    logits: torch.Tensor  # [T, V] next-token logits at each position
+    targets: torch.Tensor  # [T] the actual next token (-1 where unknown: the prompt's last token)
+    state: EpisodeState
+    frequency: RunningFrequency = field(default_factory=RunningFrequency)
+    attentions: tuple[torch.Tensor, ...] | None = None  # per layer [1, heads, T, S]
+    saliency: torch.Tensor | None = None  # [T] |d max log-prob / d embedding|
+    forward_seconds: float = 0.0
+
+    @cached_property
+    def log_probs(self) -> torch.Tensor:
+        return torch.log_softmax(self.logits.float(), dim=-1)
+
+    @cached_property
+    def target_mask(self) -> torch.Tensor:
+        return self.targets >= 0
+
+    @cached_property
+    def target_log_probs(self) -> torch.Tensor:
+        """log p(actual next token) at each position with a known target ([T'] <= [T])."""
+        lp = self.log_probs[self.target_mask]
+        return lp.gather(-1, self.targets[self.target_mask].unsqueeze(-1)).squeeze(-1)
+
+
+class Feature:
+    """Base class. ``per_token`` features are summarised; state features return one number."""
+
+    name: str = ""
+    per_token: bool = True
+    summaries: tuple[str, ...] = ("mean",)
+    deterministic: bool = True
+    needs: frozenset[str] = frozenset()  # subset of {"attentions", "saliency"}
+    doc: str = ""  # unit and range, shown in the observation table
+    high: float = 1.0  # upper bound of every entry (all features are >= 0)
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor | float:
+        raise NotImplementedError
+
+    def observation_names(self) -> list[str]:
+        return [f"{self.name}_{s}" for s in self.summaries] if self.per_token else [self.name]
+
+    def observe(self, ctx: BlockContext) -> list[float]:
+        value = self.compute(ctx)
+        if not self.per_token:
+            return [float(value)]
+        value = torch.as_tensor(value, dtype=torch.float32)
+        if value.numel() == 0:
+            return [0.0] * len(self.summaries)
+        return [float(_SUMMARIES[s](value)) for s in self.summaries]
+
+
+@register_feature("entropy")
+class Entropy(Feature):
+    summaries = ("mean", "max")
+    high = 20.0  # >= log(vocab) for any vocabulary below 4e8
+    doc = "next-token entropy in nats (0 .. log vocab, typically 0-6)"
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor:
+        lp = ctx.log_probs
+        return -(lp.exp() * lp).sum(-1)
+
+
+@register_feature("rarity")
+class Rarity(Feature):
+    summaries = ("mean", "max")
+    high = 20.0
+    doc = "-log running frequency of the token in the episode, nats (0 .. log tokens so far)"
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor:
+        return torch.tensor(ctx.frequency.observe(ctx.token_ids.tolist()))
+
+
+@register_feature("attn_var")
+class AttentionVariance(Feature):
+    summaries = ("mean",)
+    needs = frozenset({"attentions"})
+    doc = "variance across heads of the attention weights, summed over keys, mean over layers (0 .. 1)"
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor:
+        if ctx.attentions is None:
+            raise RuntimeError("attn_var needs attention maps: run the model with output_attentions=True")
+        per_layer = [a[0].float().var(dim=0, unbiased=False).sum(-1) for a in ctx.attentions]
+        return torch.stack(per_layer).mean(0)
+
+
+@register_feature("token_acc")
+class TokenAccuracy(Feature):
+    summaries = ("mean", "min")
+    doc = "probability of the actual next token (0 .. 1)"
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor:
+        return ctx.target_log_probs.exp()
+
+
+@register_feature("latency")
+class Latency(Feature):
+    """Measured forward time per token; off by default because it makes observations nondeterministic."""
+
+    summaries = ("mean",)
+    deterministic = False
+    high = 1e4
+    doc = "forward wall time per token in ms"
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor:
+        ms = 1000.0 * ctx.forward_seconds / max(len(ctx.token_ids), 1)
+        return torch.full((len(ctx.token_ids),), ms)
+
+
+@register_feature("saliency")
+class Saliency(Feature):
+    """Gradient of the top next-token log-prob w.r.t. the input embeddings: off by default (a backward pass)."""
+
+    summaries = ("mean", "max")
+    needs = frozenset({"saliency"})
+    high = 1e4
+    doc = "L2 norm of d(max log-prob)/d(input embedding) per token (model dependent, ~0-1)"
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor:
+        if ctx.saliency is None:
+            raise RuntimeError("saliency needs the environment to compute input gradients")
+        return ctx.saliency
+
+
+@register_feature("progress")
+class Progress(Feature):
+    per_token = False
+    doc = "fraction of prompt blocks run so far (0 .. 1)"
+
+    def compute(self, ctx: BlockContext) -> float:
+        return (ctx.state.block_index + 1) / ctx.state.n_blocks
+
+
+@register_feature("avg_bits")
+class AverageBits(Feature):
+    per_token = False
+    doc = "token-weighted average committed bits / 16 (1 before any commit)"
+
+    def compute(self, ctx: BlockContext) -> float:
+        return ctx.state.avg_bits / ctx.state.max_bits
+
+
+@register_feature("kv_ratio")
+class KVRatio(Feature):
+    per_token = False
+    doc = "committed KV bytes / fp16 bytes of the same tokens (1 before any commit)"
+
+    def compute(self, ctx: BlockContext) -> float:
+        return ctx.state.kv_ratio
+
+
+@register_feature("last_bits")
+class LastBits(Feature):
+    per_token = False
+    doc = "bits of the last committed block / 16 (1 before any commit)"
+
+    def compute(self, ctx: BlockContext) -> float:
+        return ctx.state.last_bits / ctx.state.max_bits
+
+
+DEFAULT_FEATURES: tuple[str, ...] = (
+    "entropy",
+    "rarity",
+    "attn_var",
+    "token_acc",
+    "progress",
+    "avg_bits",
+    "kv_ratio",
+    "last_bits",
+)
+
+
+class FeatureSet:
+    """The chosen features, in order: builds the observation vector and its names."""
+
+    def __init__(self, names: Sequence[str] = DEFAULT_FEATURES):
+        if not names:
+            raise ValueError("at least one feature is needed")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate feature names in {list(names)}")
+        self.features = [FEATURES.get(n)() for n in names]
+        self.observation_names: tuple[str, ...] = tuple(
+            entry for f in self.features for entry in f.observation_names()
+        )
+        self.needs: frozenset[str] = frozenset().union(*(f.needs for f in self.features))
+        self.deterministic = all(f.deterministic for f in self.features)
+
+    def __len__(self) -> int:
+        return len(self.observation_names)
+
+    def observe(self, ctx: BlockContext) -> list[float]:
+        return [v for f in self.features for v in f.observe(ctx)]
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Observation-space bounds from each feature's declared range."""
+        high = [f.high for f in self.features for _ in f.observation_names()]
+        return np.zeros(len(high), dtype=np.float32), np.asarray(high, dtype=np.float32)

@@ -1,0 +1,458 @@
+"""KVPrecision-v0: choose the KV-cache bit-width of every block of a k-shot HellaSwag prompt.
+
+One episode is one HellaSwag item with ``shots`` solved examples before it. The prompt is cut into
+blocks of ``interval`` tokens; ``reset`` runs block 0 and returns its features; each ``step``
+commits the pending block to the cache at ``bits[action]`` (the policy decides how precisely the
+tokens it has just *seen* are remembered), runs the next block against the now partly quantized
+cache and returns that block's features. After the last block is committed, the four endings are
+scored against the cache in one batched forward and the episode terminates.
+
+Rewards compare with a full-precision reference pass of the same prompt (computed once per prompt
+and cached), so the signal is the damage quantization did rather than how hard the item is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import yaml
+
+from envs.features import DEFAULT_FEATURES, BlockContext, EpisodeState, FeatureSet, RunningFrequency
+from envs.hellaswag import HellaSwagItem, build_prompt, load_hellaswag, sample_shots, split_items
+from envs.model import load_model
+from envs.rewards import DEFAULT_REWARDS, RewardFunction, StepRecord
+from envs.scoring import choose, continuation_logprobs, encode_pair
+from quant.kv_cache import MixedPrecisionKVCache
+from quant.uniform import check_bits
+from quant.weights import quantize_model_weights
+
+from envs import ENV_ID  # noqa: F401  (re-exported)
+
+
+@dataclass
+class EnvConfig:
+    """Everything that defines the task. Python: ``EnvConfig(shots=3)``; YAML: the same keys."""
+
+    model: str = "embedded"  # see envs.model.load_model: "embedded", hub id, local dir, .gguf, "tiny-random-llama"
+    data_path: str | None = None  # HellaSwag JSONL or "Rowan/hellaswag"; None = the shared file
+    split: str = "train"  # "train": items from the pool; "eval": the held-out items
+    eval_size: int = 1000  # held-out items (the rest is the pool for shots and training)
+    split_seed: int = 0
+    shots: int = 5  # 5 shots give ~520-token prompts: several blocks
+    interval: int = 64  # tokens per block (one decision per block)
+    bits: tuple[int, ...] = (2, 4, 8, 16)
+    features: tuple[str, ...] = DEFAULT_FEATURES
+    rewards: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_REWARDS))
+    weight_quant: str = "none"  # "none", "int8-pertensor", "int8", "int4" (see quant.weights)
+    group_size: int = 64  # quantization group of the KV cache
+    max_prompt_tokens: int = 1536  # longer prompts drop their earliest shots (documented truncation)
+    dtype: str = "float32"
+    reference_cache_size: int = 4096  # prompts whose full-precision reference is kept
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EnvConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown env config key(s) {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        for key in ("bits", "features"):
+            if key in values and values[key] is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> EnvConfig:
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
+    def validate(self) -> None:
+        if self.split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {self.split!r}")
+        if not self.bits:
+            raise ValueError("bits must list at least one bit-width")
+        for b in self.bits:
+            check_bits(b)
+        if self.interval < 1:
+            raise ValueError(f"interval must be >= 1, got {self.interval}")
+        if self.shots < 0:
+            raise ValueError(f"shots must be >= 0, got {self.shots}")
+
+
+class _Loaded:
+    """A model + tokenizer shared by every env of a process with the same settings (weak refs)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+
+_MODELS: weakref.WeakValueDictionary[tuple, _Loaded] = weakref.WeakValueDictionary()
+_DATA: dict[str, list[HellaSwagItem]] = {}
+
+
+def _shared_model(cfg: EnvConfig) -> _Loaded:
+    key = (cfg.model, cfg.dtype, cfg.weight_quant)
+    loaded = _MODELS.get(key)
+    if loaded is None:
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, attn_implementation="eager")
+        quantize_model_weights(model, cfg.weight_quant)
+        loaded = _Loaded(model, tokenizer)
+        _MODELS[key] = loaded
+    return loaded
+
+
+def _shared_items(path: str | None) -> list[HellaSwagItem]:
+    key = str(path)
+    if key not in _DATA:
+        _DATA[key] = load_hellaswag(path) if path is not None else load_hellaswag()
+    return _DATA[key]
+
+
+@dataclass
+class _Episode:
+    """Per-episode state; replaced wholesale on reset so nothing leaks between episodes."""
+
+    item: HellaSwagItem
+    prompt_ids: list[int]
+    endings: list[list[int]]
+    blocks: list[tuple[int, int]]  # [start, end) token positions
+    reference: _Reference
+    cache: MixedPrecisionKVCache
+    frequency: RunningFrequency
+    block_index: int = 0
+    last_logits: torch.Tensor | None = None
+    last_obs: np.ndarray | None = None
+    done: bool = False
+
+
+@dataclass
+class _Reference:
+    """Full-precision pass of one prompt: per-position target log-probs and the ending scores."""
+
+    target_logprobs: torch.Tensor  # [P-1]: log p(prompt[i+1] | prompt[:i+1])
+    ending_scores: np.ndarray  # [n_endings] summed log-probs
+    pred: int
+    pred_norm: int
+
+
+class KVPrecisionEnv(gym.Env):
+    """Gymnasium env over real quantized k-shot HellaSwag decoding (see module docstring)."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        config: EnvConfig | Mapping[str, Any] | str | Path | None = None,
+        *,
+        lm=None,
+        tokenizer=None,
+        items: Sequence[HellaSwagItem] | None = None,
+        **overrides: Any,
+    ):
+        if config is None:
+            cfg = EnvConfig()
+        elif isinstance(config, EnvConfig):
+            cfg = config
+        elif isinstance(config, (str, Path)):
+            cfg = EnvConfig.from_yaml(config)
+        else:
+            cfg = EnvConfig.from_dict(config)
+        if overrides:
+            cfg = EnvConfig.from_dict({**dataclasses.asdict(cfg), **overrides})
+        cfg.validate()
+        self.config = cfg
+        self.bits: tuple[int, ...] = tuple(cfg.bits)
+        self.feature_set = FeatureSet(cfg.features)
+        self.reward_fn = RewardFunction(cfg.rewards)
+        self.observation_names: tuple[str, ...] = self.feature_set.observation_names
+        self.deterministic = self.feature_set.deterministic and self.reward_fn.deterministic
+        low, high = self.feature_set.bounds()
+        self.observation_space = gym.spaces.Box(low, high, dtype=np.float32)
+        self.timings: dict[str, float] = {}  # wall times of the last step (nondeterministic, so not in info)
+        self.action_space = gym.spaces.Discrete(len(self.bits))
+
+        if (lm is None) != (tokenizer is None):
+            raise ValueError("pass both lm (a loaded model) and tokenizer, or neither")
+        self._loaded = _shared_model(cfg) if lm is None else _Loaded(lm, tokenizer)
+        all_items = list(items) if items is not None else _shared_items(cfg.data_path)
+        splits = split_items(all_items, cfg.eval_size, seed=cfg.split_seed)
+        self.pool: list[HellaSwagItem] = list(splits.pool)
+        self.items: list[HellaSwagItem] = list(splits.eval if cfg.split == "eval" else splits.pool)
+        if not self.items:
+            raise ValueError(f"the {cfg.split!r} split is empty (eval_size={cfg.eval_size}, items={len(all_items)})")
+        self._rows = {item.row: item for item in all_items}
+        self._pool_rows = frozenset(item.row for item in self.pool)
+        self._references: OrderedDict[tuple[int, ...], _Reference] = OrderedDict()
+        self._episode: _Episode | None = None
+        self._closed = False
+
+    # --- gymnasium spec: measured terms/features make the env nondeterministic ----------------
+    @property
+    def spec(self):
+        return self._spec if hasattr(self, "_spec") else None
+
+    @spec.setter
+    def spec(self, value) -> None:
+        if value is not None and not getattr(self, "deterministic", True):
+            value = dataclasses.replace(value, nondeterministic=True)
+        self._spec = value
+
+    @property
+    def model(self):
+        return self._loaded.model
+
+    @property
+    def tokenizer(self):
+        return self._loaded.tokenizer
+
+    # --- episode ------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Start an episode. ``options={"row": r}`` picks HellaSwag row ``r`` with its fixed shots
+        (the same for every policy: evaluation uses this); otherwise the item and shots are drawn
+        from the env's split with ``self.np_random``."""
+        super().reset(seed=seed)
+        self._check_open()
+        options = options or {}
+        if "row" in options:
+            row = int(options["row"])
+            if row not in self._rows:
+                raise ValueError(f"row {row} is not in the loaded HellaSwag data")
+            item = self._rows[row]
+            if self.config.split == "eval" and row in self._pool_rows:
+                raise ValueError(f"row {row} is in the shot pool, not the held-out split")
+            rng = np.random.default_rng([self.config.split_seed, row])
+        else:
+            item = self.items[int(self.np_random.integers(len(self.items)))]
+            rng = self.np_random
+        shots = sample_shots(self.pool, self.config.shots, rng, exclude_row=item.row)
+        prompt_ids, endings = self._tokenize(item, shots)
+        interval = self.config.interval
+        blocks = [(s, min(s + interval, len(prompt_ids))) for s in range(0, len(prompt_ids), interval)]
+        cache = MixedPrecisionKVCache(config=self.model.config, group_size=self.config.group_size)
+        self._episode = _Episode(
+            item, prompt_ids, endings, blocks, self._reference(prompt_ids, endings, item), cache, RunningFrequency()
+        )
+        ctx = self._run_block(0)
+        obs = self._observe(ctx)
+        return obs, {"row": item.row, "blocks": len(blocks), "prompt_tokens": len(prompt_ids), "shots": len(shots)}
+
+    def step(self, action):
+        ep = self._episode
+        self._check_open()
+        if ep is None:
+            raise RuntimeError("step() before reset()")
+        if ep.done:
+            raise RuntimeError("step() after the episode terminated: call reset()")
+        a = self._check_action(action)
+        bits = self.bits[a]
+        t0 = time.perf_counter()
+        before, before_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
+        block_tokens = ep.cache.pending_length
+        ep.cache.commit(bits)
+        after, after_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
+        ep.block_index += 1
+        terminal = ep.block_index >= len(ep.blocks)
+        info: dict[str, Any] = {"bits": bits, "row": ep.item.row}
+        logprob_delta, scored = 0.0, 0
+        ending_delta, correct_norm = 0.0, False
+        if not terminal:
+            ctx = self._run_block(ep.block_index)
+            obs = self._observe(ctx)
+            start, end = ep.blocks[ep.block_index]
+            ref = ep.reference.target_logprobs[start : start + int(ctx.target_mask.sum())]
+            logprob_delta = float((ctx.target_log_probs - ref).sum())
+            scored = len(ref)
+            info["tokens"] = end - start
+            forward_ms = 1000 * ctx.forward_seconds
+        else:
+            obs = ep.last_obs
+            t_fwd = time.perf_counter()
+            scores = self._score_endings(ep.cache, ep.prompt_ids, ep.last_logits, ep.endings)
+            pred, pred_norm = choose(scores.tolist(), ep.item.endings)
+            gold = ep.item.label
+            ending_delta = float(scores[gold] - ep.reference.ending_scores[gold])
+            correct_norm = pred_norm == gold
+            ep.done = True
+            forward_ms = 1000 * (time.perf_counter() - t_fwd)
+            info.update(
+                tokens=sum(len(e) for e in ep.endings),
+                scores=[float(s) for s in scores],
+                pred=int(pred),
+                pred_norm=int(pred_norm),
+                gold=int(gold),
+                correct=bool(pred == gold),
+                correct_norm=bool(correct_norm),
+                reference_correct=bool(ep.reference.pred == gold),
+                reference_correct_norm=bool(ep.reference.pred_norm == gold),
+                loglik_delta=ending_delta,
+                avg_bits=ep.cache.average_bits(),
+                kv_bytes=after,
+                fp16_kv_bytes=after_fp16,
+            )
+        record = StepRecord(
+            bits=bits,
+            max_bits=max(self.bits),
+            block_tokens=block_tokens,
+            block_nbytes=after - before,
+            block_fp16_nbytes=after_fp16 - before_fp16,
+            cache_nbytes=after,
+            cache_fp16_nbytes=after_fp16,
+            avg_bits=ep.cache.average_bits(),
+            logprob_delta=logprob_delta,
+            scored_tokens=scored,
+            step_seconds=time.perf_counter() - t0,
+            terminal=terminal,
+            ending_logprob_delta=ending_delta,
+            correct_norm=correct_norm,
+            reference_correct_norm=ep.reference.pred_norm == ep.item.label,
+        )
+        reward, terms = self.reward_fn(record)
+        info["rewards"] = terms
+        # Timings are kept out of ``info`` so that same seed -> same info (Gymnasium's determinism check).
+        self.timings = {"forward_ms": forward_ms, "step_ms": 1000 * record.step_seconds, "tokens": info["tokens"]}
+        return obs, reward, terminal, False, info
+
+    def close(self) -> None:
+        """Drop the model and the episode; safe to call twice."""
+        self._episode = None
+        self._references.clear()
+        self._loaded = None
+        self._closed = True
+
+    # --- internals ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the environment is closed")
+
+    def _check_action(self, action) -> int:
+        try:
+            a = int(np.asarray(action).reshape(()))
+        except (TypeError, ValueError):
+            raise ValueError(f"action must be an integer in [0, {len(self.bits)}), got {action!r}") from None
+        if not self.action_space.contains(a) or a != np.asarray(action).reshape(()):
+            raise ValueError(f"action {action!r} outside the action space Discrete({len(self.bits)}) (bits {self.bits})")
+        return a
+
+    def _tokenize(self, item: HellaSwagItem, shots: list[HellaSwagItem]) -> tuple[list[int], list[list[int]]]:
+        """Prompt and ending token ids as lm-eval forms them; drops earliest shots past the limit."""
+        limit = min(self.config.max_prompt_tokens, _max_positions(self.model))
+        shots = list(shots)
+        while True:
+            context = build_prompt(item, shots)
+            pairs = [encode_pair(self.tokenizer, context, " " + ending) for ending in item.endings]
+            prompt_ids = pairs[0][0]
+            longest = max(len(cont) for _, cont in pairs)
+            if len(prompt_ids) + longest <= limit:
+                return list(prompt_ids), [list(cont) for _, cont in pairs]
+            if not shots:
+                raise ValueError(
+                    f"row {item.row}: prompt ({len(prompt_ids)} tokens) + ending ({longest}) exceed the limit "
+                    f"of {limit} tokens even with no shots"
+                )
+            shots.pop(0)
+
+    def _forward(self, input_ids: torch.Tensor, cache: MixedPrecisionKVCache, attentions: bool):
+        with torch.inference_mode():
+            return self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, output_attentions=attentions)
+
+    def _run_block(self, index: int) -> BlockContext:
+        ep = self._episode
+        start, end = ep.blocks[index]
+        ids = torch.tensor(ep.prompt_ids[start:end]).unsqueeze(0)
+        saliency = None
+        t0 = time.perf_counter()
+        if "saliency" in self.feature_set.needs:
+            out, saliency = self._forward_with_saliency(ids, ep.cache)
+        else:
+            out = self._forward(ids, ep.cache, "attentions" in self.feature_set.needs)
+        seconds = time.perf_counter() - t0
+        logits = out.logits[0]
+        ep.last_logits = logits[-1]
+        targets = torch.tensor(ep.prompt_ids[start + 1 : end + 1] + [-1] * (end + 1 - len(ep.prompt_ids)))
+        targets = targets[: end - start]
+        state = EpisodeState(
+            block_index=index,
+            n_blocks=len(ep.blocks),
+            avg_bits=ep.cache.average_bits() if ep.cache.block_bits else float(max(self.bits)),
+            kv_ratio=ep.cache.nbytes(False) / ep.cache.fp16_nbytes(False) if ep.cache.block_bits else 1.0,
+            last_bits=ep.cache.block_bits[-1][0] if ep.cache.block_bits else max(self.bits),
+            max_bits=max(self.bits),
+        )
+        return BlockContext(
+            token_ids=ids[0],
+            logits=logits,
+            targets=targets,
+            state=state,
+            frequency=ep.frequency,
+            attentions=getattr(out, "attentions", None),
+            saliency=saliency,
+            forward_seconds=seconds,
+        )
+
+    def _forward_with_saliency(self, ids: torch.Tensor, cache: MixedPrecisionKVCache):
+        """Forward with input gradients: |d max log-prob / d embedding| per token (a backward pass)."""
+        embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.model(
+                inputs_embeds=embeds,
+                past_key_values=cache,
+                use_cache=True,
+                output_attentions="attentions" in self.feature_set.needs,
+            )
+            top = torch.log_softmax(out.logits[0].float(), -1).max(-1).values.sum()
+            (grad,) = torch.autograd.grad(top, embeds)
+        for layer in cache.layers:  # the pending buffer must not keep the graph alive
+            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+        out.logits = out.logits.detach()
+        if getattr(out, "attentions", None) is not None:
+            out.attentions = tuple(a.detach() for a in out.attentions)
+        return out, grad[0].norm(dim=-1)
+
+    def _observe(self, ctx: BlockContext) -> np.ndarray:
+        obs = np.asarray(self.feature_set.observe(ctx), dtype=np.float32)
+        self._episode.last_obs = obs
+        return obs
+
+    def _score_endings(
+        self, cache: MixedPrecisionKVCache, prompt_ids: list[int], last_logits: torch.Tensor, endings: list[list[int]]
+    ) -> np.ndarray:
+        """Summed log-prob of each ending given the cached prompt, in one batched forward."""
+        with torch.inference_mode(), cache.branch(len(endings)):
+            scores = continuation_logprobs(
+                self.model, prompt_ids, endings, past_key_values=cache, prefix_last_logits=last_logits
+            )
+        return np.asarray(scores, dtype=np.float64)
+
+    def _reference(self, prompt_ids: list[int], endings: list[list[int]], item: HellaSwagItem) -> _Reference:
+        key = (*prompt_ids, -1, *[t for e in endings for t in (*e, -2)])
+        ref = self._references.get(key)
+        if ref is not None:
+            self._references.move_to_end(key)
+            return ref
+        cache = MixedPrecisionKVCache(config=self.model.config, group_size=self.config.group_size)
+        out = self._forward(torch.tensor(prompt_ids).unsqueeze(0), cache, attentions=False)
+        logits = out.logits[0]
+        lp = torch.log_softmax(logits[:-1].float(), -1)
+        target_lp = lp.gather(-1, torch.tensor(prompt_ids[1:]).unsqueeze(-1)).squeeze(-1)
+        scores = self._score_endings(cache, prompt_ids, logits[-1], endings)
+        pred, pred_norm = choose(scores.tolist(), item.endings)
+        ref = _Reference(target_lp, scores, int(pred), int(pred_norm))
+        self._references[key] = ref
+        if len(self._references) > self.config.reference_cache_size:
+            self._references.popitem(last=False)
+        return ref
+
+
+def _max_positions(model) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(getattr(cfg, "max_position_embeddings", 1 << 30))

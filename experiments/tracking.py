@@ -1,0 +1,84 @@
+"""Weights & Biases runs, offline by default.
+
+Experiments run on machines without network or a wandb account, so a run is written to disk
+(``WANDB_MODE=offline``) unless the user chose otherwise; ``wandb sync <dir>`` uploads it later.
+``WANDB_MODE=disabled`` turns logging off entirely (tests use it or offline mode in a tmp dir).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import wandb
+
+from experiments.stats import DEFAULT_REFERENCES
+
+_SCALARS = ("acc", "acc_norm", "loglik_delta", "avg_bits", "kv_bytes", "kv_ratio", "ms_per_item", "ms_per_token")
+
+
+def init_run(*, project: str = "kvgym", group: str | None = None, name: str, config: Any,
+             job_type: str, dir: str | Path = "runs") -> Any:
+    """Start a wandb run recording the resolved ``config`` (a dict or a config dataclass)."""
+    # Passed explicitly too: wandb caches its settings at the first init of a process, so a later
+    # change of WANDB_MODE (e.g. to "disabled") would otherwise be ignored.
+    mode = os.environ.setdefault("WANDB_MODE", "offline")
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        from experiments.config import config_to_dict
+
+        config = config_to_dict(config)
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    # finish_previous: scripts open one run per policy in a loop; a forgotten finish must not nest runs.
+    return wandb.init(project=project, group=group, name=name, config=dict(config), job_type=job_type,
+                      dir=str(dir), mode=mode, reinit="finish_previous", settings=wandb.Settings(console="off"))
+
+
+def _row_values(name: str, entry: dict) -> list:
+    s = entry["summary"]
+    row: list = [name, s["items"]]
+    for key in _SCALARS:
+        row += [s[key]["mean"], s[key]["lo"], s[key]["hi"]]
+    for ref in DEFAULT_REFERENCES:
+        d = (entry.get("paired", {}).get(ref) or {}).get("acc_norm")
+        row += [d["mean"], d["lo"], d["hi"]] if d else [None, None, None]
+    return row
+
+
+def log_summary_table(run: Any, policies: dict[str, dict]) -> None:
+    """One ``wandb.Table`` row per policy, plus ``<policy>/<metric>`` run-summary scalars.
+
+    With a single policy (the usual one-run-per-policy layout) the scalars are also stored
+    unprefixed, so runs of a group can be compared column by column in the wandb UI.
+    """
+    columns = ["policy", "items"]
+    for key in _SCALARS:
+        columns += [key, f"{key}_lo", f"{key}_hi"]
+    for ref in DEFAULT_REFERENCES:
+        columns += [f"d_acc_norm_vs_{ref}", f"d_acc_norm_vs_{ref}_lo", f"d_acc_norm_vs_{ref}_hi"]
+    table = wandb.Table(columns=columns, data=[_row_values(n, e) for n, e in policies.items()])
+    run.log({"summary_table": table})
+    for name, entry in policies.items():
+        scalars = {key: entry["summary"][key]["mean"] for key in _SCALARS}
+        scalars["items"] = entry["summary"]["items"]
+        for ref, diff in entry.get("paired", {}).items():
+            scalars[f"d_acc_norm_vs_{ref}"] = diff["acc_norm"]["mean"]
+        run.summary.update({f"{name}/{k}": v for k, v in scalars.items()})
+        if len(policies) == 1:
+            run.summary.update(scalars)
+
+
+def sync_hint(run: Any) -> str | None:
+    """The command that uploads an offline run later; None when there is nothing to sync."""
+    if getattr(run, "disabled", False) or not getattr(run, "offline", False):
+        return None
+    return f"wandb sync {Path(run.dir).parent}"
+
+
+def finish(run: Any) -> str | None:
+    """Finish the run and return its :func:`sync_hint` (computed first: the run is closed after)."""
+    hint = sync_hint(run)
+    run.finish()
+    return hint

@@ -1,0 +1,79 @@
+"""experiments.report: table, report.md and pareto.png from synthetic summary.json files."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from experiments.report import load_summaries, main, markdown_table, pareto_front
+from experiments.stats import summarize_all
+
+
+def _summary_file(path, policies_bits, seed=0, n=30):
+    rng = random.Random(seed)
+    records = []
+    for name, bits in policies_bits.items():
+        for row in range(n):
+            p = 0.3 + 0.02 * bits
+            records.append({"policy": name, "row": row, "correct": int(rng.random() < p),
+                            "correct_norm": int(rng.random() < p), "pred": 0, "pred_norm": 0, "gold": 0,
+                            "loglik_delta": -1.0 / bits, "avg_bits": bits, "kv_bytes": 10 * bits,
+                            "fp16_kv_bytes": 160, "ms": 50 + rng.random(), "tokens": 400})
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "summary.json").write_text(json.dumps({"config": {"seed": seed}, "policies": summarize_all(records)}))
+    return path
+
+
+def test_report_writes_markdown_and_png(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # a wide rich console, so policy names are not wrapped
+    run = _summary_file(tmp_path / "eval", {"fp16": 16, "fixed-4": 4, "fixed-2": 2, "rule": 6.5})
+    out = tmp_path / "report"
+    assert main([str(run), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    terminal = capsys.readouterr().out
+    for name in ("fp16", "fixed-4", "fixed-2", "rule"):
+        assert f"| {name} |" in md
+        assert f" {name} " in terminal
+    png = (out / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_merge_later_file_wins_with_warning(tmp_path):
+    a = _summary_file(tmp_path / "a", {"fp16": 16, "fixed-4": 4}, seed=1)
+    b = _summary_file(tmp_path / "b", {"fp16": 16, "ppo": 5}, seed=2)
+    with pytest.warns(UserWarning, match="'fp16'"):
+        merged = load_summaries([a, b / "summary.json"])
+    assert list(merged) == ["fp16", "fixed-4", "ppo"]
+    assert merged["fp16"] == json.loads((b / "summary.json").read_text())["policies"]["fp16"]
+
+
+def test_markdown_table_rows_and_deltas(tmp_path):
+    policies = load_summaries([_summary_file(tmp_path, {"fp16": 16, "fixed-4": 4, "mlp": 7})])
+    lines = markdown_table(policies).strip().splitlines()
+    assert len(lines) == 2 + 3
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    fp16_row = next(line for line in lines if line.startswith("| fp16 |")).split("|")
+    mlp_row = next(line for line in lines if line.startswith("| mlp |")).split("|")
+    assert fp16_row[5].strip() == "—"  # no Δ of fp16 against itself
+    assert mlp_row[5].strip().startswith(("+", "-")) and "[" in mlp_row[5]
+
+
+def test_pareto_front():
+    # (bits, acc): (2, .5) and (4, .7) and (16, .8) are non-dominated; (8, .6) is beaten by (4, .7)
+    assert pareto_front([(2, 0.5), (4, 0.7), (8, 0.6), (16, 0.8)]) == [0, 1, 3]
+    assert pareto_front([(4, 0.7), (4, 0.7)]) == [0, 1]
+
+
+def test_missing_file_is_clear(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="no summary file"):
+        load_summaries([tmp_path / "nothing"])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nothing")])
+    assert "no summary file" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="not a summary.json"):
+        load_summaries([bad])

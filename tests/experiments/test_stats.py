@@ -1,0 +1,139 @@
+"""experiments.stats: intervals against hand computations, pairing, and the summary.json block."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from experiments.stats import (
+    CI,
+    align,
+    mean_ci,
+    paired_diff_ci,
+    proportion_ci,
+    summarize_all,
+    summarize_policy,
+    t_quantile,
+)
+
+
+@pytest.mark.parametrize("df, expected", [(1, 12.706205), (4, 2.776445), (10, 2.228139), (30, 2.042272)])
+def test_t_quantile_matches_tables(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-5)
+    assert t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-5)
+
+
+def test_mean_ci_hand_computation():
+    # x = 1..5: mean 3, sample sd sqrt(2.5), se = sqrt(2.5/5) = sqrt(0.5), t(0.975, 4) = 2.776445
+    ci = mean_ci([1, 2, 3, 4, 5])
+    half = 2.776445105 * math.sqrt(0.5)
+    assert ci.mean == pytest.approx(3.0)
+    assert (ci.lo, ci.hi) == pytest.approx((3 - half, 3 + half), abs=1e-6)
+    assert mean_ci([1, 2, 3, 4, 5], level=0.5).hi - 3 < half  # narrower at a lower level
+
+
+def test_mean_ci_degenerate():
+    assert mean_ci([2.5]) == CI(2.5, 2.5, 2.5)
+    with pytest.raises(ValueError, match="empty"):
+        mean_ci([])
+
+
+def test_wilson_hand_computation_and_bounds():
+    ci = proportion_ci(3, 10)  # textbook Wilson 95% interval for 3/10
+    assert ci.mean == pytest.approx(0.3)
+    assert (ci.lo, ci.hi) == pytest.approx((0.1078, 0.6032), abs=1e-4)
+    for k, n in [(0, 1), (1, 1), (0, 50), (50, 50), (1, 3), (499, 500)]:
+        c = proportion_ci(k, n)
+        assert 0.0 <= c.lo <= c.mean <= c.hi <= 1.0
+    assert proportion_ci(0, 20).lo == 0.0 and proportion_ci(20, 20).hi == 1.0
+    assert proportion_ci(0, 20).hi > 0.0  # unlike a t-interval, 0/20 does not claim certainty
+    with pytest.raises(ValueError):
+        proportion_ci(1, 0)
+    with pytest.raises(ValueError):
+        proportion_ci(5, 3)
+
+
+def _records(policy, correct, correct_norm=None, bits=4.0, rows=None, ms=10.0, tokens=100):
+    correct_norm = correct if correct_norm is None else correct_norm
+    rows = range(len(correct)) if rows is None else rows
+    return [
+        {"policy": policy, "row": r, "correct": c, "correct_norm": cn, "pred": 0, "pred_norm": 0, "gold": 0,
+         "loglik_delta": -0.1 * (16 - bits) / 16, "avg_bits": bits, "kv_bytes": bits * 10,
+         "fp16_kv_bytes": 160, "ms": ms, "tokens": tokens}
+        for r, c, cn in zip(rows, correct, correct_norm, strict=True)
+    ]
+
+
+def test_paired_difference_known_items():
+    # 40 items: b is right on the first 20; a is right on those and on 10 more -> a beats b on exactly 10 items
+    n = 40
+    a = [1] * 30 + [0] * 10
+    b = [1] * 20 + [0] * 20
+    ci = paired_diff_ci(a, b)
+    assert ci.mean == pytest.approx(10 / 40)
+    # differences are 10 ones and 30 zeros: sd = sqrt(10*0.75^2 + 30*0.25^2) / sqrt(39)
+    sd = math.sqrt((10 * 0.75**2 + 30 * 0.25**2) / (n - 1))
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+    assert (ci.lo, ci.hi) == pytest.approx((0.25 - half, 0.25 + half))
+    assert ci.lo > 0  # a real improvement: the interval excludes 0
+    # a wins on 2 items and loses on 1: no evidence either way, the interval covers 0
+    c = paired_diff_ci([1, 1, 0] + [1] * 37, [0, 0, 1] + [1] * 37)
+    assert c.mean == pytest.approx(1 / 40) and c.lo < 0 < c.hi
+    with pytest.raises(ValueError, match="equal length"):
+        paired_diff_ci([1, 0], [1])
+
+
+def test_align_pairs_by_row_and_fails_on_different_items():
+    a = _records("a", [1, 0, 1], rows=[7, 3, 5])
+    b = _records("b", [0, 0, 1], rows=[5, 7, 3])
+    pairs = align(a, b)
+    assert [(x["row"], y["row"]) for x, y in pairs] == [(3, 3), (5, 5), (7, 7)]
+    with pytest.raises(ValueError, match="item sets differ"):
+        align(a, _records("b", [1, 1, 1], rows=[7, 3, 9]))
+    with pytest.raises(ValueError, match="duplicate row=7"):
+        align(a, _records("b", [1, 1, 1], rows=[7, 7, 3]))
+
+
+def test_summarize_policy_structure_and_values():
+    by_policy = {
+        "fp16": _records("fp16", [1] * 8 + [0] * 2, bits=16),
+        "fixed-4": _records("fixed-4", [1] * 6 + [0] * 4, bits=4),
+        "rule": _records("rule", [1] * 7 + [0] * 3, [1] * 8 + [0] * 2, bits=8, ms=20.0, tokens=50),
+    }
+    out = summarize_policy(by_policy["rule"], by_policy)
+    s = out["summary"]
+    assert set(s) == {"acc", "acc_norm", "loglik_delta", "avg_bits", "kv_bytes", "kv_ratio", "ms_per_item",
+                      "ms_per_token", "items"}
+    assert s["items"] == 10
+    for key in set(s) - {"items"}:
+        assert set(s[key]) == {"mean", "lo", "hi"} and s[key]["lo"] <= s[key]["mean"] <= s[key]["hi"]
+    assert s["acc"] == proportion_ci(7, 10).as_dict()
+    assert s["acc_norm"]["mean"] == pytest.approx(0.8)
+    assert s["kv_ratio"]["mean"] == pytest.approx(0.5)
+    assert s["ms_per_token"]["mean"] == pytest.approx(0.4)
+    assert s["ms_per_item"]["mean"] == pytest.approx(20.0)
+    assert set(out["paired"]) == {"fp16", "fixed-4"}
+    assert set(out["paired"]["fp16"]) == {"acc", "acc_norm"}
+    assert out["paired"]["fp16"]["acc"]["mean"] == pytest.approx(-0.1)
+    assert out["paired"]["fixed-4"]["acc"]["mean"] == pytest.approx(0.1)
+    assert out["paired"]["fixed-4"]["acc_norm"]["mean"] == pytest.approx(0.2)
+    # a reference is never paired with itself, and a missing reference is simply absent
+    assert set(summarize_policy(by_policy["fp16"], by_policy)["paired"]) == {"fixed-4"}
+    assert summarize_policy(by_policy["rule"], {"rule": by_policy["rule"]})["paired"] == {}
+    assert set(summarize_all([r for recs in by_policy.values() for r in recs])) == set(by_policy)
+
+
+def test_summarize_policy_errors():
+    with pytest.raises(ValueError, match="no records"):
+        summarize_policy([], {})
+    mixed = _records("a", [1]) + _records("b", [0])
+    with pytest.raises(ValueError, match="several policies"):
+        summarize_policy(mixed, {})
+    bad = _records("a", [1, 0])
+    del bad[1]["kv_bytes"]
+    with pytest.raises(ValueError, match="'kv_bytes'"):
+        summarize_policy(bad, {})
+    misaligned = {"fp16": _records("fp16", [1, 1], rows=[0, 5])}
+    with pytest.raises(ValueError, match="item sets differ"):
+        summarize_policy(_records("a", [1, 0]), misaligned)
