@@ -223,28 +223,44 @@ class KVPrecisionEnv(gym.Env):
         super().reset(seed=seed)
         self._check_open()
         options = options or {}
+        t0 = time.perf_counter()
         if "row" in options:
-            row = int(options["row"])
-            if row not in self._rows:
-                raise ValueError(f"row {row} is not in the loaded HellaSwag data")
-            item = self._rows[row]
-            if self.config.split == "eval" and row in self._pool_rows:
-                raise ValueError(f"row {row} is in the shot pool, not the held-out split")
-            rng = np.random.default_rng([self.config.split_seed, row])
+            item, prompt_ids, endings = self.episode_inputs(int(options["row"]))
+            n_shots = self._shots_used
         else:
             item = self.items[int(self.np_random.integers(len(self.items)))]
-            rng = self.np_random
-        shots = sample_shots(self.pool, self.config.shots, rng, exclude_row=item.row)
-        prompt_ids, endings = self._tokenize(item, shots)
+            shots = sample_shots(self.pool, self.config.shots, self.np_random, exclude_row=item.row)
+            prompt_ids, endings = self._tokenize(item, shots)
+            n_shots = self._shots_used
+        reference = self._reference(prompt_ids, endings, item)
+        self.timings = {"reference_ms": 1000 * (time.perf_counter() - t0)}
         interval = self.config.interval
         blocks = [(s, min(s + interval, len(prompt_ids))) for s in range(0, len(prompt_ids), interval)]
         cache = MixedPrecisionKVCache(config=self.model.config, group_size=self.config.group_size)
-        self._episode = _Episode(
-            item, prompt_ids, endings, blocks, self._reference(prompt_ids, endings, item), cache, RunningFrequency()
-        )
+        self._episode = _Episode(item, prompt_ids, endings, blocks, reference, cache, RunningFrequency())
         ctx = self._run_block(0)
         obs = self._observe(ctx)
-        return obs, {"row": item.row, "blocks": len(blocks), "prompt_tokens": len(prompt_ids), "shots": len(shots)}
+        self.timings["forward_ms"] = 1000 * ctx.forward_seconds
+        info = {"row": item.row, "blocks": len(blocks), "prompt_tokens": len(prompt_ids), "shots": n_shots}
+        return obs, info
+
+    def episode_inputs(self, row: int) -> tuple[HellaSwagItem, list[int], list[list[int]]]:
+        """Item, prompt ids and ending ids of HellaSwag row ``row`` with its fixed shots, exactly as
+        ``reset(options={"row": row})`` builds them (baselines outside the env score the same tokens)."""
+        if row not in self._rows:
+            raise ValueError(f"row {row} is not in the loaded HellaSwag data")
+        if self.config.split == "eval" and row in self._pool_rows:
+            raise ValueError(f"row {row} is in the shot pool, not the held-out split")
+        item = self._rows[row]
+        rng = np.random.default_rng([self.config.split_seed, row])
+        shots = sample_shots(self.pool, self.config.shots, rng, exclude_row=item.row)
+        prompt_ids, endings = self._tokenize(item, shots)
+        return item, prompt_ids, endings
+
+    def reference_for(self, row: int) -> _Reference:
+        """The full-precision reference (ending scores, predictions) of row ``row`` with its fixed shots."""
+        item, prompt_ids, endings = self.episode_inputs(row)
+        return self._reference(prompt_ids, endings, item)
 
     def step(self, action):
         ep = self._episode
@@ -353,6 +369,7 @@ class KVPrecisionEnv(gym.Env):
             prompt_ids = pairs[0][0]
             longest = max(len(cont) for _, cont in pairs)
             if len(prompt_ids) + longest <= limit:
+                self._shots_used = len(shots)
                 return list(prompt_ids), [list(cont) for _, cont in pairs]
             if not shots:
                 raise ValueError(

@@ -1,0 +1,206 @@
+"""Evaluate policies on the same held-out HellaSwag items with the same shots.
+
+    python -m experiments.evaluate --set policies='[fp16, "fixed:4", rule, "mlp:runs/main/mlp.pt"]' --set items=50
+
+Every policy runs the same episodes (``reset(options={"row": r})`` fixes item and shots), so the
+differences to fp16 and to fixed 4-bit are *paired* per item, which is what makes small accuracy
+differences measurable at all. Records are appended to ``records.jsonl`` as they finish, so an
+interrupted run resumes where it stopped; ``summary.json`` is rewritten atomically at the end.
+
+Policy specs: anything ``agents.registry.make_policy`` takes (``fixed:4``, ``rule``, ``rule:t.yaml``,
+``mlp:mlp.pt``, ``sb3:ppo.zip``), plus ``fp16`` (every block kept at 16 bits: a real fp16 KV cache)
+and ``quanto:2`` / ``quanto:4`` (transformers' ``QuantizedCache`` with the quanto backend, the
+library baseline, fed the same prompt blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from agents.registry import make_policy
+from envs.kv_precision import EnvConfig, KVPrecisionEnv
+from envs.scoring import choose, continuation_logprobs
+from experiments import tracking
+from experiments.config import parse_config, save_config
+from experiments.io import read_jsonl, write_json
+from experiments.stats import summarize_all
+from quant.baselines import kv_cache_nbytes, quanto_cache
+
+
+@dataclass
+class EvaluateConfig:
+    env: EnvConfig = field(default_factory=lambda: EnvConfig(split="eval"))
+    policies: list[str] = field(default_factory=lambda: ["fp16", "fixed:2", "fixed:4", "fixed:8", "rule"])
+    items: int = 50  # the first N items of the held-out split
+    out_dir: str = "runs/evaluate"
+    resume: bool = True  # skip (policy, row) pairs already in records.jsonl
+    references: tuple[str, ...] = ("fp16", "fixed-4")  # paired differences against these
+    wandb_project: str = "kvgym"
+    wandb_group: str | None = None  # one group per comparison; default: the out_dir name
+    progress: bool = True
+
+
+Runner = Callable[[KVPrecisionEnv, int], dict]
+
+
+def _policy_runner(spec: str, env: KVPrecisionEnv) -> tuple[str, Runner]:
+    """Name and episode runner of one policy spec."""
+    if spec.startswith("quanto:"):
+        nbits = int(spec.split(":", 1)[1])
+        quanto_cache(env.model, nbits, q_group_size=env.config.group_size)  # fail early on bad bits/group
+        return f"quanto-{nbits}", lambda e, row: _run_quanto(e, row, nbits)
+    policy = make_policy("fixed:16" if spec == "fp16" else spec, env=env)
+    name = "fp16" if spec == "fp16" else policy.name
+    return name, lambda e, row: _run_policy(e, row, policy)
+
+
+def _run_policy(env: KVPrecisionEnv, row: int, policy) -> dict:
+    t0 = time.perf_counter()
+    obs, info = env.reset(options={"row": row})
+    reference_ms = env.timings.get("reference_ms", 0.0)
+    prompt_tokens = info["prompt_tokens"]
+    done = False
+    while not done:
+        action, _ = policy.predict(obs, deterministic=True)
+        obs, _, done, _, info = env.step(action)
+    ms = 1000 * (time.perf_counter() - t0) - reference_ms
+    return {
+        **{k: info[k] for k in ("pred", "pred_norm", "gold", "loglik_delta", "avg_bits", "kv_bytes", "fp16_kv_bytes")},
+        "correct": int(info["correct"]),
+        "correct_norm": int(info["correct_norm"]),
+        "ms": ms,
+        "tokens": prompt_tokens + info["tokens"],  # the terminal step's tokens are the endings
+    }
+
+
+@torch.inference_mode()
+def _run_quanto(env: KVPrecisionEnv, row: int, nbits: int) -> dict:
+    """The library baseline on the same tokens: blockwise prefill into a QuantizedCache, then each
+    ending scored in turn and rolled back (QuantizedCache cannot be broadcast along the batch)."""
+    item, prompt_ids, endings = env.episode_inputs(row)
+    reference = env.reference_for(row)
+    model, interval = env.model, env.config.interval
+    t0 = time.perf_counter()
+    cache = quanto_cache(model, nbits, q_group_size=env.config.group_size)
+    for start in range(0, len(prompt_ids), interval):
+        out = model(input_ids=torch.tensor([prompt_ids[start : start + interval]]), past_key_values=cache)
+    last_logits = out.logits[0, -1]
+    kv_bytes = kv_cache_nbytes(cache)
+    residual = sum(layer.keys.shape[-2] if layer.keys is not None and layer.keys.dim() == 4 else 0 for layer in cache.layers)
+    residual_frac = residual / (len(cache.layers) * len(prompt_ids))
+    # QuantizedCache's update rebinds its tensors rather than writing into them, so a shallow
+    # snapshot of each layer's attributes is enough to roll an ending back (deepcopy fails on quanto tensors).
+    snapshot = [dict(vars(layer)) for layer in cache.layers]
+    scores = []
+    for ending in endings:
+        scores += continuation_logprobs(model, prompt_ids, [ending], past_key_values=cache, prefix_last_logits=last_logits)
+        for layer, state in zip(cache.layers, snapshot):
+            layer.__dict__.clear()
+            layer.__dict__.update(state)
+    ms = 1000 * (time.perf_counter() - t0)
+    pred, pred_norm = choose(scores, item.endings)
+    per_token = 2 * sum(layer.keys.shape[1] * layer.keys.shape[-1] for layer in cache.layers if layer.keys is not None)
+    return {
+        "pred": pred,
+        "pred_norm": pred_norm,
+        "gold": item.label,
+        "correct": int(pred == item.label),
+        "correct_norm": int(pred_norm == item.label),
+        "loglik_delta": float(scores[item.label] - reference.ending_scores[item.label]),
+        # token-weighted: the residual window stays in full precision (counted as 16)
+        "avg_bits": nbits * (1 - residual_frac) + 16 * residual_frac,
+        "kv_bytes": kv_bytes,
+        "fp16_kv_bytes": 2 * per_token * len(prompt_ids),
+        "ms": ms,
+        "tokens": len(prompt_ids) + sum(len(e) for e in endings),
+    }
+
+
+def _load_done(path: Path) -> tuple[list[dict], set[tuple[str, int]]]:
+    if not path.exists():
+        return [], set()
+    records = read_jsonl(path)
+    return records, {(r["policy"], r["row"]) for r in records}
+
+
+def _append(path: Path, record: dict) -> None:
+    """One line per finished episode, flushed: an interruption loses at most the episode in flight."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    """Evaluate every policy on the same items; return the paths written."""
+    if cfg.items < 1:
+        raise ValueError(f"items must be >= 1, got {cfg.items}")
+    if not cfg.policies:
+        raise ValueError("no policies to evaluate")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    env_cfg = EnvConfig.from_dict({**cfg.env.__dict__, "split": "eval"})
+    env = KVPrecisionEnv(env_cfg)
+    try:
+        rows = [item.row for item in env.items[: cfg.items]]
+        if not rows:
+            raise ValueError("the held-out item set is empty")
+        runners = dict(_policy_runner(spec, env) for spec in cfg.policies)
+        records_path = out / "records.jsonl"
+        if not cfg.resume and records_path.exists():
+            records_path.unlink()
+        records, done = _load_done(records_path)
+        todo = [(name, row) for row in rows for name in runners if (name, row) not in done]
+        bar = tqdm(todo, desc="evaluate", disable=not cfg.progress, unit="episode")
+        for name, row in bar:
+            bar.set_postfix(policy=name, row=row)
+            record = {"policy": name, "row": row, **runners[name](env, row)}
+            _append(records_path, record)
+            records.append(record)
+    finally:
+        env.close()
+    wanted = set(rows)
+    records = [r for r in records if r["row"] in wanted and r["policy"] in runners]
+    policies = summarize_all(records, references=cfg.references)
+    summary_path = write_json(out / "summary.json", {"config": _plain(cfg), "policies": policies})
+    _log_wandb(cfg, policies, out)
+    return {"records": str(records_path), "summary": str(summary_path), "policies": policies}
+
+
+def _plain(cfg: EvaluateConfig) -> dict:
+    from experiments.config import config_to_dict
+
+    return config_to_dict(cfg)
+
+
+def _log_wandb(cfg: EvaluateConfig, policies: dict, out: Path) -> None:
+    """One wandb run per policy in a shared group, so the policies sit side by side."""
+    group = cfg.wandb_group or out.name
+    for name, entry in policies.items():
+        run = tracking.init_run(
+            project=cfg.wandb_project, group=group, name=name, config=cfg, job_type="evaluate", dir=out
+        )
+        tracking.log_summary_table(run, {name: entry})
+        tracking.finish(run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, _ = parse_config(EvaluateConfig, argv, description=__doc__)
+    result = run(cfg)
+    from experiments.report import print_table
+
+    print_table(result["policies"])
+    print(f"records: {result['records']}\nsummary: {result['summary']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
