@@ -1,0 +1,99 @@
+"""experiments.evaluate on the tiny model: same items for every policy, resume, baselines, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from envs.kv_precision import EnvConfig
+from experiments import evaluate
+from experiments.evaluate import EvaluateConfig
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def _cfg(tmp_path, **kw) -> EvaluateConfig:
+    env = EnvConfig(model="tiny-random-llama", shots=0, interval=16, group_size=16, eval_size=20, split="eval")
+    base = dict(env=env, policies=["fp16", "fixed:2", "fixed:4"], items=3, out_dir=str(tmp_path / "eval"), progress=False)
+    base.update(kw)
+    return EvaluateConfig(**base)
+
+
+def _records(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "eval" / "records.jsonl").read_text().splitlines()]
+
+
+def test_every_policy_runs_the_same_items_and_summary_is_paired(tmp_path):
+    result = evaluate.run(_cfg(tmp_path, policies=["fp16", "fixed:2", "fixed:4", "rule", "quanto:4"]))
+    records = _records(tmp_path)
+    by_policy: dict[str, set[int]] = {}
+    for r in records:
+        by_policy.setdefault(r["policy"], set()).add(r["row"])
+    assert set(by_policy) == {"fp16", "fixed-2", "fixed-4", "rule", "quanto-4"}
+    assert len({frozenset(rows) for rows in by_policy.values()}) == 1  # identical item sets
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["config"]["items"] == 3
+    fixed2 = result["policies"]["fixed-2"]
+    assert fixed2["summary"]["avg_bits"]["mean"] == pytest.approx(2.0)
+    assert fixed2["summary"]["kv_ratio"]["mean"] < 0.3
+    assert set(fixed2["paired"]) == {"fp16", "fixed-4"}
+    fp16 = result["policies"]["fp16"]["summary"]
+    assert fp16["kv_ratio"]["mean"] == pytest.approx(1.0)
+    assert fp16["loglik_delta"]["mean"] == pytest.approx(0.0, abs=1e-2)  # fp16 KV vs fp32 reference
+
+
+def test_fp16_policy_agrees_with_the_full_precision_reference(tmp_path):
+    evaluate.run(_cfg(tmp_path, policies=["fp16"], items=4))
+    from envs.kv_precision import KVPrecisionEnv
+
+    env = KVPrecisionEnv(_cfg(tmp_path).env)
+    for r in _records(tmp_path):
+        ref = env.reference_for(r["row"])
+        assert (r["pred"], r["pred_norm"]) == (ref.pred, ref.pred_norm)
+    env.close()
+
+
+def test_resume_runs_only_what_is_missing(tmp_path, monkeypatch):
+    calls = []
+    real = evaluate._run_policy
+
+    def flaky(env, row, policy):
+        calls.append((policy.name, row))
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # interrupted mid-run
+        return real(env, row, policy)
+
+    monkeypatch.setattr(evaluate, "_run_policy", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(_cfg(tmp_path))
+    assert len(_records(tmp_path)) == 3  # what finished before the interruption is kept
+    assert not (tmp_path / "eval" / "summary.json").exists()
+    calls.clear()
+    monkeypatch.setattr(evaluate, "_run_policy", real)
+    result = evaluate.run(_cfg(tmp_path))
+    records = _records(tmp_path)
+    assert len(records) == 9
+    assert len({(r["policy"], r["row"]) for r in records}) == 9  # nothing ran twice
+    assert all(entry["summary"]["items"] == 3 for entry in result["policies"].values())
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="items"):
+        evaluate.run(_cfg(tmp_path, items=0))
+    with pytest.raises(FileNotFoundError):
+        evaluate.run(_cfg(tmp_path, policies=["mlp:/nonexistent/mlp.pt"]))
+    with pytest.raises(ValueError, match="nbits"):
+        evaluate.run(_cfg(tmp_path, policies=["quanto:3"]))
+    with pytest.raises(SystemExit):
+        evaluate.main(["--set", "itemz=3"])
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--help"])
+    assert exc.value.code == 0
+    assert "policies" in capsys.readouterr().out
