@@ -1,0 +1,279 @@
+"""Generate text with a mixed-precision KV cache whose bits a policy picks every ``interval`` tokens.
+
+    python -m experiments.generate --set policy=mlp:runs/train_mlp/mlp.pt --set max_new_tokens=200
+
+The model is loaded as the env would (``env.model``, ``env.dtype``, ``env.weight_quant``) and decodes with
+``quant.kv_cache.MixedPrecisionKVCache(policy=hook, interval=env.interval)``. Whenever ``interval`` or more
+tokens are pending at the start of a forward, ``hook(cache)`` builds the policy's observation for those
+tokens and returns the bits they are committed at. Observations are the env's (same names, same order,
+same ``envs.features`` code): forward hooks on the model record each forward's input tokens, logits and
+attention maps, and the pending tokens are summarised through ``FeatureSet.observe`` with a
+``BlockContext`` exactly like an env block:
+
+- token_acc: the probability of the token that actually came next (the generated one), as in the env.
+- attn_var: from the attention maps of the forwards that produced the block (decode steps see one query
+  row each; rows are zero-padded to the longest key length, which leaves the variance sum unchanged).
+- rarity: a running token frequency over the whole generation (prompt included).
+- state features from the cache; ``progress`` uses the expected number of blocks,
+  ``ceil((prompt + max_new_tokens) / interval)``, since the final length is not known in advance.
+- Features that need input gradients (saliency) are not available during generation.
+
+The first block is the whole prompt (prefilled in one forward, so it is committed at the first decision,
+even if longer than ``interval``); tokens still pending at the end are never committed (they stay
+full-precision) and are not in ``avg_bits``. Prints each text, tokens/s, average bits and KV bytes vs
+fp16; writes ``<out_dir>/generate.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import wandb
+from tqdm.auto import tqdm
+
+from agents.registry import make_policy
+from envs.features import BlockContext, EpisodeState, FeatureSet, RunningFrequency
+from envs.kv_precision import EnvConfig
+from envs.model import load_model
+from experiments import tracking
+from experiments.config import parse_config, save_config
+from experiments.io import seed_everything, write_json
+from quant.kv_cache import MixedPrecisionKVCache
+from quant.weights import quantize_model_weights
+
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "Explain quantization in LLMs in one paragraph.",
+    "Write a short description of Scooby-Doo and the Mystery Inc. gang.",
+    "Explain the process of photosynthesis in one paragraph.",
+)
+SUPPORTED_NEEDS = frozenset({"attentions"})
+
+
+@dataclass
+class GenerateConfig:
+    env: EnvConfig = field(default_factory=EnvConfig)  # model, dtype, weight_quant, bits, features, interval, group_size
+    policy: str = "rule"  # fixed:4, rule, rule:<yaml>, mlp:<path>, sb3:<path>
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    chat_template: bool = True  # wrap each prompt as a user turn when the tokenizer has a template
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    do_sample: bool = False  # greedy by default (reproducible)
+    temperature: float = 0.7  # only with do_sample
+    top_p: float = 0.9  # only with do_sample
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads (None = torch's default)
+    out_dir: str = "runs/generate"
+    wandb_project: str = "kvgym"
+    wandb_group: str | None = None
+    progress: bool = True
+
+
+class FeatureTracker:
+    """Records each forward of a generating model; turns the tokens pending in the cache into an observation."""
+
+    def __init__(self, feature_set: FeatureSet, max_bits: int):
+        unsupported = feature_set.needs - SUPPORTED_NEEDS
+        if unsupported:
+            raise ValueError(
+                f"features needing {sorted(unsupported)} cannot be computed during generation; "
+                "drop them from env.features"
+            )
+        self.feature_set = feature_set
+        self.max_bits = max_bits
+        self.needs_attentions = "attentions" in feature_set.needs
+        self.frequency = RunningFrequency()
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None, float]] = []
+        self.incoming: torch.Tensor | None = None
+        self.n_blocks = 1
+        self.decisions = 0
+        self._t0 = 0.0
+
+    # --- forward hooks ------------------------------------------------------------------------
+    def pre_hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise RuntimeError("generation must feed input_ids (inputs_embeds cannot be tracked)")
+        self.incoming = ids[0].detach().clone()
+        self._t0 = time.perf_counter()
+        if self.needs_attentions:
+            kwargs["output_attentions"] = True
+        return args, kwargs
+
+    def post_hook(self, module, args, kwargs, out):
+        seconds = time.perf_counter() - self._t0
+        n = len(self.incoming)
+        logits = out.logits[0, -n:].detach().float()
+        if logits.shape[0] != n:
+            raise RuntimeError(f"the forward returned logits for {logits.shape[0]} of its {n} tokens")
+        attn = None
+        if self.needs_attentions:
+            if getattr(out, "attentions", None) is None:
+                raise RuntimeError("attn_var needs attention maps: load the model with attn_implementation='eager'")
+            attn = tuple(a.detach() for a in out.attentions)
+        self.chunks.append((self.incoming, logits, attn, seconds))
+
+    @contextmanager
+    def attached(self, model):
+        handles = [model.register_forward_pre_hook(self.pre_hook, with_kwargs=True),
+                   model.register_forward_hook(self.post_hook, with_kwargs=True)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    # --- observation --------------------------------------------------------------------------
+    def _attentions(self) -> tuple[torch.Tensor, ...] | None:
+        if not self.needs_attentions:
+            return None
+        width = max(c[2][0].shape[-1] for c in self.chunks)
+        layers = len(self.chunks[0][2])
+        return tuple(
+            torch.cat([torch.nn.functional.pad(c[2][i], (0, width - c[2][i].shape[-1])) for c in self.chunks], dim=2)
+            for i in range(layers)
+        )
+
+    def observe(self, cache: MixedPrecisionKVCache) -> np.ndarray:
+        """Features of the pending tokens (the block about to be committed); forgets them afterwards."""
+        ids = torch.cat([c[0] for c in self.chunks])
+        if len(ids) != cache.pending_length:
+            raise RuntimeError(f"tracked {len(ids)} tokens but the cache holds {cache.pending_length} pending")
+        committed = bool(cache.block_bits)
+        state = EpisodeState(
+            block_index=self.decisions,
+            n_blocks=max(self.n_blocks, self.decisions + 1),
+            avg_bits=cache.average_bits() if committed else float(self.max_bits),
+            kv_ratio=cache.nbytes(False) / cache.fp16_nbytes(False) if committed else 1.0,
+            last_bits=cache.block_bits[-1][0] if committed else self.max_bits,
+            max_bits=self.max_bits,
+        )
+        ctx = BlockContext(
+            token_ids=ids,
+            logits=torch.cat([c[1] for c in self.chunks]),
+            targets=torch.cat([ids[1:], self.incoming[:1]]),  # the token entering now follows the block
+            state=state,
+            frequency=self.frequency,
+            attentions=self._attentions(),
+            forward_seconds=sum(c[3] for c in self.chunks),
+        )
+        obs = np.asarray(self.feature_set.observe(ctx), dtype=np.float32)
+        self.chunks.clear()
+        self.decisions += 1
+        return obs
+
+
+def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> torch.Tensor:
+    """``[1, P]`` ids; a user turn of the tokenizer's chat template when it has one (instruct models)."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def generate_one(model, tokenizer, policy, prompt: str, cfg: GenerateConfig) -> dict[str, Any]:
+    """Decode one prompt under ``policy``; the record written to generate.json."""
+    bits = tuple(cfg.env.bits)
+    tracker = FeatureTracker(FeatureSet(cfg.env.features), max(bits))
+    decisions: list[dict[str, Any]] = []
+
+    def hook(cache: MixedPrecisionKVCache) -> int:
+        tokens = cache.pending_length
+        obs = tracker.observe(cache)
+        action, _ = policy.predict(obs, deterministic=True)
+        chosen = bits[int(action)]
+        decisions.append({"block": len(decisions), "tokens": tokens, "bits": chosen,
+                          "obs": dict(zip(tracker.feature_set.observation_names, obs.tolist(), strict=True))})
+        return chosen
+
+    ids = encode_prompt(tokenizer, prompt, cfg.chat_template)
+    tracker.n_blocks = max(1, math.ceil((ids.shape[1] + cfg.max_new_tokens) / cfg.env.interval))
+    cache = MixedPrecisionKVCache(config=model.config, group_size=cfg.env.group_size, policy=hook,
+                                  interval=cfg.env.interval)
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t0 = time.perf_counter()
+    with torch.inference_mode(), tracker.attached(model):
+        if ids.shape[1] > 1:  # prefill all but the last prompt token ourselves: generate() keeps only last logits
+            model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=cfg.max_new_tokens,
+                             min_new_tokens=cfg.min_new_tokens, do_sample=cfg.do_sample, pad_token_id=pad,
+                             **sampling)
+    seconds = time.perf_counter() - t0
+    new = out[0, ids.shape[1]:]
+    committed_fp16 = cache.fp16_nbytes(False)
+    return {
+        "prompt": prompt,
+        "text": tokenizer.decode(new, skip_special_tokens=True),
+        "token_ids": new.tolist(),
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": int(len(new)),
+        "seconds": seconds,
+        "tokens_per_s": len(new) / seconds if seconds > 0 else float("nan"),
+        "avg_bits": cache.average_bits(),
+        "block_bits": [list(b) for b in cache.block_bits],
+        "kv_bytes": cache.nbytes(),
+        "fp16_kv_bytes": cache.fp16_nbytes(),
+        "kv_ratio": cache.nbytes() / max(cache.fp16_nbytes(), 1),
+        "committed_kv_bytes": cache.nbytes(False),
+        "committed_fp16_kv_bytes": committed_fp16,
+        "committed_kv_ratio": cache.nbytes(False) / committed_fp16 if committed_fp16 else float("nan"),
+        "pending_tokens": cache.pending_length,
+        "decisions": decisions,
+    }
+
+
+def run(cfg: GenerateConfig) -> dict[str, Path]:
+    """Generate for every prompt, print and save the results; returns the paths written."""
+    if not cfg.prompts:
+        raise ValueError("no prompts: pass --set prompts='[\"...\"]' or keep the defaults")
+    if cfg.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    cfg.env.validate()
+    seed_everything(cfg.seed)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.out_dir)
+    feature_set = FeatureSet(cfg.env.features)
+    policy = make_policy(cfg.policy, observation_names=feature_set.observation_names, bits=cfg.env.bits)
+    model, tokenizer = load_model(cfg.env.model, dtype=cfg.env.dtype, attn_implementation="eager")
+    quantize_model_weights(model, cfg.env.weight_quant)
+    paths = {"config": save_config(cfg, out_dir / "config.yaml")}
+    wb = tracking.init_run(project=cfg.wandb_project, group=cfg.wandb_group, name=f"generate-{policy.name}",
+                           config=cfg, job_type="generate", dir=out_dir)
+    results = []
+    try:
+        for prompt in tqdm(cfg.prompts, desc=f"generate ({policy.name})", unit="prompt", disable=not cfg.progress):
+            rec = generate_one(model, tokenizer, policy, prompt, cfg)
+            results.append(rec)
+            avg = "n/a (nothing committed)" if math.isnan(rec["avg_bits"]) else f"{rec['avg_bits']:.2f}"
+            print(f"\n### {prompt}\n{rec['text']}\n--- {rec['new_tokens']} tokens, {rec['tokens_per_s']:.1f} tok/s, "
+                  f"avg bits {avg}, blocks {rec['block_bits']}, KV {rec['kv_bytes']} B vs fp16 "
+                  f"{rec['fp16_kv_bytes']} B ({rec['kv_ratio']:.3f}; committed {rec['committed_kv_ratio']:.3f})")
+        paths["results"] = write_json(out_dir / "generate.json", {"policy": cfg.policy, "results": results})
+        keys = ("prompt", "text", "new_tokens", "tokens_per_s", "avg_bits", "kv_ratio", "committed_kv_ratio")
+        wb.log({"generations": wandb.Table(columns=list(keys), data=[[r[k] for k in keys] for r in results])})
+        wb.summary.update({k: float(np.nanmean([r[k] for r in results]))
+                           for k in ("tokens_per_s", "avg_bits", "kv_ratio", "committed_kv_ratio")})
+    finally:
+        hint = tracking.finish(wb)
+    if hint:
+        print(f"wandb run saved offline; upload with: {hint}")
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    cfg, _ = parse_config(GenerateConfig, argv, description=__doc__.split("\n\n")[0])
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
