@@ -51,6 +51,12 @@ class RunningFrequency:
         return out
 
 
+#: The unit of every bit-valued feature and reward: an uncompressed (fp16) cache. Features divide by
+#: this, not by the largest bits of the env's menu, so ``last_bits * 16`` is the bit-width whatever
+#: ``bits`` the env offers (a policy trained with one menu reads the same numbers under another).
+FULL_BITS = 16
+
+
 @dataclass
 class EpisodeState:
     """What state features read: where the episode is and what the cache holds."""
@@ -60,7 +66,19 @@ class EpisodeState:
     avg_bits: float  # token-weighted average of committed bits (16 before any commit)
     kv_ratio: float  # committed KV bytes / fp16 bytes of the same tokens (1 before any commit)
     last_bits: int  # bits of the last committed block (16 before any commit)
-    max_bits: int = 16
+    max_bits: int = FULL_BITS  # the unit of avg_bits/last_bits (see FULL_BITS)
+
+    @classmethod
+    def from_cache(cls, cache, block_index: int, n_blocks: int) -> EpisodeState:
+        """Read the state off a ``MixedPrecisionKVCache`` (the env and controller-driven generation share this)."""
+        committed = bool(cache.block_bits)
+        return cls(
+            block_index=block_index,
+            n_blocks=n_blocks,
+            avg_bits=cache.average_bits() if committed else float(FULL_BITS),
+            kv_ratio=cache.nbytes(False) / cache.fp16_nbytes(False) if committed else 1.0,
+            last_bits=cache.block_bits[-1][0] if committed else FULL_BITS,
+        )
 
 
 @dataclass

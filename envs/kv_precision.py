@@ -27,7 +27,15 @@ import numpy as np
 import torch
 import yaml
 
-from envs.features import DEFAULT_FEATURES, BlockContext, EpisodeState, FeatureSet, RunningFrequency
+from envs import ENV_ID  # noqa: F401  (re-exported)
+from envs.features import (
+    DEFAULT_FEATURES,
+    FULL_BITS,
+    BlockContext,
+    EpisodeState,
+    FeatureSet,
+    RunningFrequency,
+)
 from envs.hellaswag import HellaSwagItem, build_prompt, load_hellaswag, sample_shots, split_items
 from envs.model import load_model
 from envs.rewards import DEFAULT_REWARDS, RewardFunction, StepRecord
@@ -35,8 +43,6 @@ from envs.scoring import choose, continuation_logprobs, encode_pair
 from quant.kv_cache import MixedPrecisionKVCache
 from quant.uniform import check_bits
 from quant.weights import quantize_model_weights
-
-from envs import ENV_ID  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -157,8 +163,14 @@ class KVPrecisionEnv(gym.Env):
         lm=None,
         tokenizer=None,
         items: Sequence[HellaSwagItem] | None = None,
+        render_mode: str | None = None,
         **overrides: Any,
     ):
+        if render_mode is not None:
+            # TypeError, like any unsupported keyword: SB3's make_vec_env first tries
+            # render_mode="rgb_array" and falls back to no render_mode on exactly this error.
+            raise TypeError(f"KVPrecisionEnv cannot render (render_mode={render_mode!r}); leave render_mode unset")
+        self.render_mode = None
         if config is None:
             cfg = EnvConfig()
         elif isinstance(config, EnvConfig):
@@ -291,7 +303,7 @@ class KVPrecisionEnv(gym.Env):
             info["tokens"] = end - start
             forward_ms = 1000 * ctx.forward_seconds
         else:
-            obs = ep.last_obs
+            obs = ep.last_obs.copy()  # a new array: the passive checker flags a reused one
             t_fwd = time.perf_counter()
             scores = self._score_endings(ep.cache, ep.prompt_ids, ep.last_logits, ep.endings)
             pred, pred_norm = choose(scores.tolist(), ep.item.endings)
@@ -317,7 +329,7 @@ class KVPrecisionEnv(gym.Env):
             )
         record = StepRecord(
             bits=bits,
-            max_bits=max(self.bits),
+            max_bits=FULL_BITS,
             block_tokens=block_tokens,
             block_nbytes=after - before,
             block_fp16_nbytes=after_fp16 - before_fp16,
@@ -397,14 +409,7 @@ class KVPrecisionEnv(gym.Env):
         ep.last_logits = logits[-1]
         targets = torch.tensor(ep.prompt_ids[start + 1 : end + 1] + [-1] * (end + 1 - len(ep.prompt_ids)))
         targets = targets[: end - start]
-        state = EpisodeState(
-            block_index=index,
-            n_blocks=len(ep.blocks),
-            avg_bits=ep.cache.average_bits() if ep.cache.block_bits else float(max(self.bits)),
-            kv_ratio=ep.cache.nbytes(False) / ep.cache.fp16_nbytes(False) if ep.cache.block_bits else 1.0,
-            last_bits=ep.cache.block_bits[-1][0] if ep.cache.block_bits else max(self.bits),
-            max_bits=max(self.bits),
-        )
+        state = EpisodeState.from_cache(ep.cache, index, len(ep.blocks))
         return BlockContext(
             token_ids=ids[0],
             logits=logits,

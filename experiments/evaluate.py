@@ -101,7 +101,7 @@ def _run_quanto(env: KVPrecisionEnv, row: int, nbits: int) -> dict:
     scores = []
     for ending in endings:
         scores += continuation_logprobs(model, prompt_ids, [ending], past_key_values=cache, prefix_last_logits=last_logits)
-        for layer, state in zip(cache.layers, snapshot):
+        for layer, state in zip(cache.layers, snapshot, strict=True):
             layer.__dict__.clear()
             layer.__dict__.update(state)
     ms = 1000 * (time.perf_counter() - t0)

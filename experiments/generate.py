@@ -146,15 +146,7 @@ class FeatureTracker:
         ids = torch.cat([c[0] for c in self.chunks])
         if len(ids) != cache.pending_length:
             raise RuntimeError(f"tracked {len(ids)} tokens but the cache holds {cache.pending_length} pending")
-        committed = bool(cache.block_bits)
-        state = EpisodeState(
-            block_index=self.decisions,
-            n_blocks=max(self.n_blocks, self.decisions + 1),
-            avg_bits=cache.average_bits() if committed else float(self.max_bits),
-            kv_ratio=cache.nbytes(False) / cache.fp16_nbytes(False) if committed else 1.0,
-            last_bits=cache.block_bits[-1][0] if committed else self.max_bits,
-            max_bits=self.max_bits,
-        )
+        state = EpisodeState.from_cache(cache, self.decisions, max(self.n_blocks, self.decisions + 1))
         ctx = BlockContext(
             token_ids=ids,
             logits=torch.cat([c[1] for c in self.chunks]),

@@ -66,8 +66,9 @@ def run(cfg: MainConfig) -> dict[str, str]:
         print(f"[main] {name} ({time.perf_counter() - started:.0f} s into the job)")
         return True
 
+    # resume=True in both: a re-run of an interrupted job continues the CSV / the PPO checkpoints.
     col = dataclasses.replace(
-        cfg.collect, env=_env(cfg, "train"), out_dir=str(out / "collect"), wandb_group=group
+        cfg.collect, env=_env(cfg, "train"), out_dir=str(out / "collect"), wandb_group=group, resume=True
     )
     csv = Path(col.out_dir) / collect.CSV_NAME
     thresholds = Path(col.out_dir) / collect.THRESHOLDS_NAME
@@ -84,7 +85,8 @@ def run(cfg: MainConfig) -> dict[str, str]:
     paths["mlp"] = str(mlp_path)
 
     ppo = dataclasses.replace(
-        cfg.train_ppo, env=_env(cfg, "train", cfg.ppo_rewards), out_dir=str(out / "train_ppo"), wandb_group=group
+        cfg.train_ppo, env=_env(cfg, "train", cfg.ppo_rewards), out_dir=str(out / "train_ppo"), wandb_group=group,
+        resume=True,
     )
     ppo_path = Path(ppo.out_dir) / f"{ppo.algo.lower()}.zip"
     if stage("train_ppo", ppo_path):

@@ -284,6 +284,6 @@ class MixedPrecisionKVCache(Cache):
         try:
             yield self
         finally:
-            for layer, (keys, values) in zip(self.layers, saved):
+            for layer, (keys, values) in zip(self.layers, saved, strict=True):
                 layer.keys, layer.values = keys, values
                 layer.batch_expand = 1
