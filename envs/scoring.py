@@ -1,0 +1,152 @@
+"""Multiple-choice scoring exactly as lm-evaluation-harness does it for causal LMs.
+
+Each ending is scored as the summed log-probability of the continuation ``" " + ending`` given the
+prompt; ``acc`` takes the argmax, ``acc_norm`` the argmax after dividing by the ending's character
+length (lm-eval ``api/task.py``: ``len(choice)`` of the ending *without* the delimiter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["encode_pair", "score_requests", "continuation_logprobs", "choose", "TARGET_DELIMITER"]
+
+TARGET_DELIMITER = " "
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's ``_encode_pair``: encode the pair jointly, then split at the context length.
+
+    Joint encoding keeps the token boundary the tokenizer would really produce (e.g. " he" as one
+    token); trailing context whitespace moves into the continuation for the same reason. Special
+    tokens follow the tokenizer's own default, as lm-eval's HFLM does when ``add_bos_token`` is
+    unset (SmolLM2 adds none).
+    """
+    if not context:
+        raise ValueError("context must be non-empty (lm-eval substitutes a BOS token for empty contexts)")
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return list(ctx), list(whole[len(ctx):])
+
+
+def _gather_sums(logprobs: torch.Tensor, targets: list[list[int]], offsets: list[int]) -> list[float]:
+    """Sum ``logprobs[b, offsets[b] + j, targets[b][j]]`` over j for each row b."""
+    out = []
+    for b, (tgt, off) in enumerate(zip(targets, offsets, strict=True)):
+        idx = torch.arange(off, off + len(tgt), device=logprobs.device)
+        ids = torch.tensor(tgt, device=logprobs.device)
+        out.append(float(logprobs[b, idx, ids].sum()))
+    return out
+
+
+def _right_pad(rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def _cache_batch(cache) -> int | None:
+    """Batch size of a transformers cache, or None when it cannot be read (custom layouts)."""
+    try:
+        return int(cache.layers[0].keys.shape[0])
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def _model_limit(model) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+@torch.inference_mode()
+def score_requests(model, requests: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) -> list[float]:
+    """Summed continuation log-probs for ``(context_ids, continuation_ids)`` pairs in one forward.
+
+    Rows are ``context + continuation[:-1]`` right-padded; under causal attention the padding sits
+    after every position that is read, so no attention mask is needed (lm-eval does the same).
+    """
+    if not requests:
+        return []
+    limit = _model_limit(model)
+    rows, targets, offsets = [], [], []
+    for ctx, cont in requests:
+        if not ctx or not cont:
+            raise ValueError("every request needs a non-empty context and continuation")
+        row = list(ctx) + list(cont[:-1])
+        if limit is not None and len(row) > limit:
+            raise ValueError(f"request of {len(row) + 1} tokens exceeds the model's {limit} positions; use fewer shots")
+        rows.append(row)
+        targets.append(list(cont))
+        offsets.append(len(ctx) - 1)
+    device = next(model.parameters()).device
+    inputs = _right_pad(rows, pad_id, device)
+    # Only positions that predict continuation tokens need the (vocab-sized) LM head.
+    start = min(offsets)
+    keep = torch.arange(start, inputs.shape[1], device=device)
+    logits = model(input_ids=inputs, use_cache=False, logits_to_keep=keep).logits
+    return _gather_sums(torch.log_softmax(logits.float(), dim=-1), targets, [o - start for o in offsets])
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model,
+    prefix_ids: Sequence[int],
+    continuations: Sequence[Sequence[int]],
+    past_key_values=None,
+    prefix_last_logits: torch.Tensor | None = None,
+    pad_id: int = 0,
+) -> list[float]:
+    """Summed log-prob of each continuation after a shared prefix.
+
+    Without a cache the prefix is re-run per row (one forward, lm-eval's arithmetic). With
+    ``past_key_values`` already holding the prefix -- expanded along the batch to
+    ``len(continuations)`` rows -- only continuation tokens are run: the first token's log-prob
+    comes from ``prefix_last_logits`` (the logits at the prefix's last position, shape ``[V]``,
+    ``[1, V]`` or ``[B, V]``) and the rest from one forward against the cache. That forward
+    appends the continuation tokens to the cache; crop or discard it afterwards.
+    """
+    conts = [list(c) for c in continuations]
+    if not conts or any(not c for c in conts):
+        raise ValueError("continuations must be a non-empty list of non-empty token lists")
+    if past_key_values is None:
+        return score_requests(model, [(list(prefix_ids), c) for c in conts], pad_id=pad_id)
+    if prefix_last_logits is None:
+        raise ValueError("prefix_last_logits is required with past_key_values (the cache has no logits)")
+
+    first = torch.log_softmax(prefix_last_logits.float().reshape(-1, prefix_last_logits.shape[-1]), dim=-1)
+    if first.shape[0] not in (1, len(conts)):
+        raise ValueError(f"prefix_last_logits has {first.shape[0]} rows; expected 1 or {len(conts)}")
+    first_ids = torch.tensor([c[0] for c in conts], device=first.device)
+    totals = first.expand(len(conts), -1)[torch.arange(len(conts), device=first.device), first_ids]
+    scores = [float(t) for t in totals]
+    if all(len(c) == 1 for c in conts):
+        return scores
+
+    cache_batch = _cache_batch(past_key_values)
+    if cache_batch is not None and cache_batch != len(conts):
+        raise ValueError(f"cache batch is {cache_batch} but there are {len(conts)} continuations; expand it first")
+    past = past_key_values.get_seq_length()
+    if past != len(prefix_ids):
+        raise ValueError(f"cache holds {past} tokens but the prefix has {len(prefix_ids)}")
+    device = next(model.parameters()).device
+    inputs = _right_pad([c[:-1] for c in conts], pad_id, device)
+    logits = model(input_ids=inputs, past_key_values=past_key_values, use_cache=True).logits
+    rest = _gather_sums(torch.log_softmax(logits.float(), dim=-1), [c[1:] for c in conts], [0] * len(conts))
+    return [s + r for s, r in zip(scores, rest, strict=True)]
+
+
+def choose(scores: Sequence[float], endings: Sequence[str]) -> tuple[int, int]:
+    """``(pred, pred_norm)``: argmax of log-likelihood, and of log-likelihood per ending character.
+
+    Ties go to the first ending (``np.argmax``), as in lm-eval.
+    """
+    if len(scores) != len(endings) or not scores:
+        raise ValueError(f"need one score per ending, got {len(scores)} scores for {len(endings)} endings")
+    lls = np.asarray(scores, dtype=np.float64)
+    lengths = np.array([float(len(e)) for e in endings])
+    return int(np.argmax(lls)), int(np.argmax(lls / lengths))

