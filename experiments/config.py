@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -191,18 +189,9 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically), so a run can be re-run with ``--config``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from experiments.io import write_text
+
+    return write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def _describe(cls: type, prefix: str = "") -> list[str]:

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["write_json", "write_jsonl", "read_jsonl", "seed_everything", "to_jsonable"]
+from agents.base import atomic_write
+
+__all__ = ["write_text", "write_json", "write_jsonl", "read_jsonl", "seed_everything", "to_jsonable"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -34,28 +35,18 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write next to the target then ``os.replace``, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
-    return _atomic_write_text(path, json.dumps(to_jsonable(obj), indent=indent, allow_nan=False) + "\n")
+    return write_text(path, json.dumps(to_jsonable(obj), indent=indent, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
     text = "".join(json.dumps(to_jsonable(r), allow_nan=False) + "\n" for r in rows)
-    return _atomic_write_text(path, text)
+    return write_text(path, text)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,23 +19,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from experiments.io import write_text
 from experiments.stats import DEFAULT_REFERENCES
 
 COLUMNS = ("policy", "items", "acc", "acc_norm [95% CI]", "Δacc_norm vs fp16", "Δacc_norm vs fixed-4",
            "avg bits", "KV ratio", "ms/token")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_summaries(paths: Sequence[str | Path]) -> dict[str, dict]:
@@ -166,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "Means with 95% confidence intervals (Wilson for accuracies, Student-t otherwise). "
           "Δ columns are paired per-item differences (this policy minus the reference).\n\n"
           + markdown_table(policies) + "\n![Pareto view](pareto.png)\n")
-    _atomic_write(out / "report.md", md)
+    write_text(out / "report.md", md)
     plot_pareto(policies, out / "pareto.png")
     print(f"wrote {out / 'report.md'} and {out / 'pareto.png'}")
     return 0
