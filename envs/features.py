@@ -95,8 +95,27 @@ class BlockContext:
     forward_seconds: float = 0.0
 
     @cached_property
+    def _softmax_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(shifted, exp(shifted), log Z)`` with ``shifted = logits - max``: the one pass over the
+        [T, vocab] logits that entropy and the target log-probs share. Materialising a full
+        ``log_softmax`` (and exponentiating it again for the entropy) cost twice as much."""
+        x = self.logits.float()
+        shifted = x - x.amax(dim=-1, keepdim=True)
+        exp = shifted.exp()
+        return shifted, exp, exp.sum(-1).log()
+
+    @cached_property
     def log_probs(self) -> torch.Tensor:
-        return torch.log_softmax(self.logits.float(), dim=-1)
+        """Full [T, V] next-token log-probs (built-in features avoid it; custom ones may read it)."""
+        shifted, _, log_z = self._softmax_parts
+        return shifted - log_z.unsqueeze(-1)
+
+    @cached_property
+    def entropy(self) -> torch.Tensor:
+        """[T] next-token entropy in nats: ``log Z - sum(p * shifted)``, the dot product as one bmm."""
+        shifted, exp, log_z = self._softmax_parts
+        dot = torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
+        return log_z - dot / log_z.exp()
 
     @cached_property
     def target_mask(self) -> torch.Tensor:
@@ -105,8 +124,10 @@ class BlockContext:
     @cached_property
     def target_log_probs(self) -> torch.Tensor:
         """log p(actual next token) at each position with a known target ([T'] <= [T])."""
-        lp = self.log_probs[self.target_mask]
-        return lp.gather(-1, self.targets[self.target_mask].unsqueeze(-1)).squeeze(-1)
+        shifted, _, log_z = self._softmax_parts
+        mask = self.target_mask
+        picked = shifted[mask].gather(-1, self.targets[mask].unsqueeze(-1)).squeeze(-1)
+        return picked - log_z[mask]
 
 
 class Feature:
@@ -143,8 +164,7 @@ class Entropy(Feature):
     doc = "next-token entropy in nats (0 .. log vocab, typically 0-6)"
 
     def compute(self, ctx: BlockContext) -> torch.Tensor:
-        lp = ctx.log_probs
-        return -(lp.exp() * lp).sum(-1)
+        return ctx.entropy
 
 
 @register_feature("rarity")
@@ -166,8 +186,15 @@ class AttentionVariance(Feature):
     def compute(self, ctx: BlockContext) -> torch.Tensor:
         if ctx.attentions is None:
             raise RuntimeError("attn_var needs attention maps: run the model with output_attentions=True")
-        per_layer = [a[0].float().var(dim=0, unbiased=False).sum(-1) for a in ctx.attentions]
-        return torch.stack(per_layer).mean(0)
+        # Centred sum of squares rather than Tensor.var: on CPU, var over the leading (heads) dim of
+        # a [heads, T, S] map takes a slow strided path, ~20x slower than these two passes.
+        total = None
+        for a in ctx.attentions:
+            x = a[0].float()
+            dev = (x - x.mean(dim=0, keepdim=True)).square_().sum(dim=(0, 2))
+            total = dev if total is None else total.add_(dev)
+        heads = ctx.attentions[0].shape[1]
+        return total / (heads * len(ctx.attentions))
 
 
 @register_feature("token_acc")
@@ -229,7 +256,11 @@ class AverageBits(Feature):
 @register_feature("kv_ratio")
 class KVRatio(Feature):
     per_token = False
-    doc = "committed KV bytes / fp16 bytes of the same tokens (1 before any commit)"
+    # Usually < 1, but each quantization group also stores an fp16 scale and zero-point (4 bytes), so
+    # blocks shorter than a key group cost more than fp16: at most (1 + 4) / 2 bytes per element at
+    # 8 bits with one-element groups, i.e. a ratio of 2.5. The bound keeps every observation in the Box.
+    high = 2.5
+    doc = "committed KV bytes / fp16 bytes of the same tokens (1 before any commit; > 1 only for very short blocks)"
 
     def compute(self, ctx: BlockContext) -> float:
         return ctx.state.kv_ratio

@@ -464,8 +464,10 @@ class KVPrecisionEnv(gym.Env):
         cache = MixedPrecisionKVCache(config=self.model.config, group_size=self.config.group_size)
         out = self._forward(torch.tensor(prompt_ids).unsqueeze(0), cache, attentions=False)
         logits = out.logits[0]
-        lp = torch.log_softmax(logits[:-1].float(), -1)
-        target_lp = lp.gather(-1, torch.tensor(prompt_ids[1:]).unsqueeze(-1)).squeeze(-1)
+        # gather - logsumexp: a full [P, vocab] log_softmax would be the largest tensor of the episode
+        head = logits[:-1].float()
+        picked = head.gather(-1, torch.tensor(prompt_ids[1:]).unsqueeze(-1)).squeeze(-1)
+        target_lp = picked - torch.logsumexp(head, dim=-1)
         scores = self._score_endings(cache, prompt_ids, logits[-1], endings)
         pred, pred_norm = choose(scores.tolist(), item.endings)
         ref = _Reference(target_lp, scores, int(pred), int(pred_norm))

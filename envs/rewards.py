@@ -41,7 +41,7 @@ class StepRecord:
     """
 
     bits: int  # bits chosen for the block just committed
-    max_bits: int
+    max_bits: int  # the unit of bit-valued terms: 16 (fp16), whatever bits the env's menu offers
     block_tokens: int  # tokens in the committed block
     block_nbytes: int  # bytes the committed block holds (all layers, keys + values)
     block_fp16_nbytes: int  # the same block in fp16

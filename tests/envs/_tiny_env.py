@@ -1,0 +1,49 @@
+"""Hand-made HellaSwag items and a tiny-model env factory shared by the env tests.
+
+Short texts keep prompts to a few blocks of 16 tokens on the byte-level tiny tokenizer, so a
+whole episode is a handful of millisecond forwards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from envs.hellaswag import HellaSwagItem, build_prompt, sample_shots
+from envs.kv_precision import KVPrecisionEnv
+from envs.scoring import TARGET_DELIMITER, encode_pair
+
+_SUBJECTS = ["A man", "A woman", "The dog", "A child", "The cook", "A girl", "The team", "A boy",
+             "The cat", "A pilot", "The band", "A nurse"]
+_VERBS = ["opens the door", "paints a wall", "jumps the fence", "reads a book", "cuts the bread",
+          "rides a bike", "kicks the ball", "climbs a tree", "eats the fish", "lands a plane",
+          "plays a song", "helps a man"]
+_ENDINGS = ("and smiles.", "then walks away slowly.", "but falls.", "while singing loudly to the sky.")
+
+ITEMS: tuple[HellaSwagItem, ...] = tuple(
+    HellaSwagItem(
+        row=100 + i,
+        activity_label=f"Task {i}",
+        ctx=f"{_SUBJECTS[i]} {_VERBS[i]}",
+        endings=tuple(_ENDINGS[(i + k) % 4] for k in range(4)),
+        label=i % 4,
+    )
+    for i in range(len(_SUBJECTS))
+)
+
+#: Small config: 1 shot, blocks of 16 tokens, quantization groups that fit the blocks exactly.
+TINY_CONFIG = dict(model="tiny-random-llama", shots=1, interval=16, eval_size=2, group_size=16)
+
+
+def make_env(tiny_model, **overrides) -> KVPrecisionEnv:
+    model, tokenizer = tiny_model
+    return KVPrecisionEnv(lm=model, tokenizer=tokenizer, items=ITEMS, **{**TINY_CONFIG, **overrides})
+
+
+def expected_inputs(env: KVPrecisionEnv, row: int) -> tuple[list[int], list[list[int]]]:
+    """Prompt and ending ids of ``reset(options={"row": row})``, rebuilt from public pieces."""
+    item = next(it for it in ITEMS if it.row == row)
+    rng = np.random.default_rng([env.config.split_seed, row])
+    shots = sample_shots(env.pool, env.config.shots, rng, exclude_row=row)
+    context = build_prompt(item, shots)
+    pairs = [encode_pair(env.tokenizer, context, TARGET_DELIMITER + e) for e in item.endings]
+    return pairs[0][0], [c for _, c in pairs]

@@ -1,0 +1,156 @@
+"""Reward terms on hand-made step records, their weighted sum, and the registry's extension path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from _tiny_env import ITEMS, TINY_CONFIG, make_env
+
+from envs.rewards import DEFAULT_REWARDS, REWARDS, RewardFunction, RewardTerm, StepRecord, register_reward
+
+
+def record(**changes) -> StepRecord:
+    base = StepRecord(
+        bits=4, max_bits=16, block_tokens=64, block_nbytes=300, block_fp16_nbytes=1000, cache_nbytes=1200,
+        cache_fp16_nbytes=3000, avg_bits=6.0, logprob_delta=-0.75, scored_tokens=64, step_seconds=0.125,
+        terminal=False,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def term(name: str, **params) -> RewardTerm:
+    return REWARDS.get(name)(**params)
+
+
+def test_loglik_adds_the_ending_delta_only_at_the_end():
+    assert term("loglik")(record()) == pytest.approx(-0.75)
+    assert term("loglik")(record(ending_logprob_delta=-2.0)) == pytest.approx(-0.75)  # ignored mid-episode
+    assert term("loglik")(record(terminal=True, logprob_delta=0.0, ending_logprob_delta=-2.0)) == pytest.approx(-2.0)
+
+
+@pytest.mark.parametrize(
+    ("policy", "reference", "expected"), [(True, False, 1.0), (False, True, -1.0), (True, True, 0.0), (False, False, 0.0)]
+)
+def test_accuracy_is_relative_to_fp16_and_terminal_only(policy, reference, expected):
+    r = record(terminal=True, correct_norm=policy, reference_correct_norm=reference)
+    assert term("accuracy")(r) == expected
+    assert term("accuracy")(dataclasses.replace(r, terminal=False)) == 0.0
+
+
+def test_memory_latency_and_latency_model():
+    assert term("memory")(record()) == pytest.approx(-0.3)
+    assert term("latency")(record()) == pytest.approx(-0.125)
+    assert term("latency_model")(record()) == pytest.approx(-0.4)
+    assert REWARDS.get("latency").deterministic is False
+    assert all(REWARDS.get(n).deterministic for n in ("loglik", "accuracy", "memory", "latency_model", "budget"))
+
+
+def test_budget_penalises_only_above_target():
+    assert term("budget", target_bits=8.0)(record(avg_bits=6.0)) == 0.0
+    assert term("budget", target_bits=4.0)(record(avg_bits=6.0)) == pytest.approx(-2.0 / 16)
+    assert term("budget")(record(avg_bits=16.0)) == pytest.approx(-12.0 / 16)  # default target 4 bits
+    with pytest.raises(ValueError, match="target_bits must be positive"):
+        term("budget", target_bits=0)
+    with pytest.raises(TypeError, match="takes no parameters"):
+        term("memory", scale=2)
+
+
+def test_reward_function_weighted_sum_and_spec_forms():
+    fn = RewardFunction({"loglik": 2.0, "memory": 0.5, "budget": {"weight": 3.0, "target_bits": 4.0}})
+    total, values = fn(record())
+    assert values == pytest.approx({"loglik": -0.75, "memory": -0.3, "budget": -2.0 / 16})
+    assert total == pytest.approx(2.0 * -0.75 + 0.5 * -0.3 + 3.0 * -2.0 / 16)
+    assert fn.deterministic and fn.needs == frozenset({"reference"})
+    assert not RewardFunction({"latency": 1.0}).deterministic
+    assert DEFAULT_REWARDS == {"loglik": 1.0, "memory": 1.0}
+
+
+def test_unknown_and_empty_reward_specs_list_known_terms():
+    with pytest.raises(KeyError, match="unknown reward term 'logilk'; known: .*loglik.*memory"):
+        RewardFunction({"logilk": 1.0})
+    with pytest.raises(ValueError, match="known: .*loglik"):
+        RewardFunction({})
+
+
+def test_duplicate_registration_is_an_error():
+    with pytest.raises(ValueError, match="'memory' is already registered"):
+        register_reward("memory")(type("Other", (RewardTerm,), {}))
+
+
+ALL_TERMS = {"loglik": 1.0, "accuracy": 2.0, "memory": 0.5, "latency": 0.1, "latency_model": 0.25,
+             "budget": {"weight": 1.5, "target_bits": 3.0}}
+
+
+def test_every_term_in_a_real_episode(tiny_model):
+    env = make_env(tiny_model, rewards=ALL_TERMS)
+    weights = {k: (v["weight"] if isinstance(v, dict) else v) for k, v in ALL_TERMS.items()}
+    env.reset(seed=1)
+    done, steps, actions = False, 0, [0, 3, 1, 2]
+    while not done:
+        _, reward, done, truncated, info = env.step(actions[steps % 4])
+        assert not truncated
+        terms = info["rewards"]
+        assert set(terms) == set(ALL_TERMS)
+        assert all(isinstance(v, float) and np.isfinite(v) for v in terms.values())
+        assert reward == pytest.approx(sum(weights[k] * v for k, v in terms.items()))
+        assert terms["latency"] < 0
+        bits = info["bits"]
+        if bits == 16:
+            assert terms["memory"] == pytest.approx(-1.0)
+        else:
+            assert -1.0 < terms["memory"] < 0
+        if not done:
+            assert terms["accuracy"] == 0.0
+        steps += 1
+    assert terms["accuracy"] == float(info["correct_norm"]) - float(info["reference_correct_norm"])
+    assert terms["loglik"] == pytest.approx(info["loglik_delta"])  # terminal step scores no prompt tokens
+    assert terms["latency_model"] == pytest.approx(-info["kv_bytes"] / info["fp16_kv_bytes"])
+    env.close()
+
+
+def test_measured_latency_term_makes_the_spec_nondeterministic(tiny_model):
+    import gymnasium as gym
+
+    import envs
+
+    model, tok = tiny_model
+    env = gym.make(envs.ENV_ID, lm=model, tokenizer=tok, items=ITEMS, **{**TINY_CONFIG, "rewards": {"latency": 1.0}})
+    assert env.spec.nondeterministic is True
+    env.close()
+    env = gym.make(envs.ENV_ID, lm=model, tokenizer=tok, items=ITEMS, **{**TINY_CONFIG, "rewards": {"latency_model": 1.0}})
+    assert env.spec.nondeterministic is False
+    env.close()
+
+
+PREFER_LOW = "test_prefer_low_bits"
+
+
+def test_custom_term_trains_with_ppo_and_unregisters(tiny_model):
+    """The documented extension path: one class, registered by name, chosen from the config, trained against."""
+    from stable_baselines3 import PPO
+
+    @register_reward(PREFER_LOW)
+    class PreferLowBits(RewardTerm):
+        """Fewer bits is better (a toy objective for the test)."""
+
+        def __call__(self, record: StepRecord) -> float:
+            return -record.bits / record.max_bits
+
+    try:
+        env = make_env(tiny_model, rewards={PREFER_LOW: 1.0, "memory": 0.0})
+        env.reset(seed=0)
+        _, reward, *_, info = env.step(0)
+        assert info["rewards"][PREFER_LOW] == pytest.approx(-2 / 16) and reward == pytest.approx(-2 / 16)
+        model = PPO("MlpPolicy", env, n_steps=16, batch_size=16, n_epochs=1, seed=0, device="cpu", verbose=0)
+        model.learn(total_timesteps=32)
+        assert model.num_timesteps == 32
+        action, _ = model.predict(env.reset(seed=1)[0], deterministic=True)
+        assert env.action_space.contains(int(action))
+        env.close()
+    finally:
+        REWARDS.unregister(PREFER_LOW)
+    assert PREFER_LOW not in REWARDS
+    with pytest.raises(KeyError, match="known"):
+        make_env(tiny_model, rewards={PREFER_LOW: 1.0})
