@@ -12,7 +12,9 @@ KIVI). Attention sees the dequantized committed blocks followed by the pending b
 
 Consecutive blocks at the same bits are merged into one *segment* (when the keys end on a complete
 token group), so dequantizing a long uniform cache costs a handful of tensor ops per layer rather
-than a handful per block; this is what keeps decoding close to ``DynamicCache`` speed.
+than a handful per block, and every segment is dequantized straight into its slice of the tensor
+handed to attention (no per-segment temporaries, no ``torch.cat``). The dequantized tensor lives
+only for the layer's attention call: between steps the cache holds codes, never floats.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from quant.uniform import QuantizedTensor, check_bits, concat, dequantize, quantize
+from quant.uniform import QuantizedTensor, check_bits, concat, dequantize, dequantize_cat, quantize
 
 #: A generation-time policy: given the cache (pending length, block bits, ...) return the bits of
 #: the pending block. Called every ``interval`` new tokens when set on the cache.
@@ -66,7 +68,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.group_size = group_size
         self.symmetric = symmetric
         self.segments: list[_Segment] = []
-        self.batch_expand = 1  # >1 while the cache is branched along the batch, see MixedPrecisionKVCache.branch
+        # >1 while the cache is branched along the batch, see MixedPrecisionKVCache.branch
+        self.batch_expand = 1
 
     # --- transformers CacheLayerMixin contract -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -92,11 +95,21 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.values = torch.cat([self.values, value_states], dim=-2)
         if not self.segments:
             return self.keys, self.values
-        keys, values = self.committed(key_states.dtype)
-        if self.batch_expand > 1:
-            keys = keys.expand(self.batch_expand, *keys.shape[1:])
-            values = values.expand(self.batch_expand, *values.shape[1:])
-        return torch.cat([keys, self.keys], dim=-2), torch.cat([values, self.values], dim=-2)
+        return self._assemble(self.keys, KEY_AXIS), self._assemble(self.values, VALUE_AXIS)
+
+    def _assemble(self, pending: torch.Tensor, axis: int) -> torch.Tensor:
+        """Committed segments, dequantized, followed by the pending tokens, in one fresh tensor.
+
+        Every segment is dequantized straight into its slice of the result (no float temporaries,
+        no ``torch.cat``): per step and tensor that is a uint8 unpack, one float copy and one in-place
+        multiply-add, against ``DynamicCache``'s one ``cat``. The result is transient; only codes are kept.
+        """
+        committed = self.committed_length
+        out = pending.new_empty((*pending.shape[:-2], committed + pending.shape[-2], pending.shape[-1]))
+        parts = [segment.keys if axis == KEY_AXIS else segment.values for segment in self.segments]
+        dequantize_cat(parts, out.narrow(-2, 0, committed), dim=-2)
+        out.narrow(-2, committed, pending.shape[-2]).copy_(pending)
+        return out
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -139,11 +152,11 @@ class MixedPrecisionLayer(CacheLayerMixin):
 
     def committed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized committed keys/values, in token order (batch 1 while branched)."""
-        keys = [dequantize(s.keys, dtype) for s in self.segments]
-        values = [dequantize(s.values, dtype) for s in self.segments]
-        if len(keys) == 1:
-            return keys[0], values[0]
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        if not self.segments:
+            raise ValueError("nothing committed yet")
+        keys = torch.cat([dequantize(s.keys, dtype) for s in self.segments], dim=-2)
+        values = torch.cat([dequantize(s.values, dtype) for s in self.segments], dim=-2)
+        return keys, values
 
     def commit(self, bits: int) -> None:
         """Quantize every pending token of this layer as one block at ``bits``."""

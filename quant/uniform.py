@@ -17,7 +17,9 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -46,31 +48,47 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = codes_per_byte(bits)
     if per_byte == 0:
         raise ValueError("16-bit tensors are stored as fp16 and have no codes to pack")
+    if per_byte == 1:  # a copy, so that the stored codes never alias the caller's tensor
+        return codes.to(torch.uint8, memory_format=torch.contiguous_format, copy=True)
     codes = codes.to(torch.uint8)
-    if per_byte == 1:
-        return codes.contiguous()
     pad = (-codes.shape[-1]) % per_byte
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
     grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
-    packed = grouped[..., 0].clone()
+    packed = grouped[..., 0].clone(memory_format=torch.contiguous_format)  # unpack needs contiguous
     for i in range(1, per_byte):
         packed |= grouped[..., i] << (bits * i)
     return packed
 
 
-def _shifts(bits: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
+_WIDE_DTYPE = {2: torch.int32, 4: torch.int16}  # one packed byte widened to one byte per code
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: uint8 codes of the given last-dimension ``length``."""
+    """Inverse of :func:`pack_codes`: uint8 codes of the given last-dimension ``length``.
+
+    Why not ``(packed.unsqueeze(-1) >> shifts) & mask``: that broadcasts over an inner dimension of
+    2 or 4 elements, which PyTorch's CPU kernels do not vectorise; it was the largest cost of a
+    decode step. Instead each byte is widened to an integer of ``codes_per_byte`` bytes and every
+    code is moved into its own byte, so that viewing the result as uint8 (little-endian) lays the
+    codes out in order. Only contiguous elementwise kernels run: ~15x faster at 4 bits.
+    """
     per_byte = codes_per_byte(bits)
+    if per_byte == 0:
+        raise ValueError("16-bit tensors are stored as fp16 and have no codes to unpack")
     if per_byte == 1:
         return packed[..., :length]
     mask = (1 << bits) - 1
-    codes = (packed.unsqueeze(-1) >> _shifts(bits, packed.device)) & mask
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)[..., :length]
+    if sys.byteorder != "little":  # portable fallback; the byte view below assumes little-endian
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed.unsqueeze(-1) >> shifts) & mask
+        return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)[..., :length]
+    wide = packed.to(_WIDE_DTYPE[bits], memory_format=torch.contiguous_format)
+    for i in range(1, per_byte):
+        # Moving code i from bit bits*i to bit 8*i (byte i) is adding (2**((8-bits)*i) - 1) times it:
+        # one fused in-place add per code; higher codes are untouched, so later masks still read them.
+        wide.add_(wide & (mask << (bits * i)), alpha=(1 << ((8 - bits) * i)) - 1)
+    return wide.view(torch.uint8)[..., :length]
 
 
 def _round_half(x: torch.Tensor, direction: float) -> torch.Tensor:
@@ -122,8 +140,8 @@ class QuantizedTensor:
     def complete_groups(self) -> bool:
         return self.bits == 16 or self.shape[self.axis] % self.group_size == 0
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self, dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        return dequantize(self, dtype, out)
 
 
 def _normalise_axis(axis: int, ndim: int) -> int:
@@ -177,34 +195,147 @@ def quantize(
     return QuantizedTensor(pack_codes(codes, bits), scale, zero, bits, shape, axis, group_size, symmetric)
 
 
-def _expand_groups(t: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
-    """Broadcast per-group parameters back to one value per element along the quantized axis."""
-    n = qt.shape[qt.axis]
-    if qt.group_size == 1:
-        return t
-    return t.repeat_interleave(qt.group_size, dim=qt.axis).narrow(qt.axis, 0, n)
+def _grouped(t: torch.Tensor, axis: int, groups: int, group_size: int) -> torch.Tensor:
+    """View ``axis`` of ``t`` as ``(groups, group_size)`` so per-group parameters broadcast for free."""
+    return t.unflatten(axis, (groups, group_size))
 
 
-def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Reconstruct the tensor; what attention sees for a committed block."""
+def _affine_(out: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, axis: int, group_size: int) -> None:
+    """``out = zero + out * scale`` in place, with one (zero, scale) per group along ``axis``.
+
+    ``axis`` is non-negative. Complete groups are one call on a reshaped view, a trailing partial
+    group a second call with the last group's parameters: parameters are never repeated per element
+    (``repeat_interleave`` would allocate a full-size temporary on every decode step). Parameters
+    with batch 1 broadcast over a larger ``out`` batch (the cache's ``branch()``).
+    """
+    g = group_size
+    params_shape = (*out.shape[:axis], zero.shape[axis], *out.shape[axis + 1 :])
+    zero, scale = zero.expand(params_shape), scale.expand(params_shape)
+    n = out.shape[axis]
+    full = n // g
+    parts = []
+    if full:
+        body = _grouped(out.narrow(axis, 0, full * g), axis, full, g)
+        z = _grouped(zero.narrow(axis, 0, full), axis, full, 1)
+        parts.append((body, z, _grouped(scale.narrow(axis, 0, full), axis, full, 1)))
+    if n > full * g:
+        tail = out.narrow(axis, full * g, n - full * g)
+        parts.append((tail, zero.narrow(axis, full, 1), scale.narrow(axis, full, 1)))
+    for target, z, s in parts:
+        if axis == out.dim() - 1:
+            # Parameters broadcast along the innermost dimension: the fused ternary kernel does not
+            # vectorise that (5x slower than these two binary ops, which do).
+            target.mul_(s).add_(z)
+        else:
+            torch.addcmul(z, target, s, out=target)
+
+
+def _params(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zero, scale) in ``dtype``; a 16-bit tensor gets (0, 1), so it can share one affine pass."""
     if qt.bits == 16:
-        return qt.data.to(dtype)
-    codes = unpack_codes(qt.data, qt.bits, qt.shape[-1]).to(dtype)
-    n, g = qt.shape[qt.axis], qt.group_size
-    if n % g == 0:
-        # Fast path: view the axis as (groups, group) and broadcast, no per-element copy of scales.
-        view = (*qt.shape[: qt.axis], n // g, g, *qt.shape[qt.axis + 1 :])
-        codes = codes.reshape(view)
-        scale = qt.scale.to(dtype).unsqueeze(qt.axis + 1)
-        if qt.symmetric:
-            half = (1 << (qt.bits - 1)) - 1
-            return ((codes - half) * scale).reshape(qt.shape)
-        return torch.addcmul(qt.zero.to(dtype).unsqueeze(qt.axis + 1), codes, scale).reshape(qt.shape)
-    scale = _expand_groups(qt.scale.to(dtype), qt)
-    if qt.symmetric:
-        half = (1 << (qt.bits - 1)) - 1
-        return (codes - half) * scale
-    return torch.addcmul(_expand_groups(qt.zero.to(dtype), qt), codes, scale)
+        groups = math.ceil(qt.shape[qt.axis] / qt.group_size)
+        shape = (*qt.shape[: qt.axis], groups, *qt.shape[qt.axis + 1 :])
+        return qt.data.new_zeros(shape, dtype=dtype), qt.data.new_ones(shape, dtype=dtype)
+    scale = qt.scale.to(dtype)
+    if qt.symmetric:  # (c - half) * s computed as -half*s + c*s: one fused op serves both modes
+        return scale * -float((1 << (qt.bits - 1)) - 1), scale
+    return qt.zero.to(dtype), scale
+
+
+def _fp16_param(qt: QuantizedTensor, name: str) -> torch.Tensor:
+    """The stored fp16 zero-point or scale; for a 16-bit tensor a broadcast 0 or 1 (no allocation)."""
+    if qt.bits != 16:
+        return getattr(qt, name)
+    groups = math.ceil(qt.shape[qt.axis] / qt.group_size)
+    shape = (*qt.shape[: qt.axis], groups, *qt.shape[qt.axis + 1 :])
+    return _fp16_constant(0.0 if name == "zero" else 1.0, qt.data.device).expand(shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _fp16_constant(value: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float16, device=device)
+
+
+def _check_out(out: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if out.dim() != len(shape) or any(o != s and s != 1 for o, s in zip(out.shape, shape, strict=True)):
+        raise ValueError(f"out of shape {tuple(out.shape)} cannot receive a dequantized {shape} tensor")
+
+
+def dequantize(
+    qt: QuantizedTensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reconstruct the tensor; what attention sees for a committed block.
+
+    ``out`` (any strides, e.g. a slice of a larger buffer, and possibly with a larger batch that
+    ``qt`` broadcasts to; its dtype wins over ``dtype``) receives the result without an intermediate
+    copy: the cache dequantizes every segment straight into the tensor it hands to attention.
+    """
+    if out is None:
+        out = torch.empty(qt.shape, dtype=dtype, device=qt.data.device)
+    _check_out(out, qt.shape)
+    if qt.bits == 16:
+        return out.copy_(qt.data)
+    # Codes -> floats straight into ``out``, then one in-place fused multiply-add. (``addcmul`` on the
+    # uint8 codes themselves goes through a slow mixed-dtype path and a hidden full-size temporary.)
+    out.copy_(unpack_codes(qt.data, qt.bits, qt.shape[-1]))
+    zero, scale = _params(qt, out.dtype)
+    _affine_(out, zero, scale, qt.axis, qt.group_size)
+    return out
+
+
+def dequantize_cat(parts: list[QuantizedTensor], out: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """Dequantize the concatenation along ``dim`` of parts whose bits may differ, into ``out``.
+
+    What the cache does every step with a layer's segments. Per part only the code-to-float copy is
+    done separately, and parts of equal bits are unpacked together; the multiply-add runs once over
+    everything, with the parts' (small) scales and zero-points concatenated, whenever the groups of
+    the parts line up (every part but the last ends on a complete group along ``dim``, or ``dim``
+    is not the quantized axis). That keeps a cache of many alternating-bits blocks cheap to read.
+    """
+    if not parts:
+        raise ValueError("nothing to dequantize")
+    first = parts[0]
+    ndim = len(first.shape)
+    dim, axis = _normalise_axis(dim, ndim), first.axis
+    if any((p.axis, p.group_size, p.symmetric) != (axis, first.group_size, first.symmetric) for p in parts):
+        raise ValueError("parts must share axis, group size and mode")
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    _check_out(out, tuple(shape))
+    misaligned = dim == axis and not all(p.shape[axis] % p.group_size == 0 for p in parts[:-1])
+    if misaligned or dim == ndim - 1:  # groups, or packed bytes, do not line up: part by part
+        start = 0
+        for p in parts:
+            dequantize(p, out=out.narrow(dim, start, p.shape[dim]))
+            start += p.shape[dim]
+        return out
+    starts = [0]
+    for p in parts:
+        starts.append(starts[-1] + p.shape[dim])
+    by_bits: dict[int, list[int]] = {}
+    for i, p in enumerate(parts):
+        by_bits.setdefault(p.bits, []).append(i)
+    for bits, idx in by_bits.items():
+        if bits == 16:
+            for i in idx:
+                out.narrow(dim, starts[i], parts[i].shape[dim]).copy_(parts[i].data)
+            continue
+        packed = [parts[i].data for i in idx]
+        codes = unpack_codes(torch.cat(packed, dim) if len(packed) > 1 else packed[0], bits, first.shape[-1])
+        offset = 0
+        for i in idx:
+            n = parts[i].shape[dim]
+            out.narrow(dim, starts[i], n).copy_(codes.narrow(dim, offset, n))
+            offset += n
+    if first.symmetric or len(parts) == 1:  # zero-points depend on the bits: per part
+        params = [_params(p, out.dtype) for p in parts]
+        zero = torch.cat([z for z, _ in params], dim) if len(parts) > 1 else params[0][0]
+        scale = torch.cat([s for _, s in params], dim) if len(parts) > 1 else params[0][1]
+    else:  # concatenate the fp16 parameters first, convert once: 2 ops instead of 2 per part
+        zero = torch.cat([_fp16_param(p, "zero") for p in parts], dim).to(out.dtype)
+        scale = torch.cat([_fp16_param(p, "scale") for p in parts], dim).to(out.dtype)
+    _affine_(out, zero, scale, axis, first.group_size)
+    return out
 
 
 def concat(parts: list[QuantizedTensor], dim: int) -> QuantizedTensor:
@@ -218,8 +349,15 @@ def concat(parts: list[QuantizedTensor], dim: int) -> QuantizedTensor:
     first = parts[0]
     dim = _normalise_axis(dim, len(first.shape))
     for p in parts[1:]:
-        if (p.bits, p.axis, p.group_size, p.symmetric) != (first.bits, first.axis, first.group_size, first.symmetric):
-            raise ValueError("can only concatenate quantized tensors with the same bits, axis, group and mode")
+        if (p.bits, p.axis, p.group_size, p.symmetric) != (
+            first.bits,
+            first.axis,
+            first.group_size,
+            first.symmetric,
+        ):
+            raise ValueError(
+                "can only concatenate quantized tensors with the same bits, axis, group and mode"
+            )
     if dim == first.axis and not all(p.complete_groups for p in parts[:-1]):
         raise ValueError("parts before the last must end on a complete group along the quantized axis")
     if dim == len(first.shape) - 1 and first.bits != 16:
@@ -231,10 +369,14 @@ def concat(parts: list[QuantizedTensor], dim: int) -> QuantizedTensor:
     data = torch.cat([p.data for p in parts], dim=dim)
     scale = torch.cat([p.scale for p in parts], dim=dim) if first.scale is not None else None
     zero = torch.cat([p.zero for p in parts], dim=dim) if first.zero is not None else None
-    return QuantizedTensor(data, scale, zero, first.bits, tuple(shape), first.axis, first.group_size, first.symmetric)
+    return QuantizedTensor(
+        data, scale, zero, first.bits, tuple(shape), first.axis, first.group_size, first.symmetric
+    )
 
 
-def expected_nbytes(shape: tuple[int, ...], bits: int, axis: int, group_size: int, symmetric: bool = False) -> int:
+def expected_nbytes(
+    shape: tuple[int, ...], bits: int, axis: int, group_size: int, symmetric: bool = False
+) -> int:
     """The storage formula (codes + fp16 scale/zero overhead), for checking :meth:`nbytes`."""
     check_bits(bits)
     numel = math.prod(shape)
