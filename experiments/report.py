@@ -87,7 +87,9 @@ def print_table(policies: dict[str, dict], console: Console | None = None) -> No
         table.add_column(col, justify="right")
     for row in _rows(policies):
         table.add_row(*(cell.replace(" [", "\n[dim]\\[", 1) + "[/dim]" if " [" in cell else cell for cell in row))
-    (console or Console()).print(table)
+    if console is None:  # logs and pipes get a wide table rather than rich's 80-column default
+        console = Console() if Console().is_terminal else Console(width=140)
+    console.print(table)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
