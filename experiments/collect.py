@@ -245,9 +245,7 @@ def run(cfg: CollectConfig) -> dict[str, Path]:
         wb.summary.update({f"latency_ms_per_token/bits_{b}": v for b, v in per_bits.items()})
     finally:
         env.close()
-        hint = tracking.finish(wb)
-    if hint:
-        print(f"wandb run saved offline; upload with: {hint}")
+        tracking.finish(wb, announce=True)
     return paths
 
 

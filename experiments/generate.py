@@ -256,9 +256,7 @@ def run(cfg: GenerateConfig) -> dict[str, Path]:
         wb.summary.update({k: float(np.nanmean([r[k] for r in results]))
                            for k in ("tokens_per_s", "avg_bits", "kv_ratio", "committed_kv_ratio")})
     finally:
-        hint = tracking.finish(wb)
-    if hint:
-        print(f"wandb run saved offline; upload with: {hint}")
+        tracking.finish(wb, announce=True)
     return paths
 
 

@@ -77,8 +77,11 @@ def sync_hint(run: Any) -> str | None:
     return f"wandb sync {Path(run.dir).parent}"
 
 
-def finish(run: Any) -> str | None:
-    """Finish the run and return its :func:`sync_hint` (computed first: the run is closed after)."""
+def finish(run: Any, announce: bool = False) -> str | None:
+    """Finish the run and return its :func:`sync_hint` (computed first: the run is closed after);
+    ``announce`` also prints it, so every script tells the user how to upload its offline run."""
     hint = sync_hint(run)
     run.finish()
+    if announce and hint:
+        print(f"wandb run saved offline; upload with: {hint}")
     return hint

@@ -82,9 +82,7 @@ def run(cfg: TrainMLPConfig) -> dict[str, Path]:
             print(format_confusion(cm, result.bits))
         print(f"val accuracy {result.val_accuracy:.3f}; controller -> {result.path}")
     finally:
-        hint = tracking.finish(wb)
-    if hint:
-        print(f"wandb run saved offline; upload with: {hint}")
+        tracking.finish(wb, announce=True)
     return paths
 
 

@@ -213,11 +213,9 @@ def run(cfg: TrainPPOConfig) -> dict[str, Path]:
         venv.close()
         if eval_env is not None:
             eval_env.close()
-        hint = tracking.finish(wb)
+        tracking.finish(wb, announce=True)
         if patched:
             wandb.tensorboard.unpatch()
-    if hint:
-        print(f"wandb run saved offline; upload with: {hint}")
     return paths
 
 

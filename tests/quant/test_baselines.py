@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache
+from _tiny_llama import tiny_llama
+from transformers import DynamicCache, QuantizedCache
 
 from quant.baselines import kv_cache_nbytes, quanto_cache
 
@@ -14,18 +15,8 @@ FLOAT = 4  # bytes per float32 element
 
 
 @pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=N_KV_HEADS,
-        vocab_size=256,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
+def model():
+    return tiny_llama()
 
 
 def prompt(length: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from _tiny_llama import tiny_llama
+from transformers import DynamicCache
 
 from quant.kv_cache import MixedPrecisionKVCache
 from quant.uniform import dequantize, quantize
@@ -16,17 +17,7 @@ GROUP = 64
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=512,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama()
     ids = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(1))
     return model, ids
 

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
+from _tiny_llama import tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from quant.weights import (
     WEIGHT_QUANTIZERS,
@@ -21,23 +21,8 @@ from quant.weights import (
 )
 
 
-def tiny_llama(tie_word_embeddings: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
+def model():
     return tiny_llama()
 
 
