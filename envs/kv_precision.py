@@ -237,13 +237,11 @@ class KVPrecisionEnv(gym.Env):
         options = options or {}
         t0 = time.perf_counter()
         if "row" in options:
-            item, prompt_ids, endings = self.episode_inputs(int(options["row"]))
-            n_shots = self._shots_used
+            item, prompt_ids, endings, n_shots = self._row_inputs(int(options["row"]))
         else:
             item = self.items[int(self.np_random.integers(len(self.items)))]
             shots = sample_shots(self.pool, self.config.shots, self.np_random, exclude_row=item.row)
-            prompt_ids, endings = self._tokenize(item, shots)
-            n_shots = self._shots_used
+            prompt_ids, endings, n_shots = self._tokenize(item, shots)
         reference = self._reference(prompt_ids, endings, item)
         self.timings = {"reference_ms": 1000 * (time.perf_counter() - t0)}
         interval = self.config.interval
@@ -259,6 +257,9 @@ class KVPrecisionEnv(gym.Env):
     def episode_inputs(self, row: int) -> tuple[HellaSwagItem, list[int], list[list[int]]]:
         """Item, prompt ids and ending ids of HellaSwag row ``row`` with its fixed shots, exactly as
         ``reset(options={"row": row})`` builds them (baselines outside the env score the same tokens)."""
+        return self._row_inputs(row)[:3]
+
+    def _row_inputs(self, row: int) -> tuple[HellaSwagItem, list[int], list[list[int]], int]:
         if row not in self._rows:
             raise ValueError(f"row {row} is not in the loaded HellaSwag data")
         if self.config.split == "eval" and row in self._pool_rows:
@@ -266,8 +267,7 @@ class KVPrecisionEnv(gym.Env):
         item = self._rows[row]
         rng = np.random.default_rng([self.config.split_seed, row])
         shots = sample_shots(self.pool, self.config.shots, rng, exclude_row=item.row)
-        prompt_ids, endings = self._tokenize(item, shots)
-        return item, prompt_ids, endings
+        return (item, *self._tokenize(item, shots))
 
     def reference_for(self, row: int) -> _Reference:
         """The full-precision reference (ending scores, predictions) of row ``row`` with its fixed shots."""
@@ -371,8 +371,8 @@ class KVPrecisionEnv(gym.Env):
             raise ValueError(f"action {action!r} outside the action space Discrete({len(self.bits)}) (bits {self.bits})")
         return a
 
-    def _tokenize(self, item: HellaSwagItem, shots: list[HellaSwagItem]) -> tuple[list[int], list[list[int]]]:
-        """Prompt and ending token ids as lm-eval forms them; drops earliest shots past the limit."""
+    def _tokenize(self, item: HellaSwagItem, shots: list[HellaSwagItem]) -> tuple[list[int], list[list[int]], int]:
+        """Prompt ids, ending ids (as lm-eval forms them) and the shots kept: earliest shots past the limit are dropped."""
         limit = min(self.config.max_prompt_tokens, _max_positions(self.model))
         shots = list(shots)
         while True:
@@ -381,8 +381,7 @@ class KVPrecisionEnv(gym.Env):
             prompt_ids = pairs[0][0]
             longest = max(len(cont) for _, cont in pairs)
             if len(prompt_ids) + longest <= limit:
-                self._shots_used = len(shots)
-                return list(prompt_ids), [list(cont) for _, cont in pairs]
+                return list(prompt_ids), [list(cont) for _, cont in pairs], len(shots)
             if not shots:
                 raise ValueError(
                     f"row {item.row}: prompt ({len(prompt_ids)} tokens) + ending ({longest}) exceed the limit "
