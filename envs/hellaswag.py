@@ -186,6 +186,12 @@ def build_prompt(item: HellaSwagItem, shots: Sequence[HellaSwagItem]) -> str:
     return "".join(f"{s.query} {s.endings[s.label]}\n\n" for s in shots) + item.query
 
 
+def item_rng(seed: int, row: int) -> np.random.Generator:
+    """Per-item generator: an item's fixed shots depend only on (seed, row), never on which other
+    items are evaluated, so the environment and the fp16 evaluator build the same prompt."""
+    return np.random.default_rng([seed, row])
+
+
 def sample_shots(
     pool: Sequence[HellaSwagItem], k: int, rng: np.random.Generator, exclude_row: int
 ) -> list[HellaSwagItem]:

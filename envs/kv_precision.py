@@ -36,7 +36,7 @@ from envs.features import (
     FeatureSet,
     RunningFrequency,
 )
-from envs.hellaswag import HellaSwagItem, build_prompt, load_hellaswag, sample_shots, split_items
+from envs.hellaswag import HellaSwagItem, build_prompt, item_rng, load_hellaswag, sample_shots, split_items
 from envs.model import load_model
 from envs.rewards import DEFAULT_REWARDS, RewardFunction, StepRecord
 from envs.scoring import choose, continuation_logprobs, encode_pair
@@ -265,8 +265,7 @@ class KVPrecisionEnv(gym.Env):
         if self.config.split == "eval" and row in self._pool_rows:
             raise ValueError(f"row {row} is in the shot pool, not the held-out split")
         item = self._rows[row]
-        rng = np.random.default_rng([self.config.split_seed, row])
-        shots = sample_shots(self.pool, self.config.shots, rng, exclude_row=item.row)
+        shots = sample_shots(self.pool, self.config.shots, item_rng(self.config.split_seed, row), exclude_row=item.row)
         return (item, *self._tokenize(item, shots))
 
     def reference_for(self, row: int) -> _Reference:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from envs.hellaswag import HellaSwagItem, build_prompt, load_hellaswag, sample_shots, split_items
+from envs.hellaswag import HellaSwagItem, build_prompt, item_rng, load_hellaswag, sample_shots, split_items
 from envs.scoring import TARGET_DELIMITER, choose, encode_pair, score_requests
 from experiments.io import seed_everything, write_json
 
@@ -41,11 +41,6 @@ def mean_ci(values: Sequence[float], z: float = Z95) -> tuple[float, float, floa
         return mean, math.nan, math.nan
     half = z * float(arr.std(ddof=1)) / math.sqrt(arr.size)
     return mean, mean - half, mean + half
-
-
-def item_rng(seed: int, row: int) -> np.random.Generator:
-    """Per-item generator: an item's shots do not depend on which other items are evaluated."""
-    return np.random.default_rng([seed, row])
 
 
 def _item_requests(tokenizer, item: HellaSwagItem, shots: Sequence[HellaSwagItem]):
