@@ -45,6 +45,12 @@ class EvaluateConfig:
     wandb_project: str = "kvgym"
     wandb_group: str | None = None  # one group per comparison; default: the out_dir name
     progress: bool = True
+    # Shards split the items between processes side by side (``shard=0 shards=2`` and ``shard=1
+    # shards=2``, one torch thread each: ~1.3x the throughput of one process on 2 cores). They append
+    # to the same records.jsonl; whichever finishes last (or any later run) writes the summary.
+    shard: int = 0
+    shards: int = 1
+    threads: int | None = None  # torch CPU threads (None = torch's default)
 
 
 Runner = Callable[[KVPrecisionEnv, int], dict]
@@ -124,9 +130,20 @@ def _run_quanto(env: KVPrecisionEnv, row: int, nbits: int) -> dict:
 
 
 def _load_done(path: Path) -> tuple[list[dict], set[tuple[str, int]]]:
+    """Finished episodes. A line cut short by a kill is skipped (its episode runs again) and closed
+    with a newline, so the next record starts on a line of its own."""
     if not path.exists():
         return [], set()
-    records = read_jsonl(path)
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        with open(path, "a") as f:
+            f.write("\n")
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"evaluate: skipping a damaged line of {path} (its episode runs again): {line[:80]!r}")
     return records, {(r["policy"], r["row"]) for r in records}
 
 
@@ -143,6 +160,10 @@ def run(cfg: EvaluateConfig) -> dict:
         raise ValueError(f"items must be >= 1, got {cfg.items}")
     if not cfg.policies:
         raise ValueError("no policies to evaluate")
+    if not 0 <= cfg.shard < cfg.shards:
+        raise ValueError(f"shard must be in [0, shards), got shard={cfg.shard} shards={cfg.shards}")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -157,7 +178,8 @@ def run(cfg: EvaluateConfig) -> dict:
         if not cfg.resume and records_path.exists():
             records_path.unlink()
         records, done = _load_done(records_path)
-        todo = [(name, row) for row in rows for name in runners if (name, row) not in done]
+        mine = rows[cfg.shard :: cfg.shards]
+        todo = [(name, row) for row in mine for name in runners if (name, row) not in done]
         bar = tqdm(todo, desc="evaluate", disable=not cfg.progress, unit="episode")
         for name, row in bar:
             bar.set_postfix(policy=name, row=row)
@@ -166,6 +188,13 @@ def run(cfg: EvaluateConfig) -> dict:
             records.append(record)
     finally:
         env.close()
+    if cfg.shards > 1:
+        records, done = _load_done(records_path)  # the other shards' episodes too
+        missing = sum((name, row) not in done for row in rows for name in runners)
+        if missing:
+            print(f"evaluate: shard {cfg.shard}/{cfg.shards} done; {missing} episodes of other shards still to come. "
+                  "The last shard to finish (or the same command without shards) writes the summary.")
+            return {"records": str(records_path), "summary": None, "policies": None}
     wanted = set(rows)
     records = [r for r in records if r["row"] in wanted and r["policy"] in runners]
     policies = summarize_all(records, references=cfg.references)
@@ -194,6 +223,8 @@ def _log_wandb(cfg: EvaluateConfig, policies: dict, out: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = parse_config(EvaluateConfig, argv, description=__doc__)
     result = run(cfg)
+    if result["policies"] is None:  # a shard whose siblings are still running
+        return 0
     from experiments.report import print_table
 
     print_table(result["policies"])

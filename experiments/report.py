@@ -23,7 +23,7 @@ from experiments.io import write_text
 from experiments.stats import DEFAULT_REFERENCES
 
 COLUMNS = ("policy", "items", "acc", "acc_norm [95% CI]", "Δacc_norm vs fp16", "Δacc_norm vs fixed-4",
-           "avg bits", "KV ratio", "ms/token")
+           "Δ gold log-lik (nats)", "avg bits", "KV ratio", "ms/token")
 
 
 def load_summaries(paths: Sequence[str | Path]) -> dict[str, dict]:
@@ -67,7 +67,7 @@ def _rows(policies: dict[str, dict]) -> list[list[str]]:
         s = entry["summary"]
         deltas = [_ci((_paired(entry, ref) or {}).get("acc_norm"), signed=True) for ref in DEFAULT_REFERENCES]
         rows.append([name, str(s["items"]), f"{s['acc']['mean']:.3f}", _ci(s["acc_norm"]), *deltas,
-                     f"{s['avg_bits']['mean']:.2f}", f"{s['kv_ratio']['mean']:.3f}",
+                     _ci(s["loglik_delta"], ".2f", signed=True), f"{s['avg_bits']['mean']:.2f}", f"{s['kv_ratio']['mean']:.3f}",
                      f"{s['ms_per_token']['mean']:.2f}"])
     return rows
 
@@ -82,7 +82,7 @@ def print_table(policies: dict[str, dict], console: Console | None = None) -> No
     """Same rows as the Markdown table; intervals go on a dim second line so it fits ~100 columns."""
     table = Table(title="KV-precision policies on HellaSwag (95% CIs; Δ = paired difference per item)")
     table.add_column("policy", no_wrap=True, min_width=max(map(len, policies), default=6))
-    for col in ("items", "acc", "acc_norm", "Δacc_norm\nvs fp16", "Δacc_norm\nvs fixed-4", "avg\nbits", "KV\nratio",
+    for col in ("items", "acc", "acc_norm", "Δacc_norm\nvs fp16", "Δacc_norm\nvs fixed-4", "Δ gold\nlog-lik", "avg\nbits", "KV\nratio",
                 "ms/\ntoken"):
         table.add_column(col, justify="right")
     for row in _rows(policies):
@@ -153,7 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_table(policies)
     md = ("# KV-precision policies on HellaSwag\n\n"
           "Means with 95% confidence intervals (Wilson for accuracies, Student-t otherwise). "
-          "Δ columns are paired per-item differences (this policy minus the reference).\n\n"
+          "Δ columns are paired per-item differences (this policy minus the reference); "
+          "Δ gold log-lik is the gold ending's log-likelihood change against the full-precision pass "
+          "of the same prompt (nats, mean [95% CI]): a far sharper signal than accuracy.\n\n"
           + markdown_table(policies) + "\n![Pareto view](pareto.png)\n")
     write_text(out / "report.md", md)
     plot_pareto(policies, out / "pareto.png")

@@ -24,7 +24,7 @@ def _cfg(tmp_path, **kw) -> EvaluateConfig:
 
 
 def _records(tmp_path):
-    return [json.loads(line) for line in (tmp_path / "eval" / "records.jsonl").read_text().splitlines()]
+    return evaluate._load_done(tmp_path / "eval" / "records.jsonl")[0]
 
 
 def test_every_policy_runs_the_same_items_and_summary_is_paired(tmp_path):
@@ -81,7 +81,33 @@ def test_resume_runs_only_what_is_missing(tmp_path, monkeypatch):
     assert all(entry["summary"]["items"] == 3 for entry in result["policies"].values())
 
 
+def test_shards_split_the_items_and_the_last_one_writes_the_summary(tmp_path):
+    first = evaluate.run(_cfg(tmp_path, items=4, shard=0, shards=2))
+    assert first["policies"] is None and not (tmp_path / "eval" / "summary.json").exists()
+    assert len(_records(tmp_path)) == 6  # 2 of the 4 items x 3 policies
+    second = evaluate.run(_cfg(tmp_path, items=4, shard=1, shards=2))
+    records = _records(tmp_path)
+    assert len({(r["policy"], r["row"]) for r in records}) == len(records) == 12
+    assert all(entry["summary"]["items"] == 4 for entry in second["policies"].values())
+    unsharded = evaluate.run(_cfg(tmp_path, items=4))  # nothing left to run: the same summary again
+    assert len(_records(tmp_path)) == 12
+    assert unsharded["policies"] == second["policies"]
+
+
+def test_a_line_cut_short_by_a_kill_is_run_again(tmp_path):
+    evaluate.run(_cfg(tmp_path, items=2))
+    path = tmp_path / "eval" / "records.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][:25])  # the last record half written
+    result = evaluate.run(_cfg(tmp_path, items=2))
+    records = _records(tmp_path)
+    assert len(records) == 6 and len({(r["policy"], r["row"]) for r in records}) == 6
+    assert all(entry["summary"]["items"] == 2 for entry in result["policies"].values())
+
+
 def test_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="shard"):
+        evaluate.run(_cfg(tmp_path, shard=2, shards=2))
     with pytest.raises(ValueError, match="items"):
         evaluate.run(_cfg(tmp_path, items=0))
     with pytest.raises(FileNotFoundError):
