@@ -11,6 +11,7 @@ import math
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from _tiny_env import ITEMS, TINY_CONFIG, expected_inputs, make_env
 
 import envs
@@ -262,3 +263,20 @@ def test_embedded_fp16_episode_matches_evaluator(embedded_model):
     assert info["correct_norm"] == rec["correct_norm"] == info["reference_correct_norm"]
     assert abs(info["loglik_delta"]) < 1e-2
     e.close()
+
+
+def test_bfloat16_model_runs_whole_episodes():
+    """The study runs the model in bf16 (its own dtype): the cache must quantize and restore bf16 keys
+    and values, and 16 bits must stay the full-precision reference."""
+    env = KVPrecisionEnv(items=ITEMS, **{**TINY_CONFIG, "dtype": "bfloat16"})
+    try:
+        assert next(env.model.parameters()).dtype == torch.bfloat16
+        row = env.pool[0].row
+        *_, (_, obs16, _, full) = run_episode(env, [env.bits.index(16)], options={"row": row})
+        *_, (_, obs2, _, low) = run_episode(env, [env.bits.index(2)], options={"row": row})
+        assert abs(full["loglik_delta"]) < 0.05 and full["avg_bits"] == 16.0
+        assert low["avg_bits"] == 2.0 and low["kv_bytes"] < 0.3 * low["fp16_kv_bytes"]  # codes + fp16 scales
+        assert np.isfinite(obs2).all() and np.isfinite(low["scores"]).all()
+        assert low["scores"] != full["scores"]  # 2-bit codes really changed what the model saw
+    finally:
+        env.close()
