@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,6 +93,7 @@ class BlockContext:
     frequency: RunningFrequency = field(default_factory=RunningFrequency)
     attentions: tuple[torch.Tensor, ...] | None = None  # per layer [1, heads, T, S]
     saliency: torch.Tensor | None = None  # [T] |d max log-prob / d embedding|
+    cache: Any = None  # the MixedPrecisionKVCache whose pending buffer holds this block's keys/values
     forward_seconds: float = 0.0
 
     @cached_property
@@ -137,7 +139,7 @@ class Feature:
     per_token: bool = True
     summaries: tuple[str, ...] = ("mean",)
     deterministic: bool = True
-    needs: frozenset[str] = frozenset()  # subset of {"attentions", "saliency"}
+    needs: frozenset[str] = frozenset()  # subset of {"attentions", "saliency", "cache"}
     doc: str = ""  # unit and range, shown in the observation table
     high: float = 1.0  # upper bound of every entry (all features are >= 0)
 
@@ -233,6 +235,28 @@ class Saliency(Feature):
         if ctx.saliency is None:
             raise RuntimeError("saliency needs the environment to compute input gradients")
         return ctx.saliency
+
+
+@register_feature("kv_error")
+class KVError(Feature):
+    """What committing the block at 2 bits would do to its keys and values, measured before deciding.
+
+    Entropy and the other token features describe the *text*; this one describes the *numbers*: a
+    block holding an outlier token (the attention sink, a delimiter with massive activations) has
+    wide per-channel key ranges, and at 2 bits every neighbour of that token is crushed to one or
+    two levels. That is where low precision hurts most, and the text features cannot see it.
+    """
+
+    summaries = ("mean", "max")
+    needs = frozenset({"cache"})
+    bits = 2  # the cheapest width of the default menu: the one whose damage the policy must judge
+    high = 1e3
+    doc = "squared 2-bit reconstruction error of the token's K and V / the block's mean squared norm, mean over layers (0 .. ~1)"
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor:
+        if ctx.cache is None:
+            raise RuntimeError("kv_error needs the cache holding the block's pending keys/values")
+        return ctx.cache.pending_error(self.bits)
 
 
 @register_feature("progress")

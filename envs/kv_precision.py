@@ -416,6 +416,7 @@ class KVPrecisionEnv(gym.Env):
             frequency=ep.frequency,
             attentions=getattr(out, "attentions", None),
             saliency=saliency,
+            cache=ep.cache,
             forward_seconds=seconds,
         )
 

@@ -154,6 +154,7 @@ class FeatureTracker:
             state=state,
             frequency=self.frequency,
             attentions=self._attentions(),
+            cache=cache,
             forward_seconds=sum(c[3] for c in self.chunks),
         )
         obs = np.asarray(self.feature_set.observe(ctx), dtype=np.float32)

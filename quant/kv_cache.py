@@ -262,6 +262,32 @@ class MixedPrecisionKVCache(Cache):
             layer.commit(bits)
         self.block_bits.append((bits, pending))
 
+    def pending_error(self, bits: int) -> torch.Tensor:
+        """Per pending token: how much committing now at ``bits`` would distort its keys and values.
+
+        For every layer, ``||x_t - deq(q(x_t))||^2`` of keys and values together, divided by the
+        block's mean ``||x_t||^2``, then averaged over layers; shape ``[pending tokens]``. Nothing is
+        committed. Why relative to the block mean rather than to the token's own norm: an outlier
+        token (an attention sink, a delimiter with massive activations) stretches every per-channel
+        key scale of its group, so the damage shows up as error on its *neighbours*, which a
+        per-token relative error would hide.
+        """
+        bits = check_bits(bits)
+        if self.pending_length == 0:
+            raise ValueError("pending_error() with nothing pending: run tokens through the model first")
+        total = None
+        for layer in self.layers:
+            err = torch.zeros(layer.keys.shape[-2], dtype=torch.float32, device=layer.keys.device)
+            norm = torch.zeros_like(err)
+            for x, axis in ((layer.keys, KEY_AXIS), (layer.values, VALUE_AXIS)):
+                xf = x[:1].float()  # batch 1: the pending block of the episode
+                qt = quantize(xf, bits, axis, self.group_size, self.symmetric)
+                err += (xf - dequantize(qt, torch.float32)).square().sum(dim=(0, 1, 3))
+                norm += xf.square().sum(dim=(0, 1, 3))
+            rel = err / norm.mean().clamp_min(1e-12)
+            total = rel if total is None else total.add_(rel)
+        return total / len(self.layers)
+
     def nbytes(self, include_pending: bool = True) -> int:
         """Bytes actually held: packed codes + fp16 scales/zero-points (+ the pending buffer)."""
         return sum(layer.nbytes(include_pending) for layer in self.layers)

@@ -195,6 +195,21 @@ def test_latency_feature_makes_the_spec_nondeterministic(tiny_model):
     env.close()
 
 
+def test_kv_error_feature_is_the_cache_pending_error(tiny_model):
+    env = make_env(tiny_model, features=("kv_error", "progress"))
+    obs, _ = env.reset(options={"row": _pool_row(env)})
+    names = env.observation_names
+    assert names[:2] == ("kv_error_mean", "kv_error_max")
+    for _ in range(2):
+        direct = env._episode.cache.pending_error(2)
+        np.testing.assert_allclose(obs[:2], [direct.mean().item(), direct.max().item()], rtol=1e-5)
+        assert 0 < obs[0] <= obs[1] and env.observation_space.contains(obs)
+        obs, _, done, *_ = env.step(0)
+        if done:
+            break
+    env.close()
+
+
 def test_saliency_feature_gives_finite_positive_values(tiny_model):
     env = make_env(tiny_model, features=("saliency", "entropy", "progress"))
     obs, _ = env.reset(seed=0)

@@ -197,6 +197,28 @@ def test_crop_takes_back_pending_tokens_only(tiny):
         cache.crop(100)  # would cut into committed (quantized) tokens
 
 
+def test_pending_error_is_the_hand_computed_round_trip_error(tiny):
+    model, ids = tiny
+    cache = MixedPrecisionKVCache(config=model.config, group_size=GROUP)
+    _run_blocks(model, cache, ids, [64, 64], [4, None])  # block 1 pending, block 0 committed
+    committed_before = cache.block_bits[:]
+    got = cache.pending_error(2)
+    per_layer = []
+    for layer in cache.layers:
+        err = norm = 0
+        for x, axis in ((layer.keys, -2), (layer.values, -1)):
+            err = err + (x - dequantize(quantize(x, 2, axis=axis, group_size=GROUP))).square().sum(dim=(0, 1, 3))
+            norm = norm + x.square().sum(dim=(0, 1, 3))
+        per_layer.append(err / norm.mean())
+    torch.testing.assert_close(got, torch.stack(per_layer).mean(0), rtol=1e-5, atol=1e-7)
+    assert got.shape == (64,) and bool((got > 0).all())
+    assert cache.pending_error(8).mean() < got.mean() / 100  # 6 more bits: ~4^6 less squared error
+    assert cache.pending_length == 64 and cache.block_bits == committed_before  # nothing committed
+    cache.commit(2)
+    with pytest.raises(ValueError, match="nothing pending"):
+        cache.pending_error(2)
+
+
 def test_errors(tiny):
     model, ids = tiny
     cache = MixedPrecisionKVCache(config=model.config)
