@@ -12,6 +12,7 @@ from experiments.stats import (
     mean_ci,
     paired_diff_ci,
     proportion_ci,
+    spearman,
     summarize_all,
     summarize_policy,
     t_quantile,
@@ -137,3 +138,16 @@ def test_summarize_policy_errors():
     misaligned = {"fp16": _records("fp16", [1, 1], rows=[0, 5])}
     with pytest.raises(ValueError, match="item sets differ"):
         summarize_policy(_records("a", [1, 0]), misaligned)
+
+
+def test_spearman_hand_computation_ties_and_degenerate_cases():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)  # monotone, not linear
+    # by hand: ranks a = (1, 2, 3, 4), b = (2, 1, 4, 3): 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6*4/60
+    assert spearman([0.1, 0.2, 0.3, 0.4], [5, 1, 9, 7]) == pytest.approx(0.6)
+    # ties share their mean rank: b's ranks are (1.5, 1.5, 3), Pearson with (1, 2, 3) gives sqrt(3)/2
+    assert spearman([1, 2, 3], [0, 0, 1]) == pytest.approx(math.sqrt(3) / 2)
+    assert math.isnan(spearman([1, 2], [3, 4])) and math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="equal lengths"):
+        spearman([1, 2, 3], [1, 2])

@@ -1,0 +1,59 @@
+"""experiments.sensitivity on the tiny model: the counterfactual episodes and what they report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from envs.kv_precision import EnvConfig, KVPrecisionEnv
+from experiments import sensitivity
+from experiments.sensitivity import SensitivityConfig, run_schedule
+
+# 0 shots and 64-token blocks: real HellaSwag contexts are a few hundred bytes, so 3-6 blocks each
+ENV = EnvConfig(model="tiny-random-llama", shots=0, interval=64, group_size=16, eval_size=20, split="train")
+
+
+def _cfg(tmp_path, **kw) -> SensitivityConfig:
+    return SensitivityConfig(**{"env": ENV, "items": 2, "out": str(tmp_path / "s.json"), "progress": False, **kw})
+
+
+def test_damage_is_each_one_low_block_against_the_base_episode(tmp_path):
+    result = sensitivity.run(_cfg(tmp_path))
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["blocks"] == result["blocks"] == len(written["measurements"]) > 2
+    env = KVPrecisionEnv(ENV)
+    m = written["measurements"][1]
+    base, _ = run_schedule(env, m["row"], 4)
+    low = [2 if i == m["block"] else 4 for i in range(m["blocks"])]
+    info, seen = run_schedule(env, m["row"], low)
+    env.close()
+    assert m["damage"] == pytest.approx(info["loglik_delta"] - base["loglik_delta"])
+    assert m["obs"] == pytest.approx(seen[m["block"]].tolist())  # blocks before j are at base bits
+    assert any(abs(b["damage"]) > 1e-6 for b in written["measurements"])
+    assert set(written["spearman"]) == set(written["observation_names"])
+    assert (tmp_path / "s.json.config.yaml").is_file()
+
+
+def test_equal_widths_do_no_damage(tmp_path):
+    result = sensitivity.run(_cfg(tmp_path, items=1, low_bits=4))
+    assert all(b["damage"] == 0.0 for b in result["measurements"])
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="held-out"):
+        sensitivity.run(_cfg(tmp_path, env=EnvConfig(**{**ENV.__dict__, "split": "eval"})))
+    with pytest.raises(ValueError, match="not in the env's menu"):
+        sensitivity.run(_cfg(tmp_path, low_bits=3))
+    with pytest.raises(ValueError, match="items"):
+        sensitivity.run(_cfg(tmp_path, items=0))
+    env = KVPrecisionEnv(ENV)
+    with pytest.raises(ValueError, match="blocks"):
+        run_schedule(env, env.items[0].row, [2])
+    env.close()
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit):
+        sensitivity.main(["--help"])
+    assert "low_bits" in capsys.readouterr().out
