@@ -136,6 +136,20 @@ class Budget(RewardTerm):
         return -max(0.0, record.avg_bits - self.target_bits) / record.max_bits
 
 
+@register_reward("final_budget")
+class FinalBudget(Budget):
+    """Terminal only: penalty when the episode's *final* average bit-width exceeds ``target_bits``.
+
+    Why not ``budget``: that one charges the running average at every step, so keeping block 0 (the
+    attention sink, by far the most sensitive block) at 4 bits is punished from the first step even
+    when the episode ends under budget. A constraint on the whole episode is what "average <= 3 bits"
+    means; PPO's returns carry the terminal charge back to the choices that caused it.
+    """
+
+    def __call__(self, record: StepRecord) -> float:
+        return super().__call__(record) if record.terminal else 0.0
+
+
 class RewardFunction:
     """The environment's reward: a weighted sum of named terms, each term's value kept for ``info``."""
 

@@ -47,6 +47,14 @@ def test_memory_latency_and_latency_model():
     assert all(REWARDS.get(n).deterministic for n in ("loglik", "accuracy", "memory", "latency_model", "budget"))
 
 
+def test_final_budget_charges_only_the_terminal_average():
+    assert term("final_budget", target_bits=3.0)(record(avg_bits=4.0)) == 0.0  # mid-episode
+    assert term("final_budget", target_bits=3.0)(record(avg_bits=4.0, terminal=True)) == pytest.approx(-1.0 / 16)
+    assert term("final_budget", target_bits=3.0)(record(avg_bits=2.5, terminal=True)) == 0.0
+    with pytest.raises(ValueError, match="positive"):
+        term("final_budget", target_bits=-1)
+
+
 def test_budget_penalises_only_above_target():
     assert term("budget", target_bits=8.0)(record(avg_bits=6.0)) == 0.0
     assert term("budget", target_bits=4.0)(record(avg_bits=6.0)) == pytest.approx(-2.0 / 16)
