@@ -213,7 +213,7 @@ def summarize_policy(records: list[dict], by_policy: dict[str, list[dict]],
         pairs = align(records, by_policy[ref])
         paired[ref] = {
             m: paired_diff_ci([a[f] for a, _ in pairs], [b[f] for _, b in pairs], level).as_dict()
-            for m, f in (("acc", "correct"), ("acc_norm", "correct_norm"))
+            for m, f in (("acc", "correct"), ("acc_norm", "correct_norm"), ("loglik_delta", "loglik_delta"))
         }
     return {"summary": summary, "paired": paired}
 

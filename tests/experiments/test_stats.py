@@ -115,7 +115,9 @@ def test_summarize_policy_structure_and_values():
     assert s["ms_per_token"]["mean"] == pytest.approx(0.4)
     assert s["ms_per_item"]["mean"] == pytest.approx(20.0)
     assert set(out["paired"]) == {"fp16", "fixed-4"}
-    assert set(out["paired"]["fp16"]) == {"acc", "acc_norm"}
+    assert set(out["paired"]["fp16"]) == {"acc", "acc_norm", "loglik_delta"}
+    # gold log-likelihood change, paired: (-0.1 * 8/16) - 0 at 8 bits against fp16
+    assert out["paired"]["fp16"]["loglik_delta"]["mean"] == pytest.approx(-0.05)
     assert out["paired"]["fp16"]["acc"]["mean"] == pytest.approx(-0.1)
     assert out["paired"]["fixed-4"]["acc"]["mean"] == pytest.approx(0.1)
     assert out["paired"]["fixed-4"]["acc_norm"]["mean"] == pytest.approx(0.2)
