@@ -30,6 +30,12 @@ def test_loglik_adds_the_ending_delta_only_at_the_end():
     assert term("loglik")(record(terminal=True, logprob_delta=0.0, ending_logprob_delta=-2.0)) == pytest.approx(-2.0)
 
 
+def test_ending_loglik_is_the_gold_ending_only_and_terminal_only():
+    assert term("ending_loglik")(record(ending_logprob_delta=-2.0)) == 0.0  # block tokens never count
+    assert term("ending_loglik")(record(terminal=True, logprob_delta=-5.0, ending_logprob_delta=-2.0)) == -2.0
+    assert "reference" in REWARDS.get("ending_loglik").needs
+
+
 @pytest.mark.parametrize(
     ("policy", "reference", "expected"), [(True, False, 1.0), (False, True, -1.0), (True, True, 0.0), (False, False, 0.0)]
 )
@@ -44,7 +50,7 @@ def test_memory_latency_and_latency_model():
     assert term("latency")(record()) == pytest.approx(-0.125)
     assert term("latency_model")(record()) == pytest.approx(-0.4)
     assert REWARDS.get("latency").deterministic is False
-    assert all(REWARDS.get(n).deterministic for n in ("loglik", "accuracy", "memory", "latency_model", "budget"))
+    assert all(REWARDS.get(n).deterministic for n in ("loglik", "ending_loglik", "accuracy", "memory", "latency_model", "budget"))
 
 
 def test_final_budget_charges_only_the_terminal_average():
