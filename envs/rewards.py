@@ -71,16 +71,6 @@ class RewardTerm:
         raise NotImplementedError
 
 
-@register_reward("loglik")
-class LogLikelihood(RewardTerm):
-    """Log-likelihood change vs full precision: next block's tokens, and the gold ending at the end (nats)."""
-
-    needs = frozenset({"reference"})
-
-    def __call__(self, record: StepRecord) -> float:
-        return record.logprob_delta + (record.ending_logprob_delta if record.terminal else 0.0)
-
-
 @register_reward("ending_loglik")
 class EndingLogLikelihood(RewardTerm):
     """Terminal only: the gold ending's log-likelihood change vs full precision (nats).
@@ -95,6 +85,14 @@ class EndingLogLikelihood(RewardTerm):
 
     def __call__(self, record: StepRecord) -> float:
         return record.ending_logprob_delta if record.terminal else 0.0
+
+
+@register_reward("loglik")
+class LogLikelihood(EndingLogLikelihood):
+    """Log-likelihood change vs full precision: next block's tokens, and the gold ending at the end (nats)."""
+
+    def __call__(self, record: StepRecord) -> float:
+        return record.logprob_delta + super().__call__(record)
 
 
 @register_reward("accuracy")
