@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -150,8 +150,18 @@ def _merge(cls: type[T], data: Any, prefix: str, base: Any = dataclasses.MISSING
     return cls(**updates)
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults <- YAML file <- ``key=value`` / ``section.key=value`` overrides, in that order."""
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> T:
+    """Defaults <- YAML file <- ``key=value`` / ``section.key=value`` overrides, in that order.
+
+    ``prepare`` sees the raw mapping (file + overrides, before typing): a script whose sections
+    derive from each other (the main job's per-stage ``env`` overlays) resolves them there, so the
+    typed config it returns is the one that runs.
+    """
     data: Any = {}
     if path is not None:
         path = Path(path)
@@ -171,6 +181,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
                 node[part] = _Patch()
             node = node[part]
         node[parts[-1]] = _text(raw)
+    if prepare is not None:
+        data = prepare(data)
     return _merge(cls, data, "")
 
 
@@ -215,7 +227,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None,
-                 parser: argparse.ArgumentParser | None = None) -> tuple[T, argparse.Namespace]:
+                 parser: argparse.ArgumentParser | None = None,
+                 prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> tuple[T, argparse.Namespace]:
     """Parse ``--config``/``--set`` (plus any extra arguments already on ``parser``) into ``cls``."""
     if parser is None:
         parser = argparse.ArgumentParser(description=description)
@@ -223,7 +236,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     parser.epilog = "config keys (defaults shown; change with --set KEY=VALUE):\n" + "\n".join(_describe(cls))
     args = add_config_args(parser).parse_args(argv)
     try:
-        return load_config(cls, args.config, args.overrides), args
+        return load_config(cls, args.config, args.overrides, prepare), args
     except ConfigError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits

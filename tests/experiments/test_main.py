@@ -44,3 +44,61 @@ def test_unknown_stage_and_key(tmp_path):
         main_job.main(["--set", "stages=[collect, dance]", "--set", f"out_dir={tmp_path}"])
     with pytest.raises(SystemExit):
         main_job.main(["--set", "colect.episodes=3"])
+
+
+def _parse(tmp_path, *extra):
+    return main_job.parse(["--config", "experiments/configs/main.yaml", *TINY, "--set", f"out_dir={tmp_path}", *extra])
+
+
+def test_stage_env_is_an_overlay_of_the_top_level_env(tmp_path):
+    cfg = _parse(tmp_path, "--set", "train_ppo.env.rewards={ending_loglik: 1.0}", "--set", "env.shots=2")
+    assert cfg.train_ppo.env.rewards == {"ending_loglik": 1.0}  # the overlay is honored...
+    assert cfg.train_ppo.env.shots == 2 and cfg.train_ppo.env.model == "tiny-random-llama"  # ...over the top env
+    assert cfg.collect.env.rewards == cfg.env.rewards == cfg.evaluate.env.rewards  # other stages keep the top env
+    assert (cfg.collect.env.split, cfg.train_ppo.env.split, cfg.evaluate.env.split) == ("train", "train", "eval")
+    assert cfg.train_mlp.bits == cfg.env.bits
+
+
+@pytest.mark.parametrize(
+    ("override", "where"),
+    [
+        ("train_mlp.bits=[2, 4]", "env.bits"),
+        ("evaluate.policies=[fp16]", "baselines"),
+        ("collect.out_dir=elsewhere", "out_dir"),
+        ("train_ppo.resume=false", "redo"),
+        ("train_ppo.env.split=eval", "nowhere"),
+        ("env.split=eval", "set by the job per stage"),
+        ("train_mlp.env.shots=3", "has no env of its own"),
+    ],
+)
+def test_a_derived_key_cannot_be_set_where_it_would_be_ignored(tmp_path, override, where):
+    with pytest.raises(SystemExit) as exc_info:
+        _parse(tmp_path, "--set", override)
+    assert exc_info.value.code != 0
+
+
+def test_derived_key_error_names_where_it_belongs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc_info:
+        _parse(tmp_path, "--set", "train_mlp.bits=[2, 4]")
+    assert "env.bits" in str(exc_info.value) + capsys.readouterr().err
+
+
+def test_saved_record_is_what_every_stage_ran_and_reloads(tmp_path):
+    import yaml
+
+    out = tmp_path / "main"
+    args = ["--config", "experiments/configs/main.yaml", *TINY, "--set", f"out_dir={out}",
+            "--set", "train_ppo.env.rewards={ending_loglik: 1.0, memory: 0.5}"]
+    assert main_job.main(args) == 0
+    record = yaml.safe_load((out / "config.yaml").read_text())
+    for stage in ("collect", "train_mlp", "train_ppo", "evaluate"):
+        saved = yaml.safe_load((out / stage / "config.yaml").read_text())
+        assert record[stage] == saved, stage
+    assert record["train_ppo"]["env"]["rewards"] == {"ending_loglik": 1.0, "memory": 0.5}
+    # the record re-runs as it is (derived keys hold their derived values), and a partial run keeps its own record
+    before = (out / "config.yaml").read_text()
+    reloaded = main_job.parse(["--config", str(out / "config.yaml"), "--set", "stages=[evaluate]"])
+    assert reloaded.train_ppo == main_job.resolve(reloaded).train_ppo
+    assert main_job.main(["--config", str(out / "config.yaml"), "--set", "stages=[evaluate, report]"]) == 0
+    assert (out / "config.yaml").read_text() == before
+    assert (out / "config.evaluate+report.yaml").exists()
