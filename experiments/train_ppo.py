@@ -22,7 +22,6 @@ Choices:
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 from collections.abc import Sequence
@@ -121,10 +120,8 @@ def _init_run(cfg: TrainPPOConfig, out_dir: Path, tb_dir: Path):
     """A wandb run that also picks up SB3's TensorBoard scalars."""
     kwargs = dict(project=cfg.wandb_project, group=cfg.wandb_group, name=f"train_{cfg.algo.lower()}",
                   config=cfg, job_type="train", dir=out_dir)
-    if "sync_tensorboard" in inspect.signature(tracking.init_run).parameters:
-        return tracking.init_run(**kwargs, sync_tensorboard=True), False
     patched = os.environ.setdefault("WANDB_MODE", "offline") != "disabled"
-    if patched:  # what wandb.init(sync_tensorboard=True) does, for a tracking.init_run without the switch
+    if patched:  # what wandb.init(sync_tensorboard=True) does: SB3's scalars reach the wandb run
         wandb.tensorboard.patch(root_logdir=str(tb_dir))
     return tracking.init_run(**kwargs), patched
 
