@@ -5,7 +5,7 @@ The torch- and SB3-backed policies are imported on first use so ``import agents`
 
 from agents.base import Policy
 from agents.fixed import FixedBitsPolicy
-from agents.registry import POLICY_REGISTRY, make_policy, register_policy
+from agents.registry import POLICIES, canonical_name, make_policy, register_policy
 from agents.rule import EntropyRulePolicy, calibrate_thresholds
 
 _LAZY = {
@@ -16,11 +16,12 @@ _LAZY = {
 }
 
 __all__ = [
-    "POLICY_REGISTRY",
+    "POLICIES",
     "EntropyRulePolicy",
     "FixedBitsPolicy",
     "Policy",
     "calibrate_thresholds",
+    "canonical_name",
     "make_policy",
     "register_policy",
     *_LAZY,

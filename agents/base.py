@@ -8,35 +8,18 @@ so a feature is read by name and a policy built for one observation layout fails
 
 from __future__ import annotations
 
-import os
-import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 class Policy(ABC):
     """Maps observations (flat float vectors named by ``observation_names``) to indices into ``bits``."""
 
-    #: Short label for tables and plots (e.g. "fixed-4", "rule", "mlp", "ppo"); subclasses override.
+    #: The policy's canonical name, the same in its spec, records, references, reports and wandb
+    #: ("fixed:4", "fp16", "rule", "mlp", "ppo"); ``agents.registry.make_policy`` sets it from the spec.
     name: str = "policy"
 
     def __init__(self, observation_names: Sequence[str], bits: Sequence[int]):

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from agents.base import Policy, atomic_write
+from agents.base import Policy
+from envs.io import atomic_write
 
 DEFAULT_FEATURES: tuple[str, ...] = ("entropy_mean", "rarity_mean", "attn_var_mean", "token_acc_mean")
 DEFAULT_BITS: tuple[int, ...] = (2, 4, 8, 16)

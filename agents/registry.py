@@ -1,60 +1,252 @@
-"""Policies by spec string, so configs and command lines name them the same way.
+"""Policies by spec string, so configs, command lines, records and reports name them the same way.
 
-Specs are ``kind`` or ``kind:arg``::
+A spec is ``[alias=]what``, where ``what`` is one of::
 
-    fixed:4               FixedBitsPolicy at 4 bits
-    rule                  EntropyRulePolicy with default thresholds
+    fixed:4               FixedBitsPolicy at 4 bits                       name "fixed:4"
+    fp16                  FixedBitsPolicy at 16 bits (= fixed:16)         name "fp16"
+    rule                  EntropyRulePolicy with default thresholds       name "rule"
     rule:thresholds.yaml  ... with thresholds saved by EntropyRulePolicy.save
     rule:2.0,2.8,3.5      ... with inline thresholds
-    mlp:controller.pt     MLPPolicy
-    sb3:model.zip         SB3Policy (PPO);  sb3:A2C:model.zip  any other SB3 algorithm
+    mlp:controller.pt     MLPPolicy                                       name "mlp"
+    sb3:model.zip         SB3Policy (PPO)                                 name "ppo"
+    sb3:A2C:model.zip     any other SB3 algorithm                         name "a2c"
+    runs/x/mlp.pt         a bare file: its kind is read from what the file is (mlp, sb3 or rule)
+    pkg.module:Class      a plug-in class imported from a dotted path (``pkg.module:Class:arg``)
+    my_policies:Class     ... also from a top-level module on ``sys.path`` (one file)
+    kind[:arg]            a plug-in installed under the ``kvgym.policies`` entry-point group
 
-A new kind is one decorated builder: ``@register_policy("name")`` on
-``def build(arg: str | None, observation_names, bits, env) -> Policy``.
+Every policy has one canonical name (:func:`canonical_name`), which ``make_policy`` gives it as
+``.name``; ``alias=`` replaces it, so two policies of one kind can sit in one comparison
+(``mlp-oracle=mlp:runs/o.pt``).
+
+A new policy is one file. The plug-in convention: a :class:`~agents.base.Policy` subclass, built as
+``Class(observation_names, bits)``, or ``Class(observation_names, bits, arg)`` when the spec has an
+argument; name it by dotted path in a config, or declare it as an entry point
+(``[project.entry-points."kvgym.policies"] mine = "pkg.module:Class"``). Its name is
+``Class.canonical_name(arg)`` if it defines that classmethod, else its own ``name`` attribute, else
+the spec. Code may also register a builder function ``(arg, observation_names, bits, env) -> Policy``
+with ``@register_policy("kind", name=...)``: that is how the built-in kinds, which parse their
+argument or need the env, are written.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import re
+import zipfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from agents.base import Policy
-from agents.fixed import FixedBitsPolicy
+from agents.fixed import FixedBitsPolicy, fixed_name
 from agents.rule import EntropyRulePolicy
+from agents.sb3 import DEFAULT_ALGO
+from quant.registry import Registry, UnknownNameError
 
 Builder = Callable[[str | None, Sequence[str], Sequence[int], Any], Policy]
-POLICY_REGISTRY: dict[str, Builder] = {}
+#: Canonical name of a kind's policy from the spec's argument, computed without building it.
+Namer = Callable[[str | None], str]
+
+ENTRY_POINT_GROUP = "kvgym.policies"
+POLICIES: Registry[Builder | type[Policy]] = Registry("policy kind", entry_point_group=ENTRY_POINT_GROUP)
+
+_ALIAS = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.+-]*)=(.+)$")
+#: File suffix -> kind, when a bare file's content does not say what it is.
+_KIND_BY_SUFFIX = {".pt": "mlp", ".pth": "mlp", ".zip": "sb3", ".yaml": "rule", ".yml": "rule"}
+_SNIFF_MAX_BYTES = 1 << 20  # YAML larger than this is not a thresholds file; don't parse it
 
 
-def register_policy(kind: str) -> Callable[[Builder], Builder]:
-    """Decorator adding a builder under ``kind``; a name can be registered once."""
+def register_policy(kind: str, *, name: Namer | None = None) -> Callable[[Builder], Builder]:
+    """Decorator adding a builder (or Policy subclass) under ``kind``; a name can be registered once.
 
-    def deco(fn: Builder) -> Builder:
-        if kind in POLICY_REGISTRY:
-            raise ValueError(f"policy kind {kind!r} is already registered")
-        POLICY_REGISTRY[kind] = fn
-        return fn
+    ``name`` maps the spec's argument to the policy's canonical name (default: ``kind[:arg]``).
+    """
+
+    def deco(obj: Builder) -> Builder:
+        if name is not None:
+            obj.canonical_name = name
+        POLICIES.add(kind, obj)
+        return obj
 
     return deco
 
 
+# ------------------------------------------------------------------------------------------- parsing
+@dataclass(frozen=True)
+class PolicySpec:
+    """A parsed spec: ``kind`` is a registered kind or a dotted ``module:Class``; ``arg`` may be None."""
+
+    kind: str
+    arg: str | None = None
+    alias: str | None = None
+
+
+def parse_spec(spec: str) -> PolicySpec:
+    """Split a spec into alias, kind and argument; a bare file path becomes ``<its kind>:<path>``."""
+    text = spec.strip()
+    alias = None
+    if match := _ALIAS.match(text):
+        alias, text = match.group(1), match.group(2).strip()
+    kind, sep, arg = text.partition(":")
+    if not sep and _looks_like_file(text):
+        return PolicySpec(kind_of_file(text), text, alias)
+    if _is_module(kind, arg):
+        cls_name, _, arg = arg.partition(":")
+        kind = f"{kind}:{cls_name}"
+    return PolicySpec(kind, arg or None, alias)
+
+
+def _is_module(kind: str, arg: str) -> bool:
+    """``kind:arg`` reads ``module:Class[:arg]``: a dotted module, or an importable one no kind shadows."""
+    if not arg.partition(":")[0].isidentifier() or not all(p.isidentifier() for p in kind.split(".")):
+        return False
+    return "." in kind or (kind not in POLICIES and importlib.util.find_spec(kind) is not None)
+
+
+def _looks_like_file(text: str) -> bool:
+    """A path, not a kind: kinds have neither a directory nor a suffix."""
+    return "/" in text or Path(text).suffix != ""
+
+
+def kind_of_file(path: str | Path) -> str:
+    """The policy kind a file holds: read from its content where that is cheap, else from its suffix.
+
+    A torch archive is an MLP controller, an SB3 archive (zip with ``data`` and ``policy.pth``) is an
+    SB3 agent, a YAML mapping with ``thresholds`` is a rule.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"policy file {path} not found")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
+        if {"data", "policy.pth"} <= set(members):
+            return "sb3"
+        if any(m.endswith("/data.pkl") for m in members):  # what torch.save writes
+            return "mlp"
+    elif path.stat().st_size <= _SNIFF_MAX_BYTES:
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            doc = None
+        if isinstance(doc, dict) and "thresholds" in doc:
+            return "rule"
+    if path.suffix.lower() in _KIND_BY_SUFFIX:
+        return _KIND_BY_SUFFIX[path.suffix.lower()]
+    raise ValueError(
+        f"cannot tell which policy {path} holds: expected an MLP controller (torch file, .pt), an SB3 "
+        f"archive (.zip) or rule thresholds (YAML with 'thresholds'); or prefix the kind, e.g. 'mlp:{path}'"
+    )
+
+
+def _entry(parsed: PolicySpec, spec: str) -> Builder | type[Policy]:
+    """The registered builder/class for ``parsed.kind``, importing it if the kind is a dotted path."""
+    module_name, sep, attr = parsed.kind.partition(":")
+    if sep:
+        obj = getattr(importlib.import_module(module_name), attr, None)
+        if not (isinstance(obj, type) and issubclass(obj, Policy)):
+            raise ValueError(f"policy spec {spec!r}: {parsed.kind} is not a Policy subclass")
+        return obj
+    try:
+        return POLICIES.get(parsed.kind)
+    except UnknownNameError as e:
+        raise UnknownNameError(
+            f"{e} (in spec {spec!r}); or a dotted path 'package.module:Class[:arg]', or a policy file"
+        ) from None
+
+
+def _name(parsed: PolicySpec, entry: Builder | type[Policy]) -> str:
+    if parsed.alias:
+        return parsed.alias
+    namer = getattr(entry, "canonical_name", None)
+    if callable(namer):
+        return namer(parsed.arg)
+    if isinstance(entry, type) and entry.name != Policy.name:
+        return entry.name
+    return parsed.kind if parsed.arg is None else f"{parsed.kind}:{parsed.arg}"
+
+
+def canonical_name(spec: str) -> str:
+    """The name the policy ``spec`` builds will carry, computed without building it.
+
+    Spellings of one setting share a name (``fixed:16`` and ``fp16`` are both ``fp16``); an alias
+    (``name=spec``) is the name itself.
+    """
+    parsed = parse_spec(spec)
+    return _name(parsed, _entry(parsed, spec))
+
+
+def make_policy(
+    spec: str,
+    observation_names: Sequence[str] | None = None,
+    bits: Sequence[int] | None = None,
+    env: Any = None,
+) -> Policy:
+    """Build the policy ``spec`` names; ``observation_names``/``bits`` default to ``env.unwrapped``'s."""
+    parsed = parse_spec(spec)
+    entry = _entry(parsed, spec)
+    unwrapped = getattr(env, "unwrapped", None)
+    observation_names = observation_names or getattr(unwrapped, "observation_names", None)
+    bits = bits or getattr(unwrapped, "bits", None)
+    if observation_names is None or bits is None:
+        raise ValueError("make_policy needs observation_names and bits, or an env that has them")
+    name = _name(parsed, entry)  # before building: a bad argument fails before any file is read
+    if isinstance(entry, type):
+        extra = () if parsed.arg is None else (parsed.arg,)
+        policy = entry(observation_names, bits, *extra)
+    else:
+        policy = entry(parsed.arg, observation_names, bits, env)
+    policy.name = name
+    return policy
+
+
+# ------------------------------------------------------------------------------------------ built-ins
 def _need(arg: str | None, kind: str, example: str) -> str:
     if not arg:
         raise ValueError(f"policy spec {kind!r} needs an argument, e.g. {example!r}")
     return arg
 
 
-@register_policy("fixed")
-def _fixed(arg, observation_names, bits, env) -> Policy:
+def _fixed_bits(arg: str | None) -> int:
     value = _need(arg, "fixed", "fixed:4")
     try:
-        width = int(value)
+        return int(value)
     except ValueError:
         raise ValueError(f"fixed bits must be an integer, got {value!r} (e.g. 'fixed:4')") from None
-    return FixedBitsPolicy(observation_names, bits, width)
 
 
-@register_policy("rule")
+def _no_arg(kind: str) -> Namer:
+    def namer(arg: str | None) -> str:
+        if arg is not None:
+            raise ValueError(f"policy spec {kind!r} takes no argument, got {kind}:{arg}")
+        return kind
+
+    return namer
+
+
+def _sb3_algo(arg: str | None) -> tuple[str, str]:
+    """``(algorithm, path)`` from ``[ALGO:]path``; the algorithm defaults to PPO."""
+    arg = _need(arg, "sb3", "sb3:runs/ppo.zip")
+    algo, sep, rest = arg.partition(":")
+    return (algo, rest) if sep and algo.isidentifier() else (DEFAULT_ALGO, arg)
+
+
+@register_policy("fixed", name=lambda arg: fixed_name(_fixed_bits(arg)))
+def _fixed(arg, observation_names, bits, env) -> Policy:
+    return FixedBitsPolicy(observation_names, bits, _fixed_bits(arg))
+
+
+@register_policy("fp16", name=_no_arg("fp16"))
+def _fp16(arg, observation_names, bits, env) -> Policy:
+    return FixedBitsPolicy(observation_names, bits, 16)
+
+
+@register_policy("rule", name=lambda arg: "rule")
 def _rule(arg, observation_names, bits, env) -> Policy:
     if not arg:
         return EntropyRulePolicy(observation_names, bits)
@@ -65,39 +257,16 @@ def _rule(arg, observation_names, bits, env) -> Policy:
     return EntropyRulePolicy(observation_names, bits, thresholds)
 
 
-@register_policy("mlp")
+@register_policy("mlp", name=lambda arg: "mlp")
 def _mlp(arg, observation_names, bits, env) -> Policy:
     from agents.mlp import MLPPolicy  # torch import only when needed
 
     return MLPPolicy(observation_names, bits, _need(arg, "mlp", "mlp:runs/controller.pt"))
 
 
-@register_policy("sb3")
+@register_policy("sb3", name=lambda arg: _sb3_algo(arg)[0].lower())
 def _sb3(arg, observation_names, bits, env) -> Policy:
-    from agents.sb3 import SB3Policy, known_algorithms
+    from agents.sb3 import SB3Policy
 
-    arg = _need(arg, "sb3", "sb3:runs/ppo.zip")
-    algo, sep, rest = arg.partition(":")
-    if sep and algo.upper() in {a.upper() for a in known_algorithms()}:
-        return SB3Policy(rest, env, algo, observation_names=observation_names, bits=bits)
-    return SB3Policy(arg, env, None, observation_names=observation_names, bits=bits)
-
-
-def make_policy(
-    spec: str,
-    observation_names: Sequence[str] | None = None,
-    bits: Sequence[int] | None = None,
-    env: Any = None,
-) -> Policy:
-    """Build the policy ``spec`` names; ``observation_names``/``bits`` default to ``env.unwrapped``'s."""
-    kind, _, arg = spec.strip().partition(":")
-    if kind not in POLICY_REGISTRY:
-        raise ValueError(
-            f"unknown policy kind {kind!r} in spec {spec!r}; known kinds: {sorted(POLICY_REGISTRY)}"
-        )
-    unwrapped = getattr(env, "unwrapped", None)
-    observation_names = observation_names or getattr(unwrapped, "observation_names", None)
-    bits = bits or getattr(unwrapped, "bits", None)
-    if observation_names is None or bits is None:
-        raise ValueError("make_policy needs observation_names and bits, or an env that has them")
-    return POLICY_REGISTRY[kind](arg or None, observation_names, bits, env)
+    algo, path = _sb3_algo(arg)
+    return SB3Policy(path, env, algo, observation_names=observation_names, bits=bits)

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from agents.base import Policy, atomic_write
+from agents.base import Policy
+from envs.io import atomic_write
 
 #: Default thresholds (nats) for 4 bit-widths. Block-mean next-token entropy of SmolLM2-135M on k-shot
 #: HellaSwag prompts mostly lies in ~1.5-4 nats; these split that range so all four widths occur.

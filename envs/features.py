@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from envs.registry import Registry
+from quant.registry import Registry
 
 FEATURES: Registry[Feature] = Registry("feature")
 register_feature = FEATURES.register

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import torch
+
+from envs.io import atomic_write
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_ALIASES = (EMBEDDED_MODEL, "smollm2-135m-instruct")
@@ -65,7 +66,7 @@ def _to_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _convert_gguf(gguf: Path, target: Path) -> Path:
-    """De-quantize ``gguf`` into an HF directory at ``target``, atomically (tmp dir + rename).
+    """De-quantize ``gguf`` into an HF directory at ``target``, atomically (a concurrent winner is kept).
 
     The GGUF loader leaves a ``quantization_config`` on the model that makes it refuse
     ``save_pretrained``; the weights are already plain float32, so they are copied into a
@@ -82,19 +83,15 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     plain.load_state_dict(gguf_model.state_dict())
     plain.generation_config = gguf_model.generation_config
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: str) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent winner: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        atomic_write(target, write)
+    except OSError:
+        if not (target / "config.json").is_file():  # not a concurrent winner: a real failure
+            raise
     return target
 
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from envs.registry import Registry
+from quant.registry import Registry
 
 REWARDS: Registry[RewardTerm] = Registry("reward term")
 register_reward = REWARDS.register

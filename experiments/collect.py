@@ -36,10 +36,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from agents.base import atomic_write
 from agents.registry import make_policy
 from agents.rule import EntropyRulePolicy, calibrate_thresholds
 from envs import ENV_ID
+from envs.io import atomic_write
 from envs.kv_precision import EnvConfig
 from experiments import tracking
 from experiments.config import config_to_dict, parse_config, save_config

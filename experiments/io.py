@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.base import atomic_write
+from envs.io import atomic_write
 
 __all__ = ["write_text", "write_json", "write_jsonl", "read_jsonl", "seed_everything", "to_jsonable"]
 

@@ -39,6 +39,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 from agents.sb3 import resolve_algorithm
 from envs import ENV_ID
+from envs.io import atomic_write
 from envs.kv_precision import EnvConfig
 from experiments import tracking
 from experiments.config import config_to_dict, parse_config, save_config
@@ -72,26 +73,13 @@ class TrainPPOConfig:
     progress: bool = True
 
 
-def _atomic_save(model, path: Path) -> Path:
-    """``model.save`` via a temp file + rename (SB3 appends ".zip" to other names, so the temp ends in .zip)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.zip")
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 class AtomicCheckpointCallback(CheckpointCallback):
     """CheckpointCallback whose zip files appear whole or not at all (a kill mid-save leaves no stub)."""
 
     def _on_step(self) -> bool:
         if self.n_calls % self.save_freq == 0:
             path = Path(self._checkpoint_path(extension="zip"))
-            _atomic_save(self.model, path)
+            atomic_write(path, self.model.save)
             if self.verbose >= 2:
                 print(f"Saving model checkpoint to {path}")
         return True
@@ -198,12 +186,13 @@ def run(cfg: TrainPPOConfig) -> dict[str, Path]:
                 model.learn(remaining, callback=callbacks, reset_num_timesteps=not resumed,
                             tb_log_name=cfg.algo.upper(), progress_bar=cfg.progress)
             except KeyboardInterrupt:
-                path = _atomic_save(model, ckpt_dir / f"{cfg.algo.lower()}_{model.num_timesteps}_steps.zip")
+                ckpt = ckpt_dir / f"{cfg.algo.lower()}_{model.num_timesteps}_steps.zip"
+                path = atomic_write(ckpt, model.save)
                 print(f"\ninterrupted: saved {path}; continue with --set resume=true")
                 raise
         else:
             print(f"already trained for {model.num_timesteps} >= total_timesteps={cfg.total_timesteps} steps")
-        paths["model"] = _atomic_save(model, out_dir / f"{cfg.algo.lower()}.zip")
+        paths["model"] = atomic_write(out_dir / f"{cfg.algo.lower()}.zip", model.save)
         wb.summary.update({"num_timesteps": int(model.num_timesteps)})
         print(f"{cfg.algo} trained for {model.num_timesteps} steps -> {paths['model']}")
     finally:

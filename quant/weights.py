@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant.registry import Registry
+
 __all__ = [
     "WEIGHT_QUANTIZERS",
     "QuantLinear",
@@ -189,19 +191,9 @@ def weight_nbytes(model: nn.Module) -> int:
 # Model-level quantizers (registry)
 # --------------------------------------------------------------------------------------------------
 WeightQuantizer = Callable[[nn.Module], nn.Module]
-WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {}
-
-
-def register_weight_quantizer(name: str) -> Callable[[WeightQuantizer], WeightQuantizer]:
-    """Register a whole-model weight quantizer under ``name`` (duplicate names are an error)."""
-
-    def decorator(fn: WeightQuantizer) -> WeightQuantizer:
-        if name in WEIGHT_QUANTIZERS:
-            raise ValueError(f"weight quantizer {name!r} is already registered")
-        WEIGHT_QUANTIZERS[name] = fn
-        return fn
-
-    return decorator
+WEIGHT_QUANTIZERS: Registry[WeightQuantizer] = Registry("weight quantization method")
+#: Register a whole-model weight quantizer under a name (duplicate names are an error).
+register_weight_quantizer = WEIGHT_QUANTIZERS.register
 
 
 def _excluded_linear_names(model: nn.Module) -> set[str]:
@@ -280,8 +272,7 @@ def quantize_model_weights(model: nn.Module, method: str) -> nn.Module:
     Returns the same model object (for chaining). ``lm_head`` and embedding-tied linears are left in
     float. Raises ``ValueError`` for an unknown method or an already quantized model.
     """
-    if method not in WEIGHT_QUANTIZERS:
-        raise ValueError(f"unknown weight quantization method {method!r}; known: {sorted(WEIGHT_QUANTIZERS)}")
+    quantizer = WEIGHT_QUANTIZERS.get(method)
     if method != "none":
         _check_not_quantized(model)
-    return WEIGHT_QUANTIZERS[method](model)
+    return quantizer(model)

@@ -135,7 +135,8 @@ def test_rule_save_load_roundtrip_and_errors(tmp_path):
 # -------------------------------------------------------------------------------------------- registry
 def test_make_policy_specs(tmp_path):
     fixed = make_policy("fixed:4", NAMES, BITS)
-    assert isinstance(fixed, FixedBitsPolicy) and fixed.name == "fixed-4"
+    assert isinstance(fixed, FixedBitsPolicy) and fixed.name == "fixed:4"
+    assert make_policy("fp16", NAMES, BITS).value == 16
     assert make_policy("rule", NAMES, BITS).name == "rule"
     assert make_policy("rule:1,2,3", NAMES, BITS).thresholds == (1.0, 2.0, 3.0)
     path = tmp_path / "t.yaml"
@@ -151,7 +152,7 @@ def test_make_policy_reads_names_and_bits_from_env():
 
 
 def test_make_policy_errors():
-    with pytest.raises(ValueError, match="known kinds: .*fixed.*rule"):
+    with pytest.raises(ValueError, match="known: .*fixed.*rule"):
         make_policy("nope:1", NAMES, BITS)
     with pytest.raises(ValueError, match="needs an argument"):
         make_policy("fixed", NAMES, BITS)

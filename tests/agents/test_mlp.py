@@ -175,6 +175,8 @@ def test_policy_roundtrip_predicts_like_training(trained):
     sampled, _ = pol.predict(obs, deterministic=False)
     assert sampled.shape == actions.shape and set(sampled.tolist()) <= {0, 1, 2, 3}
     assert make_policy(f"mlp:{result.path}", NAMES, BITS).name == "mlp"
+    bare = make_policy(str(result.path), NAMES, BITS)  # a bare controller file is recognised as mlp
+    assert isinstance(bare, MLPPolicy) and bare.name == "mlp"
 
 
 def test_policy_reads_features_by_name_not_position(trained):

@@ -72,6 +72,10 @@ def test_make_policy_specs(ppo_path):
     assert make_policy(f"sb3:PPO:{ppo_path}", env=env).name == "ppo"
     # without an env the saved spaces are checked against the names and bits
     assert make_policy(f"sb3:{ppo_path}", NAMES, BITS).name == "ppo"
+    # a bare archive is recognised as SB3 by its content, whatever its suffix
+    renamed = ppo_path.with_name("agent.bin")
+    renamed.write_bytes(ppo_path.read_bytes())
+    assert make_policy(str(renamed), env=env).name == "ppo"
     # SB3 appends ".zip" when saving; accept the path without it too
     assert SB3Policy(str(ppo_path)[: -len(".zip")], env).name == "ppo"
 
