@@ -67,7 +67,7 @@ def load_rows(
     features: Sequence[str] = DEFAULT_FEATURES,
     bits: Sequence[int] = DEFAULT_BITS,
 ) -> ControllerRows:
-    """Read the training CSV (schema: interfaces.md); fails naming any missing column or unknown label."""
+    """Read the training CSV (the columns experiments.collect writes); fails naming any missing column or unknown label."""
     path = Path(csv_path)
     if not path.is_file():
         raise FileNotFoundError(
