@@ -38,7 +38,8 @@ from envs.features import (
 )
 from envs.hellaswag import HellaSwagItem, build_prompt, item_rng, load_hellaswag, sample_shots, split_items
 from envs.model import load_model
-from envs.rewards import DEFAULT_REWARDS, RewardFunction, StepRecord
+from envs.quantities import FORWARD_OUTPUTS, StepRecord, StepState, StepView
+from envs.rewards import DEFAULT_REWARDS, RewardFunction
 from envs.scoring import choose, continuation_logprobs, encode_pair
 from quant.kv_cache import MixedPrecisionKVCache
 from quant.uniform import check_bits
@@ -188,6 +189,8 @@ class KVPrecisionEnv(gym.Env):
         self.reward_fn = RewardFunction(cfg.rewards)
         self.observation_names: tuple[str, ...] = self.feature_set.observation_names
         self.deterministic = self.feature_set.deterministic and self.reward_fn.deterministic
+        #: what the model's forward must produce beyond logits, for the features and the reward terms
+        self.forward_needs = self.feature_set.needs | (self.reward_fn.quantities & FORWARD_OUTPUTS)
         low, high = self.feature_set.bounds()
         self.observation_space = gym.spaces.Box(low, high, dtype=np.float32)
         self.timings: dict[str, float] = {}  # wall times of the last step (nondeterministic, so not in info)
@@ -250,6 +253,7 @@ class KVPrecisionEnv(gym.Env):
         self._episode = _Episode(item, prompt_ids, endings, blocks, reference, cache, RunningFrequency())
         ctx = self._run_block(0)
         obs = self._observe(ctx)
+        self.reward_fn.reset(self._step_view(None, ctx))
         self.timings["forward_ms"] = 1000 * ctx.forward_seconds
         info = {"row": item.row, "blocks": len(blocks), "prompt_tokens": len(prompt_ids), "shots": n_shots}
         return obs, info
@@ -290,42 +294,19 @@ class KVPrecisionEnv(gym.Env):
         ep.block_index += 1
         terminal = ep.block_index >= len(ep.blocks)
         info: dict[str, Any] = {"bits": bits, "row": ep.item.row}
-        logprob_delta, scored = 0.0, 0
-        ending_delta, correct_norm = 0.0, False
+        ctx, scores = None, None
         if not terminal:
             ctx = self._run_block(ep.block_index)
             obs = self._observe(ctx)
             start, end = ep.blocks[ep.block_index]
-            ref = ep.reference.target_logprobs[start : start + int(ctx.target_mask.sum())]
-            logprob_delta = float((ctx.target_log_probs - ref).sum())
-            scored = len(ref)
             info["tokens"] = end - start
             forward_ms = 1000 * ctx.forward_seconds
         else:
             obs = ep.last_obs.copy()  # a new array: the passive checker flags a reused one
             t_fwd = time.perf_counter()
             scores = self._score_endings(ep.cache, ep.prompt_ids, ep.last_logits, ep.endings)
-            pred, pred_norm = choose(scores.tolist(), ep.item.endings)
-            gold = ep.item.label
-            ending_delta = float(scores[gold] - ep.reference.ending_scores[gold])
-            correct_norm = pred_norm == gold
             ep.done = True
             forward_ms = 1000 * (time.perf_counter() - t_fwd)
-            info.update(
-                tokens=sum(len(e) for e in ep.endings),
-                scores=[float(s) for s in scores],
-                pred=int(pred),
-                pred_norm=int(pred_norm),
-                gold=int(gold),
-                correct=bool(pred == gold),
-                correct_norm=bool(correct_norm),
-                reference_correct=bool(ep.reference.pred == gold),
-                reference_correct_norm=bool(ep.reference.pred_norm == gold),
-                loglik_delta=ending_delta,
-                avg_bits=ep.cache.average_bits(),
-                kv_bytes=after,
-                fp16_kv_bytes=after_fp16,
-            )
         record = StepRecord(
             bits=bits,
             max_bits=FULL_BITS,
@@ -335,15 +316,29 @@ class KVPrecisionEnv(gym.Env):
             cache_nbytes=after,
             cache_fp16_nbytes=after_fp16,
             avg_bits=ep.cache.average_bits(),
-            logprob_delta=logprob_delta,
-            scored_tokens=scored,
             step_seconds=time.perf_counter() - t0,
             terminal=terminal,
-            ending_logprob_delta=ending_delta,
-            correct_norm=correct_norm,
-            reference_correct_norm=ep.reference.pred_norm == ep.item.label,
         )
-        reward, terms = self.reward_fn(record)
+        step = self._step_view(record, ctx, scores)
+        if terminal:
+            pred, pred_norm = step["choice"]
+            gold = ep.item.label
+            info.update(
+                tokens=sum(len(e) for e in ep.endings),
+                scores=[float(s) for s in scores],
+                pred=int(pred),
+                pred_norm=int(pred_norm),
+                gold=int(gold),
+                correct=bool(pred == gold),
+                correct_norm=bool(step["correct_norm"]),
+                reference_correct=bool(ep.reference.pred == gold),
+                reference_correct_norm=bool(step["reference_correct_norm"]),
+                loglik_delta=step["ending_logprob_delta"],
+                avg_bits=record.avg_bits,
+                kv_bytes=after,
+                fp16_kv_bytes=after_fp16,
+            )
+        reward, terms = self.reward_fn(step)
         info["rewards"] = terms
         # Timings are kept out of ``info`` so that same seed -> same info (Gymnasium's determinism check).
         self.timings = {"forward_ms": forward_ms, "step_ms": 1000 * record.step_seconds, "tokens": info["tokens"]}
@@ -357,6 +352,22 @@ class KVPrecisionEnv(gym.Env):
         self._closed = True
 
     # --- internals ----------------------------------------------------------------------------
+    def _step_view(
+        self, record: StepRecord | None, block: BlockContext | None, ending_scores: np.ndarray | None = None
+    ) -> StepView:
+        """What reward terms may read about this step; ``block`` is the block just run (None at the end)."""
+        ep = self._episode
+        state = StepState(
+            model=self.model,
+            item=ep.item,
+            cache=ep.cache,
+            reference=ep.reference,
+            next_block=block,
+            next_span=ep.blocks[ep.block_index] if block is not None else None,
+            ending_scores=ending_scores,
+        )
+        return StepView(record, state)
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the environment is closed")
@@ -398,10 +409,10 @@ class KVPrecisionEnv(gym.Env):
         ids = torch.tensor(ep.prompt_ids[start:end]).unsqueeze(0)
         saliency = None
         t0 = time.perf_counter()
-        if "saliency" in self.feature_set.needs:
+        if "saliency" in self.forward_needs:
             out, saliency = self._forward_with_saliency(ids, ep.cache)
         else:
-            out = self._forward(ids, ep.cache, "attentions" in self.feature_set.needs)
+            out = self._forward(ids, ep.cache, "attentions" in self.forward_needs)
         seconds = time.perf_counter() - t0
         logits = out.logits[0]
         ep.last_logits = logits[-1]
@@ -428,7 +439,7 @@ class KVPrecisionEnv(gym.Env):
                 inputs_embeds=embeds,
                 past_key_values=cache,
                 use_cache=True,
-                output_attentions="attentions" in self.feature_set.needs,
+                output_attentions="attentions" in self.forward_needs,
             )
             top = torch.log_softmax(out.logits[0].float(), -1).max(-1).values.sum()
             (grad,) = torch.autograd.grad(top, embeds)

@@ -1,9 +1,12 @@
 """Reward terms (CompilerGym style) and their weighted sum.
 
 A reward term is one class in one file: it declares its ``name``, whether it is ``deterministic``
-(the same seed gives the same value) and what it ``needs`` from the environment, and turns a
-:class:`StepRecord` into a float. Higher is better for every built-in term, so weights are
-positive. YAML picks terms by name::
+(the same seed gives the same value on one machine), whether it is ``platform_dependent`` (values
+jitter across machines: anything measured after low-bit quantization, wall time) and the quantities
+it ``needs`` (see :mod:`envs.quantities`); it turns a :class:`StepView` into a float, reading
+``step.record`` (the step's scalars, always there) and ``step[name]`` for each name it declared.
+The env computes only what the chosen terms need. ``reset`` lets a term keep per-episode state.
+Higher is better for every built-in term, so weights are positive. YAML picks terms by name::
 
     rewards:
       loglik: 1.0
@@ -14,60 +17,38 @@ Adding a term::
 
     @register_reward("my_term")
     class MyTerm(RewardTerm):
-        def __call__(self, record: StepRecord) -> float:
-            return -record.bits / 16
+        needs = frozenset({"logprob_delta"})
+
+        def __call__(self, step: StepView) -> float:
+            return step["logprob_delta"] - step.record.bits / 16
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from envs.quantities import StepView, required
 from quant.registry import Registry
 
 REWARDS: Registry[RewardTerm] = Registry("reward term")
 register_reward = REWARDS.register
 
 
-@dataclass
-class StepRecord:
-    """What one step did, as reward terms see it.
-
-    ``logprob_delta`` is the summed log-probability of the next block's actual tokens under the
-    partly quantized cache minus the same under the full-precision reference of the same item:
-    measuring against the item's own reference removes item difficulty from the signal and
-    leaves the damage quantization did.
-    """
-
-    bits: int  # bits chosen for the block just committed
-    max_bits: int  # the unit of bit-valued terms: 16 (fp16), whatever bits the env's menu offers
-    block_tokens: int  # tokens in the committed block
-    block_nbytes: int  # bytes the committed block holds (all layers, keys + values)
-    block_fp16_nbytes: int  # the same block in fp16
-    cache_nbytes: int  # bytes the whole committed cache holds after the commit
-    cache_fp16_nbytes: int
-    avg_bits: float  # token-weighted average committed bits after the commit
-    logprob_delta: float  # next block's tokens (0 at the terminal step)
-    scored_tokens: int  # how many tokens logprob_delta sums over
-    step_seconds: float  # wall time of the step (commit + forward + features)
-    terminal: bool
-    # terminal only: the gold ending and the choice, under the policy's cache and under fp16
-    ending_logprob_delta: float = 0.0
-    correct_norm: bool = False
-    reference_correct_norm: bool = False
-
-
 class RewardTerm:
     name: str = ""
     deterministic: bool = True
-    needs: frozenset[str] = frozenset()  # {"reference"}: needs the full-precision pass of the item
+    platform_dependent: bool = False
+    needs: frozenset[str] = frozenset()  # quantity names (envs.quantities.QUANTITIES)
 
     def __init__(self, **params: Any):
         if params:
             raise TypeError(f"reward term {self.name!r} takes no parameters, got {sorted(params)}")
 
-    def __call__(self, record: StepRecord) -> float:
+    def reset(self, step: StepView) -> None:
+        """Called at every episode start with the view of block 0 (``step.record`` is None)."""
+
+    def __call__(self, step: StepView) -> float:
         raise NotImplementedError
 
 
@@ -81,38 +62,42 @@ class EndingLogLikelihood(RewardTerm):
     the evaluation actually measures, at the price of one sparse reward per episode.
     """
 
-    needs = frozenset({"reference"})
+    platform_dependent = True
+    needs = frozenset({"ending_logprob_delta"})
 
-    def __call__(self, record: StepRecord) -> float:
-        return record.ending_logprob_delta if record.terminal else 0.0
+    def __call__(self, step: StepView) -> float:
+        return step["ending_logprob_delta"] if step.record.terminal else 0.0
 
 
 @register_reward("loglik")
 class LogLikelihood(EndingLogLikelihood):
     """Log-likelihood change vs full precision: next block's tokens, and the gold ending at the end (nats)."""
 
-    def __call__(self, record: StepRecord) -> float:
-        return record.logprob_delta + super().__call__(record)
+    needs = frozenset({"logprob_delta", "ending_logprob_delta"})
+
+    def __call__(self, step: StepView) -> float:
+        return step["logprob_delta"] + super().__call__(step)
 
 
 @register_reward("accuracy")
 class Accuracy(RewardTerm):
     """Terminal: normalised-accuracy hit relative to fp16 (+1 gained, -1 lost, 0 same)."""
 
-    needs = frozenset({"reference"})
+    platform_dependent = True
+    needs = frozenset({"correct_norm", "reference_correct_norm"})
 
-    def __call__(self, record: StepRecord) -> float:
-        if not record.terminal:
+    def __call__(self, step: StepView) -> float:
+        if not step.record.terminal:
             return 0.0
-        return float(record.correct_norm) - float(record.reference_correct_norm)
+        return float(step["correct_norm"]) - float(step["reference_correct_norm"])
 
 
 @register_reward("memory")
 class Memory(RewardTerm):
     """Minus the committed block's KV bytes relative to fp16 (-1 at 16 bits, about -0.28 at 4)."""
 
-    def __call__(self, record: StepRecord) -> float:
-        return -record.block_nbytes / record.block_fp16_nbytes
+    def __call__(self, step: StepView) -> float:
+        return -step.record.block_nbytes / step.record.block_fp16_nbytes
 
 
 @register_reward("latency")
@@ -120,9 +105,10 @@ class Latency(RewardTerm):
     """Minus the measured wall time of the step in seconds: real, but nondeterministic."""
 
     deterministic = False
+    platform_dependent = True
 
-    def __call__(self, record: StepRecord) -> float:
-        return -record.step_seconds
+    def __call__(self, step: StepView) -> float:
+        return -step.record.step_seconds
 
 
 @register_reward("latency_model")
@@ -133,8 +119,8 @@ class LatencyModel(RewardTerm):
     cache) predict its cost; unlike ``memory`` this charges every earlier block again at every step.
     """
 
-    def __call__(self, record: StepRecord) -> float:
-        return -record.cache_nbytes / record.cache_fp16_nbytes
+    def __call__(self, step: StepView) -> float:
+        return -step.record.cache_nbytes / step.record.cache_fp16_nbytes
 
 
 @register_reward("budget")
@@ -146,8 +132,8 @@ class Budget(RewardTerm):
             raise ValueError(f"target_bits must be positive, got {target_bits}")
         self.target_bits = float(target_bits)
 
-    def __call__(self, record: StepRecord) -> float:
-        return -max(0.0, record.avg_bits - self.target_bits) / record.max_bits
+    def __call__(self, step: StepView) -> float:
+        return -max(0.0, step.record.avg_bits - self.target_bits) / step.record.max_bits
 
 
 @register_reward("final_budget")
@@ -160,8 +146,8 @@ class FinalBudget(Budget):
     means; PPO's returns carry the terminal charge back to the choices that caused it.
     """
 
-    def __call__(self, record: StepRecord) -> float:
-        return super().__call__(record) if record.terminal else 0.0
+    def __call__(self, step: StepView) -> float:
+        return super().__call__(step) if step.record.terminal else 0.0
 
 
 class RewardFunction:
@@ -179,13 +165,27 @@ class RewardFunction:
             else:
                 params, weight = {}, float(value)
             self.terms[name] = (weight, cls(**params))
-        self.deterministic = all(term.deterministic for _, term in self.terms.values())
-        self.needs: frozenset[str] = frozenset().union(*(term.needs for _, term in self.terms.values()))
+        terms = [term for _, term in self.terms.values()]
+        self.deterministic = all(term.deterministic for term in terms)
+        self.platform_dependent = any(term.platform_dependent for term in terms)
+        #: every quantity a step may compute for these terms (their needs and what those read in turn)
+        self.quantities: frozenset[str] = frozenset().union(
+            *(required(term.needs, f"reward term {name!r}") for name, (_, term) in self.terms.items())
+        )
 
-    def __call__(self, record: StepRecord) -> tuple[float, dict[str, float]]:
-        values = {name: float(term(record)) for name, (_, term) in self.terms.items()}
+    def reset(self, step: StepView) -> None:
+        """Start of an episode: each term sees block 0 through its own needs."""
+        for name, (_, term) in self.terms.items():
+            term.reset(self._seen_by(name, term, step))
+
+    def __call__(self, step: StepView) -> tuple[float, dict[str, float]]:
+        values = {name: float(t(self._seen_by(name, t, step))) for name, (_, t) in self.terms.items()}
         total = sum(self.terms[name][0] * v for name, v in values.items())
         return float(total), values
+
+    @staticmethod
+    def _seen_by(name: str, term: RewardTerm, step: StepView) -> StepView:
+        return step.restricted(f"reward term {name!r}", term.needs)
 
 
 DEFAULT_REWARDS: dict[str, float] = {"loglik": 1.0, "memory": 1.0}

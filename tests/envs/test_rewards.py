@@ -1,4 +1,4 @@
-"""Reward terms on hand-made step records, their weighted sum, and the registry's extension path."""
+"""Reward terms on hand-made step views, their weighted sum, and the registry's extension path."""
 
 from __future__ import annotations
 
@@ -8,16 +8,23 @@ import numpy as np
 import pytest
 from _tiny_env import ITEMS, TINY_CONFIG, make_env
 
-from envs.rewards import DEFAULT_REWARDS, REWARDS, RewardFunction, RewardTerm, StepRecord, register_reward
+from envs.quantities import StepRecord, StepView
+from envs.rewards import DEFAULT_REWARDS, REWARDS, RewardFunction, RewardTerm, register_reward
+
+#: the quantities of a hand-made step, as providers would compute them, and their defaults
+QUANTITY_DEFAULTS = dict(
+    logprob_delta=-0.75, ending_logprob_delta=0.0, correct_norm=False, reference_correct_norm=False
+)
 
 
-def record(**changes) -> StepRecord:
+def record(**changes) -> StepView:
+    """A hand-made step: ``changes`` set record fields or quantities (the rest keep these defaults)."""
+    values = {name: changes.pop(name, default) for name, default in QUANTITY_DEFAULTS.items()}
     base = StepRecord(
         bits=4, max_bits=16, block_tokens=64, block_nbytes=300, block_fp16_nbytes=1000, cache_nbytes=1200,
-        cache_fp16_nbytes=3000, avg_bits=6.0, logprob_delta=-0.75, scored_tokens=64, step_seconds=0.125,
-        terminal=False,
+        cache_fp16_nbytes=3000, avg_bits=6.0, step_seconds=0.125, terminal=False,
     )
-    return dataclasses.replace(base, **changes)
+    return StepView(dataclasses.replace(base, **changes), values=values)
 
 
 def term(name: str, **params) -> RewardTerm:
@@ -33,16 +40,16 @@ def test_loglik_adds_the_ending_delta_only_at_the_end():
 def test_ending_loglik_is_the_gold_ending_only_and_terminal_only():
     assert term("ending_loglik")(record(ending_logprob_delta=-2.0)) == 0.0  # block tokens never count
     assert term("ending_loglik")(record(terminal=True, logprob_delta=-5.0, ending_logprob_delta=-2.0)) == -2.0
-    assert "reference" in REWARDS.get("ending_loglik").needs
+    assert REWARDS.get("ending_loglik").needs == {"ending_logprob_delta"}
 
 
 @pytest.mark.parametrize(
     ("policy", "reference", "expected"), [(True, False, 1.0), (False, True, -1.0), (True, True, 0.0), (False, False, 0.0)]
 )
 def test_accuracy_is_relative_to_fp16_and_terminal_only(policy, reference, expected):
-    r = record(terminal=True, correct_norm=policy, reference_correct_norm=reference)
-    assert term("accuracy")(r) == expected
-    assert term("accuracy")(dataclasses.replace(r, terminal=False)) == 0.0
+    outcome = dict(correct_norm=policy, reference_correct_norm=reference)
+    assert term("accuracy")(record(terminal=True, **outcome)) == expected
+    assert term("accuracy")(record(**outcome)) == 0.0
 
 
 def test_memory_latency_and_latency_model():
@@ -76,8 +83,13 @@ def test_reward_function_weighted_sum_and_spec_forms():
     total, values = fn(record())
     assert values == pytest.approx({"loglik": -0.75, "memory": -0.3, "budget": -2.0 / 16})
     assert total == pytest.approx(2.0 * -0.75 + 0.5 * -0.3 + 3.0 * -2.0 / 16)
-    assert fn.deterministic and fn.needs == frozenset({"reference"})
+    assert fn.deterministic and fn.platform_dependent
+    loglik_reads = {"logprob_delta", "ending_logprob_delta", "next_block", "reference", "ending_scores"}
+    assert loglik_reads <= fn.quantities
     assert not RewardFunction({"latency": 1.0}).deterministic
+    assert RewardFunction({"latency": 1.0}).platform_dependent
+    assert not RewardFunction({"memory": 1.0, "latency_model": 1.0, "final_budget": 1.0}).platform_dependent
+    assert RewardFunction({"memory": 1.0}).quantities == frozenset()
     assert DEFAULT_REWARDS == {"loglik": 1.0, "memory": 1.0}
 
 
@@ -149,8 +161,8 @@ def test_custom_term_trains_with_ppo_and_unregisters(tiny_model):
     class PreferLowBits(RewardTerm):
         """Fewer bits is better (a toy objective for the test)."""
 
-        def __call__(self, record: StepRecord) -> float:
-            return -record.bits / record.max_bits
+        def __call__(self, step: StepView) -> float:
+            return -step.record.bits / step.record.max_bits
 
     try:
         env = make_env(tiny_model, rewards={PREFER_LOW: 1.0, "memory": 0.0})
