@@ -9,7 +9,6 @@ envs.hellaswag.split_items, with shots drawn from the disjoint pool (seeded per 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,26 +20,9 @@ from tqdm.auto import tqdm
 from envs.hellaswag import HellaSwagItem, build_prompt, item_rng, load_hellaswag, sample_shots, split_items
 from envs.scoring import TARGET_DELIMITER, choose, encode_pair, score_requests
 from experiments.io import seed_everything, write_json
+from experiments.stats import proportion_ci
 
-__all__ = ["evaluate_fp16", "mean_ci", "item_rng", "main"]
-
-Z95 = 1.959963984540054
-
-
-def mean_ci(values: Sequence[float], z: float = Z95) -> tuple[float, float, float]:
-    """``(mean, lo, hi)``: normal-approximation 95% CI with the sample std (ddof=1).
-
-    This is lm-eval's ``mean_stderr`` convention, so intervals line up with its reported stderr.
-    With fewer than two values the interval is undefined and lo/hi are NaN.
-    """
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.size == 0:
-        raise ValueError("mean_ci needs at least one value")
-    mean = float(arr.mean())
-    if arr.size < 2:
-        return mean, math.nan, math.nan
-    half = z * float(arr.std(ddof=1)) / math.sqrt(arr.size)
-    return mean, mean - half, mean + half
+__all__ = ["evaluate_fp16", "item_rng", "main"]
 
 
 def _item_requests(tokenizer, item: HellaSwagItem, shots: Sequence[HellaSwagItem]):
@@ -86,12 +68,13 @@ def evaluate_fp16(
         bar.update(len(chunk))
     bar.close()
     elapsed = time.perf_counter() - start
-    acc = mean_ci([float(r["correct"]) for r in records])
-    acc_norm = mean_ci([float(r["correct_norm"]) for r in records])
+    # Wilson intervals, as experiments.evaluate reports accuracies, so the two can be read side by side
+    acc = proportion_ci(sum(r["correct"] for r in records), len(records))
+    acc_norm = proportion_ci(sum(r["correct_norm"] for r in records), len(records))
     summary = {
         "items": len(records), "shots": shots, "seed": seed,
-        "acc": acc[0], "acc_ci95": [acc[1], acc[2]],
-        "acc_norm": acc_norm[0], "acc_norm_ci95": [acc_norm[1], acc_norm[2]],
+        "acc": acc.mean, "acc_ci95": [acc.lo, acc.hi],
+        "acc_norm": acc_norm.mean, "acc_norm_ci95": [acc_norm.lo, acc_norm.hi],
         "mean_prompt_tokens": float(np.mean([r["prompt_tokens"] for r in records])),
         "seconds_per_item": elapsed / len(records),
     }

@@ -6,6 +6,10 @@ Every policy runs the same episodes (``reset(options={"row": r})`` fixes item an
 differences to fp16 and to fixed 4-bit are *paired* per item, which is what makes small accuracy
 differences measurable at all. Records are appended to ``records.jsonl`` as they finish, so an
 interrupted run resumes where it stopped; ``summary.json`` is rewritten atomically at the end.
+Each record carries the fingerprint of the machine that computed it (``fingerprints.json`` says
+what each id stands for): per-item quantized scores differ across machines, so a resume on another
+machine is refused unless ``allow_mixed_fingerprints`` is set. ``summary.json`` lists the
+``references`` compared against and the ``fingerprints`` its records hold.
 
 Policy specs: anything ``agents.registry.make_policy`` takes (``fixed:4``, ``rule``, ``rule:t.yaml``,
 ``mlp:mlp.pt``, ``sb3:ppo.zip``), plus ``fp16`` (every block kept at 16 bits: a real fp16 KV cache)
@@ -25,12 +29,13 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.registry import make_policy
+from envs.fingerprint import fingerprint, fingerprint_id
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
 from envs.scoring import choose, continuation_logprobs
 from experiments import tracking
 from experiments.config import parse_config, save_config
-from experiments.io import read_jsonl, write_json
-from experiments.stats import summarize_all
+from experiments.io import write_json
+from experiments.stats import fingerprint_counts, summarize_all
 from quant.baselines import kv_cache_nbytes, quanto_cache
 
 
@@ -41,7 +46,11 @@ class EvaluateConfig:
     items: int = 50  # the first N items of the held-out split
     out_dir: str = "runs/evaluate"
     resume: bool = True  # skip (policy, row) pairs already in records.jsonl
-    references: tuple[str, ...] = ("fp16", "fixed-4")  # paired differences against these
+    # paired differences against these policies (their names, as records and the report spell them)
+    references: tuple[str, ...] = ("fp16", "fixed:4")
+    # Resuming on a machine whose fingerprint differs from the existing records' is refused:
+    # per-item quantized scores differ across machines (envs/fingerprint.py). True mixes them anyway.
+    allow_mixed_fingerprints: bool = False
     wandb_project: str = "kvgym"
     wandb_group: str | None = None  # one group per comparison; default: the out_dir name
     progress: bool = True
@@ -129,6 +138,32 @@ def _run_quanto(env: KVPrecisionEnv, row: int, nbits: int) -> dict:
     }
 
 
+def _policy_name(spec: str) -> str:
+    """The one name of the policy ``spec`` runs: in its records, in ``references``, the report and wandb.
+
+    Stand-in until ``agents.registry.canonical_name`` lands (this body then becomes a call to it).
+    """
+    kind, _, arg = spec.strip().partition(":")
+    if kind == "sb3":
+        algo, sep, _ = arg.partition(":")
+        return algo.lower() if sep else "ppo"
+    return kind if kind in ("rule", "mlp") else spec.strip()
+
+
+def _policy_names(cfg: EvaluateConfig) -> list[str]:
+    """Names of ``cfg.policies``; a name given twice or a reference naming no policy is a config error."""
+    names = [_policy_name(spec) for spec in cfg.policies]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"several policies are named {twice} (policies: {list(cfg.policies)}); "
+                         "each policy's records need a name of their own")
+    unknown = [ref for ref in cfg.references if ref not in names]
+    if unknown:
+        raise ValueError(f"references {unknown} name no evaluated policy; the policies are named {names} "
+                         "(set references to some of these, or add the policy)")
+    return names
+
+
 def _load_done(path: Path) -> tuple[list[dict], set[tuple[str, int]]]:
     """Finished episodes. A line cut short by a kill is skipped (its episode runs again) and closed
     with a newline, so the next record starts on a line of its own."""
@@ -154,6 +189,23 @@ def _append(path: Path, record: dict) -> None:
         f.flush()
 
 
+def _check_fingerprints(records: list[dict], current: str, cfg: EvaluateConfig, path: Path) -> None:
+    """Refuse to add this machine's records to another machine's, unless the config allows it."""
+    others = {fp: n for fp, n in fingerprint_counts(records).items() if fp != current}
+    if others and not cfg.allow_mixed_fingerprints:
+        raise ValueError(
+            f"{path} holds records computed under fingerprint(s) {others} (id: records), and this run's "
+            f"fingerprint is {current!r}; per-item quantized scores differ across machines, so the two "
+            "would not compare item for item (see fingerprints.json beside it). Evaluate into a new "
+            "out_dir, or set allow_mixed_fingerprints=true to continue anyway (paired differences then "
+            "use only items whose records share a fingerprint).")
+
+
+def _load_fingerprints(path: Path) -> dict[str, dict]:
+    """``fingerprints.json``: what each fingerprint id of this out_dir's records stands for."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate every policy on the same items; return the paths written."""
     if cfg.items < 1:
@@ -162,6 +214,7 @@ def run(cfg: EvaluateConfig) -> dict:
         raise ValueError("no policies to evaluate")
     if not 0 <= cfg.shard < cfg.shards:
         raise ValueError(f"shard must be in [0, shards), got shard={cfg.shard} shards={cfg.shards}")
+    names = _policy_names(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
@@ -169,21 +222,28 @@ def run(cfg: EvaluateConfig) -> dict:
     save_config(cfg, out / "config.yaml")
     env_cfg = EnvConfig.from_dict({**cfg.env.__dict__, "split": "eval"})
     env = KVPrecisionEnv(env_cfg)
+    records_path, fingerprints_path = out / "records.jsonl", out / "fingerprints.json"
     try:
         rows = [item.row for item in env.items[: cfg.items]]
         if not rows:
             raise ValueError("the held-out item set is empty")
-        runners = dict(_policy_runner(spec, env) for spec in cfg.policies)
-        records_path = out / "records.jsonl"
+        runners = {name: _policy_runner(spec, env)[1] for name, spec in zip(names, cfg.policies, strict=True)}
+        details = fingerprint(env.model.device, env.model.dtype)
+        current = fingerprint_id(details)
         if not cfg.resume and records_path.exists():
             records_path.unlink()
         records, done = _load_done(records_path)
         mine = rows[cfg.shard :: cfg.shards]
         todo = [(name, row) for row in mine for name in runners if (name, row) not in done]
+        if todo:
+            _check_fingerprints(records, current, cfg, records_path)
+            known = _load_fingerprints(fingerprints_path)
+            if current not in known:
+                write_json(fingerprints_path, {**known, current: details})
         bar = tqdm(todo, desc="evaluate", disable=not cfg.progress, unit="episode")
         for name, row in bar:
             bar.set_postfix(policy=name, row=row)
-            record = {"policy": name, "row": row, **runners[name](env, row)}
+            record = {"policy": name, "row": row, **runners[name](env, row), "fingerprint": current}
             _append(records_path, record)
             records.append(record)
     finally:
@@ -198,9 +258,14 @@ def run(cfg: EvaluateConfig) -> dict:
     wanted = set(rows)
     records = [r for r in records if r["row"] in wanted and r["policy"] in runners]
     policies = summarize_all(records, references=cfg.references)
-    summary_path = write_json(out / "summary.json", {"config": _plain(cfg), "policies": policies})
+    known = _load_fingerprints(fingerprints_path)
+    fingerprints = {fp: {"records": n, "fingerprint": known.get(fp)} for fp, n in fingerprint_counts(records).items()}
+    references = list(cfg.references)
+    summary_path = write_json(out / "summary.json", {"config": _plain(cfg), "references": references,
+                                                     "fingerprints": fingerprints, "policies": policies})
     _log_wandb(cfg, policies, out)
-    return {"records": str(records_path), "summary": str(summary_path), "policies": policies}
+    return {"records": str(records_path), "summary": str(summary_path), "policies": policies,
+            "references": references, "fingerprints": fingerprints}
 
 
 def _plain(cfg: EvaluateConfig) -> dict:
@@ -216,7 +281,7 @@ def _log_wandb(cfg: EvaluateConfig, policies: dict, out: Path) -> None:
         run = tracking.init_run(
             project=cfg.wandb_project, group=group, name=name, config=cfg, job_type="evaluate", dir=out
         )
-        tracking.log_summary_table(run, {name: entry})
+        tracking.log_summary_table(run, {name: entry}, cfg.references)
         tracking.finish(run)
 
 
@@ -227,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from experiments.report import print_table
 
-    print_table(result["policies"])
+    print_table(result["policies"], result["references"])
     print(f"records: {result['records']}\nsummary: {result['summary']}")
     return 0
 

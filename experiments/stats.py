@@ -4,17 +4,24 @@ HellaSwag accuracies of KV-precision policies differ by a point or two on a few 
 well inside sampling noise, so every number we report carries a 95% interval, and differences
 between policies are computed *per item* (paired): item difficulty is shared by both policies
 and cancels, which makes the interval on the difference far narrower than the two separate ones.
-No scipy dependency: the Student-t quantile comes from the regularised incomplete beta function.
+Quantiles, Wilson intervals and rank correlations come from scipy.stats.
+
+A pair is two records of the same item computed under the same fingerprint (see
+envs/fingerprint.py): per-item quantized scores differ across machines, so a difference between
+records of two machines would measure the machines, not the policies. Pairs whose fingerprints
+differ are left out, and each paired entry says how many ``items`` it rests on.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from statistics import NormalDist
 
-DEFAULT_REFERENCES = ("fp16", "fixed-4")
+from scipy import stats
+
+from envs.fingerprint import UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -27,58 +34,8 @@ class CI:
         return asdict(self)
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction for the incomplete beta function (Lentz's method)."""
-    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b)."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-def t_quantile(p: float, df: float) -> float:
-    """Inverse Student-t CDF by bisection (monotone, so exact to float precision in ~100 steps)."""
-    if not 0.0 < p < 1.0 or df <= 0:
-        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
 def mean_ci(x: Iterable[float], level: float = 0.95) -> CI:
-    """t-interval on the sample mean; with fewer than two values there is no spread, so lo = hi = mean."""
+    """Student-t interval on the sample mean; with fewer than two values there is no spread, so lo = hi = mean."""
     xs = [float(v) for v in x]
     if not xs:
         raise ValueError("mean_ci needs at least one value, got an empty sequence")
@@ -86,7 +43,7 @@ def mean_ci(x: Iterable[float], level: float = 0.95) -> CI:
     if n < 2:
         return CI(mean, mean, mean)
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in xs) / (n - 1))
-    half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + level / 2.0, n - 1)) * sd / math.sqrt(n)
     return CI(mean, mean - half, mean + half)
 
 
@@ -94,16 +51,10 @@ def proportion_ci(successes: float, n: int, level: float = 0.95) -> CI:
     """Wilson score interval: stays inside [0, 1] and behaves at 0% or 100% where the t-interval collapses."""
     if n <= 0:
         raise ValueError(f"proportion_ci needs n > 0 trials, got n={n}")
-    if not 0 <= successes <= n:
-        raise ValueError(f"proportion_ci needs 0 <= successes <= n, got successes={successes}, n={n}")
-    z = NormalDist().inv_cdf(0.5 + level / 2.0)
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends: no 1e-17 float dust
-    hi = 1.0 if successes == n else min(1.0, centre + half)
-    return CI(p, lo, hi)
+    if not 0 <= successes <= n or successes != int(successes):
+        raise ValueError(f"proportion_ci needs a whole number 0 <= successes <= n, got successes={successes}, n={n}")
+    ci = stats.binomtest(int(successes), n).proportion_ci(confidence_level=level, method="wilson")
+    return CI(successes / n, float(ci.low), float(ci.high))
 
 
 def paired_diff_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> CI:
@@ -113,33 +64,16 @@ def paired_diff_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) 
     return mean_ci([float(x) - float(y) for x, y in zip(a, b, strict=True)], level)
 
 
-def _ranks(x: Sequence[float]) -> list[float]:
-    """1-based ranks, ties sharing the mean of the ranks they span."""
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    ranks = [0.0] * len(x)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (Pearson on tie-averaged ranks); nan for < 3 pairs or a constant side."""
+    """Spearman rank correlation (ties share their mean rank); nan for < 3 pairs or a constant side."""
     a, b = [float(v) for v in a], [float(v) for v in b]
     if len(a) != len(b):
         raise ValueError(f"spearman needs equal lengths, got {len(a)} and {len(b)}")
     if len(a) < 3:
         return float("nan")
-    ra, rb = _ranks(a), _ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
-    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
+    with warnings.catch_warnings():  # a constant side is an expected nan here, not a surprise
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return float(stats.spearmanr(a, b).statistic)
 
 
 def _index(records: Sequence[dict], key: str, which: str) -> dict:
@@ -181,8 +115,37 @@ def _ratio(records: Sequence[dict], num: str, den: str) -> list[float]:
     return out
 
 
-def summarize_policy(records: list[dict], by_policy: dict[str, list[dict]],
-                     references: Sequence[str] = DEFAULT_REFERENCES, level: float = 0.95) -> dict:
+def record_fingerprint(record: dict) -> str:
+    """The fingerprint id a record was computed under; records from before fingerprints are ``unknown``."""
+    return record.get("fingerprint") or UNKNOWN
+
+
+def fingerprint_counts(records: Iterable[dict]) -> dict[str, int]:
+    """How many records each fingerprint computed, in first-seen order."""
+    counts: dict[str, int] = {}
+    for r in records:
+        fp = record_fingerprint(r)
+        counts[fp] = counts.get(fp, 0) + 1
+    return counts
+
+
+def _paired(records: Sequence[dict], ref_records: Sequence[dict], own: str, ref: str, level: float) -> dict:
+    """This policy minus ``ref`` on the items both computed under one fingerprint (see the module doc)."""
+    pairs = [(a, b) for a, b in align(records, ref_records) if record_fingerprint(a) == record_fingerprint(b)]
+    if not pairs:
+        raise ValueError(f"no item of {own!r} shares a fingerprint with {ref!r} ({own}: "
+                         f"{sorted(fingerprint_counts(records))}, {ref}: {sorted(fingerprint_counts(ref_records))}); "
+                         "evaluate both on the same machine to compare them")
+    out = {
+        m: paired_diff_ci([a[f] for a, _ in pairs], [b[f] for _, b in pairs], level).as_dict()
+        for m, f in (("acc", "correct"), ("acc_norm", "correct_norm"), ("loglik_delta", "loglik_delta"))
+    }
+    out["items"] = len(pairs)
+    return out
+
+
+def summarize_policy(records: list[dict], by_policy: dict[str, list[dict]], references: Sequence[str],
+                     level: float = 0.95) -> dict:
     """The ``summary`` + ``paired`` block of summary.json for one policy's per-item records.
 
     ``paired[ref]`` is this policy minus ``ref`` on the same items, for every reference present in
@@ -205,21 +168,13 @@ def summarize_policy(records: list[dict], by_policy: dict[str, list[dict]],
     summary["ms_per_item"] = mean_ci(_column(records, "ms"), level).as_dict()
     summary["ms_per_token"] = mean_ci(_ratio(records, "ms", "tokens"), level).as_dict()
     summary["items"] = n
-    paired: dict = {}
     own = names.pop()
-    for ref in references:
-        if ref == own or ref not in by_policy:
-            continue
-        pairs = align(records, by_policy[ref])
-        paired[ref] = {
-            m: paired_diff_ci([a[f] for a, _ in pairs], [b[f] for _, b in pairs], level).as_dict()
-            for m, f in (("acc", "correct"), ("acc_norm", "correct_norm"), ("loglik_delta", "loglik_delta"))
-        }
+    paired = {ref: _paired(records, by_policy[ref], own, ref, level)
+              for ref in references if ref != own and ref in by_policy}
     return {"summary": summary, "paired": paired}
 
 
-def summarize_all(records: Iterable[dict], references: Sequence[str] = DEFAULT_REFERENCES,
-                  level: float = 0.95) -> dict[str, dict]:
+def summarize_all(records: Iterable[dict], references: Sequence[str], level: float = 0.95) -> dict[str, dict]:
     """Group mixed records (as in records.jsonl) by ``policy`` and summarise each, in first-seen order."""
     by_policy: dict[str, list[dict]] = {}
     for r in records:

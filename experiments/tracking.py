@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import wandb
 
-from experiments.stats import DEFAULT_REFERENCES
+from experiments.report import columns  # the one definition of the comparison's columns
 
 _SCALARS = ("acc", "acc_norm", "loglik_delta", "avg_bits", "kv_bytes", "kv_ratio", "ms_per_item", "ms_per_token")
 
@@ -36,35 +37,24 @@ def init_run(*, project: str = "kvgym", group: str | None = None, name: str, con
                       dir=str(dir), mode=mode, reinit="finish_previous", settings=wandb.Settings(console="off"))
 
 
-def _row_values(name: str, entry: dict) -> list:
-    s = entry["summary"]
-    row: list = [name, s["items"]]
-    for key in _SCALARS:
-        row += [s[key]["mean"], s[key]["lo"], s[key]["hi"]]
-    for ref in DEFAULT_REFERENCES:
-        d = (entry.get("paired", {}).get(ref) or {}).get("acc_norm")
-        row += [d["mean"], d["lo"], d["hi"]] if d else [None, None, None]
-    return row
-
-
-def log_summary_table(run: Any, policies: dict[str, dict]) -> None:
-    """One ``wandb.Table`` row per policy, plus ``<policy>/<metric>`` run-summary scalars.
+def log_summary_table(run: Any, policies: dict[str, dict], references: Sequence[str]) -> None:
+    """One ``wandb.Table`` row per policy with the report's columns (intervals as ``key``, ``key_lo``,
+    ``key_hi``), plus ``<policy>/<metric>`` run-summary scalars.
 
     With a single policy (the usual one-run-per-policy layout) the scalars are also stored
     unprefixed, so runs of a group can be compared column by column in the wandb UI.
     """
-    columns = ["policy", "items"]
-    for key in _SCALARS:
-        columns += [key, f"{key}_lo", f"{key}_hi"]
-    for ref in DEFAULT_REFERENCES:
-        columns += [f"d_acc_norm_vs_{ref}", f"d_acc_norm_vs_{ref}_lo", f"d_acc_norm_vs_{ref}_hi"]
-    table = wandb.Table(columns=columns, data=[_row_values(n, e) for n, e in policies.items()])
-    run.log({"summary_table": table})
+    cols = columns(references)
+    names = ["policy", *(k for c in cols for k in c.keys())]
+    data = [[name, *(v for c in cols for v in c.numbers(entry))] for name, entry in policies.items()]
+    run.log({"summary_table": wandb.Table(columns=names, data=data)})
     for name, entry in policies.items():
         scalars = {key: entry["summary"][key]["mean"] for key in _SCALARS}
         scalars["items"] = entry["summary"]["items"]
-        for ref, diff in entry.get("paired", {}).items():
-            scalars[f"d_acc_norm_vs_{ref}"] = diff["acc_norm"]["mean"]
+        for ref in references:
+            diff = entry.get("paired", {}).get(ref)
+            if diff:
+                scalars[f"d_acc_norm_vs_{ref}"] = diff["acc_norm"]["mean"]
         run.summary.update({f"{name}/{k}": v for k, v in scalars.items()})
         if len(policies) == 1:
             run.summary.update(scalars)

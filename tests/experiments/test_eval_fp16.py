@@ -1,23 +1,16 @@
 import json
-import math
 
 import pytest
 
 from envs.hellaswag import HellaSwagItem, load_hellaswag, split_items
-from experiments.eval_fp16 import evaluate_fp16, main, mean_ci
+from experiments.eval_fp16 import evaluate_fp16, main
+from experiments.stats import proportion_ci
 
 
 def _items(n, offset=0):
     return [HellaSwagItem(offset + i, "Cooking", f"A cook stirs pot {i}. she",
                           ("adds salt.", "runs away quickly.", "sings.", "turns off the stove and leaves."), i % 4)
             for i in range(n)]
-
-
-def test_mean_ci():
-    mean, lo, hi = mean_ci([1, 0, 1, 1])
-    assert mean == 0.75 and lo < 0.75 < hi and hi - 0.75 == pytest.approx(0.75 - lo)
-    assert hi - lo == pytest.approx(2 * 1.959964 * 0.5 / 2, rel=1e-5)
-    assert math.isnan(mean_ci([1.0])[1])
 
 
 def test_evaluator_records_and_summary(tiny_model):
@@ -31,9 +24,9 @@ def test_evaluator_records_and_summary(tiny_model):
         assert r["gold"] == it.label and r["correct"] == (r["pred"] == it.label)
         assert r["prompt_tokens"] > len(tok.encode(it.query))  # two shots precede the query
     assert s["items"] == 6 and s["acc"] == pytest.approx(sum(r["correct"] for r in recs) / 6)
-    for key in ("acc", "acc_norm"):
-        lo, hi = s[f"{key}_ci95"]
-        assert lo <= s[key] <= hi
+    for key, field in (("acc", "correct"), ("acc_norm", "correct_norm")):
+        wilson = proportion_ci(sum(r[field] for r in recs), len(recs))  # the interval evaluate reports
+        assert s[f"{key}_ci95"] == [wilson.lo, wilson.hi] and s[key] == wilson.mean
     batched = evaluate_fp16(model, tok, items, pool, shots=2, seed=0, progress=False, batch_items=4)
     for a, b in zip(recs, batched["records"], strict=True):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-4) and a["prompt_tokens"] == b["prompt_tokens"]

@@ -33,21 +33,22 @@ def test_every_policy_runs_the_same_items_and_summary_is_paired(tmp_path):
     by_policy: dict[str, set[int]] = {}
     for r in records:
         by_policy.setdefault(r["policy"], set()).add(r["row"])
-    assert set(by_policy) == {"fp16", "fixed-2", "fixed-4", "rule", "quanto-4"}
+    assert set(by_policy) == {"fp16", "fixed:2", "fixed:4", "rule", "quanto:4"}
     assert len({frozenset(rows) for rows in by_policy.values()}) == 1  # identical item sets
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["config"]["items"] == 3
-    fixed2 = result["policies"]["fixed-2"]
+    assert summary["references"] == ["fp16", "fixed:4"]
+    fixed2 = result["policies"]["fixed:2"]
     assert fixed2["summary"]["avg_bits"]["mean"] == pytest.approx(2.0)
     assert fixed2["summary"]["kv_ratio"]["mean"] < 0.3
-    assert set(fixed2["paired"]) == {"fp16", "fixed-4"}
+    assert set(fixed2["paired"]) == {"fp16", "fixed:4"}
     fp16 = result["policies"]["fp16"]["summary"]
     assert fp16["kv_ratio"]["mean"] == pytest.approx(1.0)
     assert fp16["loglik_delta"]["mean"] == pytest.approx(0.0, abs=1e-2)  # fp16 KV vs fp32 reference
 
 
 def test_fp16_policy_agrees_with_the_full_precision_reference(tmp_path):
-    evaluate.run(_cfg(tmp_path, policies=["fp16"], items=4))
+    evaluate.run(_cfg(tmp_path, policies=["fp16"], references=["fp16"], items=4))
     from envs.kv_precision import KVPrecisionEnv
 
     env = KVPrecisionEnv(_cfg(tmp_path).env)
@@ -111,11 +112,63 @@ def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="items"):
         evaluate.run(_cfg(tmp_path, items=0))
     with pytest.raises(FileNotFoundError):
-        evaluate.run(_cfg(tmp_path, policies=["mlp:/nonexistent/mlp.pt"]))
+        evaluate.run(_cfg(tmp_path, policies=["mlp:/nonexistent/mlp.pt"], references=[]))
     with pytest.raises(ValueError, match="nbits"):
-        evaluate.run(_cfg(tmp_path, policies=["quanto:3"]))
+        evaluate.run(_cfg(tmp_path, policies=["quanto:3"], references=[]))
+    # a reference naming no evaluated policy fails before any model is loaded, listing the names
+    with pytest.raises(ValueError, match=r"references \['fixed-4'\] name no evaluated policy.*'fixed:4'"):
+        evaluate.run(_cfg(tmp_path, references=["fp16", "fixed-4"]))
+    with pytest.raises(ValueError, match=r"several policies are named \['rule'\]"):
+        evaluate.run(_cfg(tmp_path, policies=["fp16", "rule", "rule:2.0,2.8,3.5"], references=[]))
+    assert not (tmp_path / "eval" / "records.jsonl").exists()
     with pytest.raises(SystemExit):
         evaluate.main(["--set", "itemz=3"])
+
+
+def _rewrite_fingerprints(tmp_path, fingerprint):
+    path = tmp_path / "eval" / "records.jsonl"
+    records = _records(tmp_path)
+    for r in records:
+        r.pop("fingerprint")
+        if fingerprint is not None:
+            r["fingerprint"] = fingerprint
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_records_carry_the_fingerprint_and_the_summary_lists_it(tmp_path):
+    from envs.fingerprint import fingerprint, fingerprint_id
+
+    evaluate.run(_cfg(tmp_path, items=2))
+    here = fingerprint("cpu", "float32")
+    assert {r["fingerprint"] for r in _records(tmp_path)} == {fingerprint_id(here)}
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["fingerprints"] == {fingerprint_id(here): {"records": 6, "fingerprint": here}}
+    assert here["cpu"]["capability"] and "threads" not in json.dumps(here)
+
+
+def test_a_resume_on_another_machine_is_refused_unless_allowed(tmp_path):
+    evaluate.run(_cfg(tmp_path, items=2))
+    _rewrite_fingerprints(tmp_path, "0123456789ab")  # as if computed on another machine
+    with pytest.raises(ValueError, match=r"'0123456789ab'.*allow_mixed_fingerprints"):
+        evaluate.run(_cfg(tmp_path, items=3))
+    assert len(_records(tmp_path)) == 6  # nothing was added
+    evaluate.run(_cfg(tmp_path, items=2))  # nothing left to run: summarising mixes nothing
+    result = evaluate.run(_cfg(tmp_path, items=3, allow_mixed_fingerprints=True))
+    here = _records(tmp_path)[-1]["fingerprint"]
+    assert here != "0123456789ab"
+    assert {fp: v["records"] for fp, v in result["fingerprints"].items()} == {"0123456789ab": 6, here: 3}
+    assert result["fingerprints"]["0123456789ab"]["fingerprint"] is None  # not described in fingerprints.json
+    # every row's records share one fingerprint here, so every item is paired
+    assert result["policies"]["fixed:2"]["paired"]["fp16"]["items"] == 3
+
+
+def test_records_from_before_fingerprints_are_summarised_as_unknown(tmp_path):
+    evaluate.run(_cfg(tmp_path, items=2))
+    _rewrite_fingerprints(tmp_path, None)
+    result = evaluate.run(_cfg(tmp_path, items=2))
+    assert result["fingerprints"] == {"unknown": {"records": 6, "fingerprint": None}}
+    with pytest.raises(ValueError, match="'unknown'"):
+        evaluate.run(_cfg(tmp_path, items=3))
 
 
 def test_help(capsys):

@@ -7,11 +7,14 @@ import random
 
 import pytest
 
-from experiments.report import load_summaries, main, markdown_table, pareto_front
+from experiments.report import load_summaries, main, markdown_table, pareto_front, print_table
 from experiments.stats import summarize_all
+from experiments.tracking import log_summary_table
+
+REFS = ["fp16", "fixed:4"]
 
 
-def _summary_file(path, policies_bits, seed=0, n=30):
+def _summary_file(path, policies_bits, seed=0, n=30, references=REFS):
     rng = random.Random(seed)
     records = []
     for name, bits in policies_bits.items():
@@ -22,18 +25,20 @@ def _summary_file(path, policies_bits, seed=0, n=30):
                             "loglik_delta": -1.0 / bits, "avg_bits": bits, "kv_bytes": 10 * bits,
                             "fp16_kv_bytes": 160, "ms": 50 + rng.random(), "tokens": 400})
     path.mkdir(parents=True, exist_ok=True)
-    (path / "summary.json").write_text(json.dumps({"config": {"seed": seed}, "policies": summarize_all(records)}))
+    policies = summarize_all(records, references)
+    (path / "summary.json").write_text(json.dumps({"config": {"seed": seed}, "references": references,
+                                                   "policies": policies}))
     return path
 
 
 def test_report_writes_markdown_and_png(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # a wide rich console, so policy names are not wrapped
-    run = _summary_file(tmp_path / "eval", {"fp16": 16, "fixed-4": 4, "fixed-2": 2, "rule": 6.5})
+    run = _summary_file(tmp_path / "eval", {"fp16": 16, "fixed:4": 4, "fixed:2": 2, "rule": 6.5})
     out = tmp_path / "report"
     assert main([str(run), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     terminal = capsys.readouterr().out
-    for name in ("fp16", "fixed-4", "fixed-2", "rule"):
+    for name in ("fp16", "fixed:4", "fixed:2", "rule"):
         assert f"| {name} |" in md
         assert f" {name} " in terminal
     png = (out / "pareto.png").read_bytes()
@@ -42,17 +47,18 @@ def test_report_writes_markdown_and_png(tmp_path, capsys, monkeypatch):
 
 
 def test_merge_later_file_wins_with_warning(tmp_path):
-    a = _summary_file(tmp_path / "a", {"fp16": 16, "fixed-4": 4}, seed=1)
-    b = _summary_file(tmp_path / "b", {"fp16": 16, "ppo": 5}, seed=2)
+    a = _summary_file(tmp_path / "a", {"fp16": 16, "fixed:4": 4}, seed=1)
+    b = _summary_file(tmp_path / "b", {"fp16": 16, "ppo": 5}, seed=2, references=["fp16", "ppo"])
     with pytest.warns(UserWarning, match="'fp16'"):
-        merged = load_summaries([a, b / "summary.json"])
-    assert list(merged) == ["fp16", "fixed-4", "ppo"]
+        merged, references = load_summaries([a, b / "summary.json"])
+    assert list(merged) == ["fp16", "fixed:4", "ppo"]
+    assert references == ["fp16", "ppo"]  # b's fp16 replaced a's, the only one paired with fixed:4
     assert merged["fp16"] == json.loads((b / "summary.json").read_text())["policies"]["fp16"]
 
 
 def test_markdown_table_rows_and_deltas(tmp_path):
-    policies = load_summaries([_summary_file(tmp_path, {"fp16": 16, "fixed-4": 4, "mlp": 7})])
-    lines = markdown_table(policies).strip().splitlines()
+    policies, references = load_summaries([_summary_file(tmp_path, {"fp16": 16, "fixed:4": 4, "mlp": 7})])
+    lines = markdown_table(policies, references).strip().splitlines()
     assert len(lines) == 2 + 3
     assert all(line.count("|") == lines[0].count("|") for line in lines)
     fp16_row = next(line for line in lines if line.startswith("| fp16 |")).split("|")
@@ -77,3 +83,44 @@ def test_missing_file_is_clear(tmp_path, capsys):
     bad.write_text("{}")
     with pytest.raises(ValueError, match="not a summary.json"):
         load_summaries([bad])
+
+
+def test_every_reference_reaches_report_terminal_and_wandb(tmp_path, capsys, monkeypatch):
+    """A third reference (rule) gets its Δ column in report.md, on the terminal and in the wandb table."""
+    monkeypatch.setenv("COLUMNS", "250")
+    refs = ["fp16", "fixed:4", "rule"]
+    run_dir = _summary_file(tmp_path / "eval", {"fp16": 16, "fixed:4": 4, "rule": 6.5, "mlp": 7}, references=refs)
+    policies, references = load_summaries([run_dir])
+    assert references == refs
+    header = markdown_table(policies, references).splitlines()[0]
+    print_table(policies, references)
+    terminal = capsys.readouterr().out
+    logged = {}
+
+    class FakeRun:
+        summary: dict = {}
+
+        def log(self, data):
+            logged.update(data)
+
+    log_summary_table(FakeRun(), policies, references)
+    wandb_columns = logged["summary_table"].columns
+    for ref in refs:
+        assert f"Δacc_norm vs {ref}" in header
+        assert f"vs {ref}" in terminal
+        assert f"d_acc_norm_vs_{ref}" in wandb_columns
+    mlp = dict(zip(wandb_columns, next(r for r in logged["summary_table"].data if r[0] == "mlp"), strict=True))
+    assert mlp["d_acc_norm_vs_rule"] == policies["mlp"]["paired"]["rule"]["acc_norm"]["mean"]
+
+
+def test_old_summary_without_references_is_readable(tmp_path):
+    """Summaries from before ``references`` was stored: the config's list, limited to what was paired."""
+    run_dir = _summary_file(tmp_path / "old", {"fp16": 16, "fixed-4": 4, "rule": 6}, references=["fp16", "fixed-4"])
+    data = json.loads((run_dir / "summary.json").read_text())
+    del data["references"]
+    data["config"]["references"] = ["fp16", "fixed-4", "rule"]  # asked for, but never paired
+    (run_dir / "summary.json").write_text(json.dumps(data))
+    policies, references = load_summaries([run_dir])
+    assert references == ["fp16", "fixed-4"]
+    assert main([str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    assert "Δacc_norm vs fixed-4" in (tmp_path / "report" / "report.md").read_text()

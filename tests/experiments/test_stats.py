@@ -9,20 +9,27 @@ import pytest
 from experiments.stats import (
     CI,
     align,
+    fingerprint_counts,
     mean_ci,
     paired_diff_ci,
     proportion_ci,
     spearman,
     summarize_all,
     summarize_policy,
-    t_quantile,
 )
 
+REFS = ("fp16", "fixed:4")
+T975 = {1: 12.706205, 4: 2.776445, 10: 2.228139, 30: 2.042272, 39: 2.022691}  # Student-t tables
 
-@pytest.mark.parametrize("df, expected", [(1, 12.706205), (4, 2.776445), (10, 2.228139), (30, 2.042272)])
-def test_t_quantile_matches_tables(df, expected):
-    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-5)
-    assert t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-5)
+
+@pytest.mark.parametrize("df", sorted(T975))
+def test_mean_ci_uses_the_tabulated_t_quantile(df):
+    # values -1, +1 alternating (plus a 0 for odd n): the half-width is t * sd / sqrt(n)
+    n = df + 1
+    xs = [(-1) ** i for i in range(n - n % 2)] + [0] * (n % 2)
+    sd = math.sqrt(sum(v * v for v in xs) / (n - 1))
+    ci = mean_ci(xs)
+    assert ci.hi - ci.mean == pytest.approx(T975[df] * sd / math.sqrt(n), rel=1e-6)
 
 
 def test_mean_ci_hand_computation():
@@ -75,7 +82,7 @@ def test_paired_difference_known_items():
     assert ci.mean == pytest.approx(10 / 40)
     # differences are 10 ones and 30 zeros: sd = sqrt(10*0.75^2 + 30*0.25^2) / sqrt(39)
     sd = math.sqrt((10 * 0.75**2 + 30 * 0.25**2) / (n - 1))
-    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+    half = T975[n - 1] * sd / math.sqrt(n)
     assert (ci.lo, ci.hi) == pytest.approx((0.25 - half, 0.25 + half))
     assert ci.lo > 0  # a real improvement: the interval excludes 0
     # a wins on 2 items and loses on 1: no evidence either way, the interval covers 0
@@ -99,10 +106,10 @@ def test_align_pairs_by_row_and_fails_on_different_items():
 def test_summarize_policy_structure_and_values():
     by_policy = {
         "fp16": _records("fp16", [1] * 8 + [0] * 2, bits=16),
-        "fixed-4": _records("fixed-4", [1] * 6 + [0] * 4, bits=4),
+        "fixed:4": _records("fixed:4", [1] * 6 + [0] * 4, bits=4),
         "rule": _records("rule", [1] * 7 + [0] * 3, [1] * 8 + [0] * 2, bits=8, ms=20.0, tokens=50),
     }
-    out = summarize_policy(by_policy["rule"], by_policy)
+    out = summarize_policy(by_policy["rule"], by_policy, REFS)
     s = out["summary"]
     assert set(s) == {"acc", "acc_norm", "loglik_delta", "avg_bits", "kv_bytes", "kv_ratio", "ms_per_item",
                       "ms_per_token", "items"}
@@ -114,32 +121,35 @@ def test_summarize_policy_structure_and_values():
     assert s["kv_ratio"]["mean"] == pytest.approx(0.5)
     assert s["ms_per_token"]["mean"] == pytest.approx(0.4)
     assert s["ms_per_item"]["mean"] == pytest.approx(20.0)
-    assert set(out["paired"]) == {"fp16", "fixed-4"}
-    assert set(out["paired"]["fp16"]) == {"acc", "acc_norm", "loglik_delta"}
+    assert set(out["paired"]) == {"fp16", "fixed:4"}
+    assert set(out["paired"]["fp16"]) == {"acc", "acc_norm", "loglik_delta", "items"}
+    assert out["paired"]["fp16"]["items"] == 10
     # gold log-likelihood change, paired: (-0.1 * 8/16) - 0 at 8 bits against fp16
     assert out["paired"]["fp16"]["loglik_delta"]["mean"] == pytest.approx(-0.05)
     assert out["paired"]["fp16"]["acc"]["mean"] == pytest.approx(-0.1)
-    assert out["paired"]["fixed-4"]["acc"]["mean"] == pytest.approx(0.1)
-    assert out["paired"]["fixed-4"]["acc_norm"]["mean"] == pytest.approx(0.2)
+    assert out["paired"]["fixed:4"]["acc"]["mean"] == pytest.approx(0.1)
+    assert out["paired"]["fixed:4"]["acc_norm"]["mean"] == pytest.approx(0.2)
     # a reference is never paired with itself, and a missing reference is simply absent
-    assert set(summarize_policy(by_policy["fp16"], by_policy)["paired"]) == {"fixed-4"}
-    assert summarize_policy(by_policy["rule"], {"rule": by_policy["rule"]})["paired"] == {}
-    assert set(summarize_all([r for recs in by_policy.values() for r in recs])) == set(by_policy)
+    assert set(summarize_policy(by_policy["fp16"], by_policy, REFS)["paired"]) == {"fixed:4"}
+    assert summarize_policy(by_policy["rule"], {"rule": by_policy["rule"]}, REFS)["paired"] == {}
+    assert set(summarize_all([r for recs in by_policy.values() for r in recs], REFS)) == set(by_policy)
+    # every configured reference is paired, not only a built-in pair of them
+    assert set(summarize_policy(by_policy["fixed:4"], by_policy, ("fp16", "rule"))["paired"]) == {"fp16", "rule"}
 
 
 def test_summarize_policy_errors():
     with pytest.raises(ValueError, match="no records"):
-        summarize_policy([], {})
+        summarize_policy([], {}, REFS)
     mixed = _records("a", [1]) + _records("b", [0])
     with pytest.raises(ValueError, match="several policies"):
-        summarize_policy(mixed, {})
+        summarize_policy(mixed, {}, REFS)
     bad = _records("a", [1, 0])
     del bad[1]["kv_bytes"]
     with pytest.raises(ValueError, match="'kv_bytes'"):
-        summarize_policy(bad, {})
+        summarize_policy(bad, {}, REFS)
     misaligned = {"fp16": _records("fp16", [1, 1], rows=[0, 5])}
     with pytest.raises(ValueError, match="item sets differ"):
-        summarize_policy(_records("a", [1, 0]), misaligned)
+        summarize_policy(_records("a", [1, 0]), misaligned, REFS)
 
 
 def test_spearman_hand_computation_ties_and_degenerate_cases():
@@ -153,3 +163,20 @@ def test_spearman_hand_computation_ties_and_degenerate_cases():
     assert math.isnan(spearman([1, 2], [3, 4])) and math.isnan(spearman([1, 1, 1], [1, 2, 3]))
     with pytest.raises(ValueError, match="equal lengths"):
         spearman([1, 2, 3], [1, 2])
+
+
+def test_pairs_only_records_of_the_same_fingerprint():
+    a = _records("a", [1, 1, 1, 1])
+    b = _records("fp16", [0, 0, 0, 1], bits=16)
+    for r, fp in zip(a, ["m1", "m1", "m2", None], strict=True):
+        r["fingerprint"] = fp  # None: a record from before fingerprints ("unknown")
+    for r, fp in zip(b, ["m1", "m2", "m2", None], strict=True):
+        r["fingerprint"] = fp
+    paired = summarize_policy(a, {"fp16": b}, ("fp16",))["paired"]["fp16"]
+    assert paired["items"] == 3  # rows 0 (m1), 2 (m2) and 3 (unknown); row 1 was computed on two machines
+    assert paired["acc"]["mean"] == pytest.approx((1 + 1 + 0) / 3)
+    assert fingerprint_counts(a) == {"m1": 2, "m2": 1, "unknown": 1}
+    for r in b:
+        r["fingerprint"] = "m3"
+    with pytest.raises(ValueError, match="shares a fingerprint"):
+        summarize_policy(a, {"fp16": b}, ("fp16",))

@@ -39,7 +39,7 @@ def test_offline_run_by_default(no_network, tmp_path):
     assert os.environ["WANDB_MODE"] == "offline"
     assert run.offline and dict(run.config) == {"seed": 3, "bits": [2, 4], "env": {"shots": 5}}
     assert run.group == "g" and run.job_type == "eval"
-    tracking.log_summary_table(run, {"rule": _ENTRY})
+    tracking.log_summary_table(run, {"rule": _ENTRY}, ["fp16", "fixed:4"])
     assert run.summary["rule/acc_norm"] == 0.5 and run.summary["acc_norm"] == 0.5
     assert run.summary["d_acc_norm_vs_fp16"] == -0.05
     hint = tracking.finish(run)
@@ -50,12 +50,15 @@ def test_offline_run_by_default(no_network, tmp_path):
     assert table_files
     table = json.loads(table_files[0].read_text())
     assert table["columns"][:3] == ["policy", "items", "acc"] and table["data"][0][0] == "rule"
+    row = dict(zip(table["columns"], table["data"][0], strict=True))
+    assert row["d_acc_norm_vs_fp16"] == -0.05 and row["d_acc_norm_vs_fp16_lo"] == -0.15
+    assert row["d_acc_norm_vs_fixed:4"] is None  # a reference this policy was not paired with: empty cells
 
 
 def test_disabled_mode_is_respected(no_network, monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     run = tracking.init_run(name="x", config={"a": 1}, job_type="eval", dir=tmp_path / "runs")
-    tracking.log_summary_table(run, {"p": _ENTRY, "q": _ENTRY})  # a no-op run still takes the calls
+    tracking.log_summary_table(run, {"p": _ENTRY, "q": _ENTRY}, ["fp16"])  # a no-op run still takes the calls
     assert tracking.finish(run) is None
     assert os.environ["WANDB_MODE"] == "disabled"
     assert not (tmp_path / "runs" / "wandb").exists()
