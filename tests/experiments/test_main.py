@@ -15,7 +15,7 @@ TINY = [
     "--set", "train_mlp.epochs=2", "--set", "train_ppo.total_timesteps=32",
     "--set", "train_ppo.algo_kwargs={n_steps: 16, batch_size: 16, n_epochs: 1}",
     "--set", "train_ppo.checkpoint_every=16", "--set", "evaluate.items=2",
-    "--set", "baselines=[fp16, 'fixed:2', 'quanto:4']",
+    "--set", "baselines=[fp16, 'fixed:2', 'quanto:4']", "--set", "evaluate.references=[fp16, rule]",
 ]
 
 
@@ -32,7 +32,10 @@ def test_main_job_end_to_end_then_resumes(tmp_path, capsys):
                  "train_ppo/ppo.zip", "evaluate/summary.json", "report.md", "pareto.png", "config.yaml"):
         assert (out / path).exists(), path
     policies = json.loads((out / "evaluate" / "summary.json").read_text())["policies"]
-    assert set(policies) == {"fp16", "fixed-2", "quanto-4", "rule", "mlp", "ppo"}
+    assert set(policies) == {"fp16", "fixed:2", "quanto:4", "rule", "mlp", "ppo"}
+    assert set(policies["mlp"]["paired"]) == {"fp16", "rule"}  # every configured comparison reaches the report
+    report_md = (out / "report.md").read_text()
+    assert "vs rule" in report_md and "vs fp16" in report_md
     capsys.readouterr()
     assert main_job.main(args) == 0  # everything exists: stages are skipped, evaluation has nothing to do
     printed = capsys.readouterr().out
