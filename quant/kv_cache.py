@@ -200,6 +200,8 @@ class MixedPrecisionKVCache(Cache):
     committed, so a trained controller can drive real decoding.
     """
 
+    branch_limit: int | None = None  # branch() broadcasts the prefix to any batch (quant.baselines.EpisodeCache)
+
     def __init__(
         self,
         num_layers: int | None = None,
