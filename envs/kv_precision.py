@@ -5,7 +5,9 @@ blocks of ``interval`` tokens; ``reset`` runs block 0 and returns its features; 
 commits the pending block to the cache at ``bits[action]`` (the policy decides how precisely the
 tokens it has just *seen* are remembered), runs the next block against the now partly quantized
 cache and returns that block's features. After the last block is committed, the four endings are
-scored against the cache in one batched forward and the episode terminates.
+scored against the cache (in one batched forward where the cache can branch along the batch) and the
+episode terminates. The cache is ours by default; ``cache="quanto"`` runs the same episodes on
+transformers' quanto ``QuantizedCache`` (the library baseline), ``cache="dynamic"`` on a plain one.
 
 Rewards compare with a full-precision reference pass of the same prompt (computed once per prompt
 and cached), so the signal is the damage quantization did rather than how hard the item is.

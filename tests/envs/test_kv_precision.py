@@ -250,10 +250,9 @@ def test_unknown_reward_name_in_env_lists_known(tiny_model):
 def test_quanto_cache_episode_is_the_library_baseline_on_the_same_blocks(env):
     """cache=quanto: every block runs through transformers' QuantizedCache, and each ending is scored
     from the prefix exactly as a fresh cache prefilled with the same blocks would score it."""
-    from quant.baselines import quanto_cache
-
     from envs.cache_kwarg import with_cache
     from envs.scoring import continuation_logprobs
+    from quant.baselines import quanto_cache
 
     quanto = env.sibling(cache="quanto", bits=(4,))
     assert quanto.action_space == gym.spaces.Discrete(1) and quanto.model is env.model

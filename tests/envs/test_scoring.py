@@ -47,7 +47,7 @@ def test_cache_path_matches_full_forward(tiny_model):
     conts = [tok.encode(e) for e in ENDINGS]
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(torch.tensor([prefix]), cache=cache, use_cache=True)
+        out = model(torch.tensor([prefix]), **with_cache(model, cache), use_cache=True)
     cache.batch_repeat_interleave(len(conts))
     cached = continuation_logprobs(model, prefix, conts, cache=cache, prefix_last_logits=out.logits[0, -1])
     assert cached == pytest.approx(continuation_logprobs(model, prefix, conts), abs=1e-4)
@@ -60,7 +60,7 @@ def test_cache_batch_mismatch_is_reported(tiny_model):
     prefix = tok.encode("short prompt")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(torch.tensor([prefix]), cache=cache, use_cache=True)
+        out = model(torch.tensor([prefix]), **with_cache(model, cache), use_cache=True)
     with pytest.raises(ValueError, match="expand"):
         continuation_logprobs(model, prefix, [[5, 6], [7, 8]], cache=cache, prefix_last_logits=out.logits[0, -1])
 

@@ -14,12 +14,12 @@ import torch
 from agents import make_policy
 from agents.mlp import MLPPolicy
 from agents.rule import EntropyRulePolicy
+from envs.cache_kwarg import with_cache
 from envs.features import BlockContext, EpisodeState, FeatureSet, RunningFrequency
 from envs.kv_precision import EnvConfig
 from envs.model import load_model
 from experiments import collect, generate, train_mlp, train_ppo
 from quant.kv_cache import MixedPrecisionKVCache
-from envs.cache_kwarg import with_cache
 
 SCRIPTS = ["collect", "train_mlp", "train_ppo", "generate"]
 TINY = EnvConfig(model="tiny-random-llama", shots=0, interval=64)

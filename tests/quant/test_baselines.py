@@ -9,6 +9,7 @@ import torch
 from _tiny_llama import tiny_llama
 from transformers import DynamicCache, QuantizedCache
 
+from envs.cache_kwarg import with_cache
 from quant.baselines import (
     DynamicKVCache,
     QuantoKVCache,
@@ -18,7 +19,6 @@ from quant.baselines import (
     quanto_cache,
 )
 from quant.kv_cache import MixedPrecisionKVCache
-from envs.cache_kwarg import with_cache
 
 N_LAYERS, N_KV_HEADS, HEAD_DIM = 2, 2, 16  # tiny Llama below: hidden 64 / 4 heads, 2 KV heads
 GROUP = 32  # must divide N_KV_HEADS * HEAD_DIM = 32

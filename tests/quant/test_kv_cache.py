@@ -9,9 +9,9 @@ import torch
 from _tiny_llama import tiny_llama
 from transformers import DynamicCache
 
+from envs.cache_kwarg import with_cache
 from quant.kv_cache import MixedPrecisionKVCache
 from quant.uniform import dequantize, quantize
-from envs.cache_kwarg import with_cache
 
 GROUP = 64
 
