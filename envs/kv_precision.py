@@ -5,7 +5,9 @@ blocks of ``interval`` tokens; ``reset`` runs block 0 and returns its features; 
 commits the pending block to the cache at ``bits[action]`` (the policy decides how precisely the
 tokens it has just *seen* are remembered), runs the next block against the now partly quantized
 cache and returns that block's features. After the last block is committed, the four endings are
-scored against the cache in one batched forward and the episode terminates.
+scored against the cache (in one batched forward where the cache can branch along the batch) and the
+episode terminates. The cache is ours by default; ``cache="quanto"`` runs the same episodes on
+transformers' quanto ``QuantizedCache`` (the library baseline), ``cache="dynamic"`` on a plain one.
 
 Rewards compare with a full-precision reference pass of the same prompt (computed once per prompt
 and cached), so the signal is the damage quantization did rather than how hard the item is.
@@ -28,21 +30,16 @@ import torch
 import yaml
 
 from envs import ENV_ID  # noqa: F401  (re-exported)
-from envs.features import (
-    DEFAULT_FEATURES,
-    FULL_BITS,
-    BlockContext,
-    EpisodeState,
-    FeatureSet,
-    RunningFrequency,
-)
+from envs.cache_kwarg import with_cache
+from envs.features import DEFAULT_FEATURES, FULL_BITS, BlockContext, FeatureSet
 from envs.hellaswag import HellaSwagItem, build_prompt, item_rng, load_hellaswag, sample_shots, split_items
 from envs.model import load_model
+from envs.observation import BlockObserver
 from envs.quantities import FORWARD_OUTPUTS, StepRecord, StepState, StepView
 from envs.rewards import DEFAULT_REWARDS, RewardFunction
 from envs.scoring import choose, continuation_logprobs, encode_pair
+from quant.baselines import CACHE_KINDS, EpisodeCache, check_cache_bits, episode_cache
 from quant.kv_cache import MixedPrecisionKVCache
-from quant.uniform import check_bits
 from quant.weights import quantize_model_weights
 
 
@@ -65,6 +62,10 @@ class EnvConfig:
     max_prompt_tokens: int = 1536  # longer prompts drop their earliest shots (documented truncation)
     dtype: str = "float32"
     reference_cache_size: int = 4096  # prompts whose full-precision reference is kept
+    # KV cache backend (quant.baselines): "mixed" = our MixedPrecisionKVCache, one width per block from
+    # ``bits``; "quanto" = transformers' QuantizedCache (quanto backend) at the one width ``bits`` lists
+    # ([2] or [4]: its bits are fixed, so a menu is an error); "dynamic" = a plain DynamicCache, bits [16].
+    cache: str = "mixed"
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EnvConfig:
@@ -88,8 +89,7 @@ class EnvConfig:
             raise ValueError(f"split must be 'train' or 'eval', got {self.split!r}")
         if not self.bits:
             raise ValueError("bits must list at least one bit-width")
-        for b in self.bits:
-            check_bits(b)
+        check_cache_bits(self.cache, self.bits)
         if self.interval < 1:
             raise ValueError(f"interval must be >= 1, got {self.interval}")
         if self.shots < 0:
@@ -134,8 +134,8 @@ class _Episode:
     endings: list[list[int]]
     blocks: list[tuple[int, int]]  # [start, end) token positions
     reference: _Reference
-    cache: MixedPrecisionKVCache
-    frequency: RunningFrequency
+    cache: EpisodeCache
+    observer: BlockObserver
     block_index: int = 0
     last_logits: torch.Tensor | None = None
     last_obs: np.ndarray | None = None
@@ -186,6 +186,11 @@ class KVPrecisionEnv(gym.Env):
         self.config = cfg
         self.bits: tuple[int, ...] = tuple(cfg.bits)
         self.feature_set = FeatureSet(cfg.features)
+        if cfg.cache != "mixed" and self.feature_set.needs & {"cache", "saliency"}:
+            raise ValueError(
+                f"features needing {sorted(self.feature_set.needs & {'cache', 'saliency'})} read our mixed-precision "
+                f"cache; they cannot run with cache={cfg.cache!r} (choose from {CACHE_KINDS} or drop them)"
+            )
         self.reward_fn = RewardFunction(cfg.rewards)
         self.observation_names: tuple[str, ...] = self.feature_set.observation_names
         self.deterministic = self.feature_set.deterministic and self.reward_fn.deterministic
@@ -208,6 +213,7 @@ class KVPrecisionEnv(gym.Env):
         self._rows = {item.row: item for item in all_items}
         self._pool_rows = frozenset(item.row for item in self.pool)
         self._references: OrderedDict[tuple[int, ...], _Reference] = OrderedDict()
+        self._new_cache()  # fail here, not in reset, on a cache the model cannot hold (e.g. quanto's group size)
         self._episode: _Episode | None = None
         self._closed = False
 
@@ -249,8 +255,8 @@ class KVPrecisionEnv(gym.Env):
         self.timings = {"reference_ms": 1000 * (time.perf_counter() - t0)}
         interval = self.config.interval
         blocks = [(s, min(s + interval, len(prompt_ids))) for s in range(0, len(prompt_ids), interval)]
-        cache = MixedPrecisionKVCache(config=self.model.config, group_size=self.config.group_size)
-        self._episode = _Episode(item, prompt_ids, endings, blocks, reference, cache, RunningFrequency())
+        observer = BlockObserver(self.feature_set, len(blocks))
+        self._episode = _Episode(item, prompt_ids, endings, blocks, reference, self._new_cache(), observer)
         ctx = self._run_block(0)
         obs = self._observe(ctx)
         self.reward_fn.reset(self._step_view(None, ctx))
@@ -271,6 +277,14 @@ class KVPrecisionEnv(gym.Env):
         item = self._rows[row]
         shots = sample_shots(self.pool, self.config.shots, item_rng(self.config.split_seed, row), exclude_row=item.row)
         return (item, *self._tokenize(item, shots))
+
+    def sibling(self, **overrides: Any) -> KVPrecisionEnv:
+        """A new env on the same model, items and reference passes with some config keys changed
+        (``env.sibling(cache="quanto", bits=(4,))``: the quanto baseline on exactly this env's episodes)."""
+        cfg = EnvConfig.from_dict({**dataclasses.asdict(self.config), **overrides})
+        env = KVPrecisionEnv(cfg, lm=self.model, tokenizer=self.tokenizer, items=list(self._rows.values()))
+        env._references = self._references  # the reference pass does not depend on the cache backend
+        return env
 
     def reference_for(self, row: int) -> _Reference:
         """The full-precision reference (ending scores, predictions) of row ``row`` with its fixed shots."""
@@ -347,7 +361,7 @@ class KVPrecisionEnv(gym.Env):
     def close(self) -> None:
         """Drop the model and the episode; safe to call twice."""
         self._episode = None
-        self._references.clear()
+        self._references = OrderedDict()  # rebound, not cleared: a sibling may share it
         self._loaded = None
         self._closed = True
 
@@ -399,9 +413,14 @@ class KVPrecisionEnv(gym.Env):
                 )
             shots.pop(0)
 
-    def _forward(self, input_ids: torch.Tensor, cache: MixedPrecisionKVCache, attentions: bool):
+    def _new_cache(self) -> EpisodeCache:
+        return episode_cache(self.config.cache, self.model, self.bits, self.config.group_size)
+
+    def _forward(self, input_ids: torch.Tensor, cache: EpisodeCache, attentions: bool):
         with torch.inference_mode():
-            return self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, output_attentions=attentions)
+            return self.model(
+                input_ids=input_ids, **with_cache(self.model, cache), use_cache=True, output_attentions=attentions
+            )
 
     def _run_block(self, index: int) -> BlockContext:
         ep = self._episode
@@ -418,17 +437,9 @@ class KVPrecisionEnv(gym.Env):
         ep.last_logits = logits[-1]
         targets = torch.tensor(ep.prompt_ids[start + 1 : end + 1] + [-1] * (end + 1 - len(ep.prompt_ids)))
         targets = targets[: end - start]
-        state = EpisodeState.from_cache(ep.cache, index, len(ep.blocks))
-        return BlockContext(
-            token_ids=ids[0],
-            logits=logits,
-            targets=targets,
-            state=state,
-            frequency=ep.frequency,
-            attentions=getattr(out, "attentions", None),
-            saliency=saliency,
-            cache=ep.cache,
-            forward_seconds=seconds,
+        return ep.observer.context(
+            ids[0], logits, targets, ep.cache,
+            attentions=getattr(out, "attentions", None), saliency=saliency, forward_seconds=seconds,
         )
 
     def _forward_with_saliency(self, ids: torch.Tensor, cache: MixedPrecisionKVCache):
@@ -437,7 +448,7 @@ class KVPrecisionEnv(gym.Env):
         with torch.enable_grad():
             out = self.model(
                 inputs_embeds=embeds,
-                past_key_values=cache,
+                **with_cache(self.model, cache),
                 use_cache=True,
                 output_attentions="attentions" in self.forward_needs,
             )
@@ -451,18 +462,23 @@ class KVPrecisionEnv(gym.Env):
         return out, grad[0].norm(dim=-1)
 
     def _observe(self, ctx: BlockContext) -> np.ndarray:
-        obs = np.asarray(self.feature_set.observe(ctx), dtype=np.float32)
+        obs = self._episode.observer.observe(ctx)
         self._episode.last_obs = obs
         return obs
 
     def _score_endings(
-        self, cache: MixedPrecisionKVCache, prompt_ids: list[int], last_logits: torch.Tensor, endings: list[list[int]]
+        self, cache: EpisodeCache, prompt_ids: list[int], last_logits: torch.Tensor, endings: list[list[int]]
     ) -> np.ndarray:
-        """Summed log-prob of each ending given the cached prompt, in one batched forward."""
-        with torch.inference_mode(), cache.branch(len(endings)):
-            scores = continuation_logprobs(
-                self.model, prompt_ids, endings, past_key_values=cache, prefix_last_logits=last_logits
-            )
+        """Summed log-prob of each ending given the cached prompt: in one batched forward where the cache
+        can branch along the batch, else in as few forwards as it allows (quanto: one per ending)."""
+        width = cache.branch_limit or len(endings)
+        scores: list[float] = []
+        for first in range(0, len(endings), width):
+            group = endings[first : first + width]
+            with torch.inference_mode(), cache.branch(len(group)):
+                scores += continuation_logprobs(
+                    self.model, prompt_ids, group, cache=cache, prefix_last_logits=last_logits
+                )
         return np.asarray(scores, dtype=np.float64)
 
     def _reference(self, prompt_ids: list[int], endings: list[list[int]], item: HellaSwagItem) -> _Reference:

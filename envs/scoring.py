@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from envs.cache_kwarg import with_cache
+
 __all__ = ["encode_pair", "score_requests", "continuation_logprobs", "choose", "TARGET_DELIMITER"]
 
 TARGET_DELIMITER = " "
@@ -97,14 +99,14 @@ def continuation_logprobs(
     model,
     prefix_ids: Sequence[int],
     continuations: Sequence[Sequence[int]],
-    past_key_values=None,
+    cache=None,
     prefix_last_logits: torch.Tensor | None = None,
     pad_id: int = 0,
 ) -> list[float]:
     """Summed log-prob of each continuation after a shared prefix.
 
     Without a cache the prefix is re-run per row (one forward, lm-eval's arithmetic). With
-    ``past_key_values`` already holding the prefix -- expanded along the batch to
+    ``cache`` already holding the prefix -- expanded along the batch to
     ``len(continuations)`` rows -- only continuation tokens are run: the first token's log-prob
     comes from ``prefix_last_logits`` (the logits at the prefix's last position, shape ``[V]``,
     ``[1, V]`` or ``[B, V]``) and the rest from one forward against the cache. That forward
@@ -113,10 +115,10 @@ def continuation_logprobs(
     conts = [list(c) for c in continuations]
     if not conts or any(not c for c in conts):
         raise ValueError("continuations must be a non-empty list of non-empty token lists")
-    if past_key_values is None:
+    if cache is None:
         return score_requests(model, [(list(prefix_ids), c) for c in conts], pad_id=pad_id)
     if prefix_last_logits is None:
-        raise ValueError("prefix_last_logits is required with past_key_values (the cache has no logits)")
+        raise ValueError("prefix_last_logits is required with a cache (the cache has no logits)")
 
     first = torch.log_softmax(prefix_last_logits.float().reshape(-1, prefix_last_logits.shape[-1]), dim=-1)
     if first.shape[0] not in (1, len(conts)):
@@ -127,15 +129,15 @@ def continuation_logprobs(
     if all(len(c) == 1 for c in conts):
         return scores
 
-    cache_batch = _cache_batch(past_key_values)
+    cache_batch = _cache_batch(cache)
     if cache_batch is not None and cache_batch != len(conts):
         raise ValueError(f"cache batch is {cache_batch} but there are {len(conts)} continuations; expand it first")
-    past = past_key_values.get_seq_length()
+    past = cache.get_seq_length()
     if past != len(prefix_ids):
         raise ValueError(f"cache holds {past} tokens but the prefix has {len(prefix_ids)}")
     device = next(model.parameters()).device
     inputs = _right_pad([c[:-1] for c in conts], pad_id, device)
-    logits = model(input_ids=inputs, past_key_values=past_key_values, use_cache=True).logits
+    logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits
     rest = _gather_sums(torch.log_softmax(logits.float(), dim=-1), [c[1:] for c in conts], [0] * len(conts))
     return [s + r for s, r in zip(scores, rest, strict=True)]
 

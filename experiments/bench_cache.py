@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from envs.cache_kwarg import with_cache
 from quant.baselines import kv_cache_nbytes, quanto_cache
 from quant.kv_cache import KEY_AXIS, VALUE_AXIS, MixedPrecisionKVCache
 from quant.uniform import expected_nbytes
@@ -149,16 +150,16 @@ def run_once(
     start = time.perf_counter()
     if spec.kind == "ours":  # the environment's way: blocks of `interval`, each committed by the policy
         for lo in range(0, n, interval):
-            logits = model(ids[:, lo : lo + interval], past_key_values=cache).logits
+            logits = model(ids[:, lo : lo + interval], **with_cache(model, cache)).logits
             cache.commit(cache.policy(cache))
     else:
-        logits = model(ids, past_key_values=cache).logits
+        logits = model(ids, **with_cache(model, cache)).logits
     prefill_s = time.perf_counter() - start
 
     nxt = logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        nxt = model(nxt, **with_cache(model, cache)).logits[:, -1:].argmax(-1)
     decode_s = time.perf_counter() - start
 
     tokens = cache.get_seq_length()

@@ -4,7 +4,7 @@
 
 Runs whole episodes of the env (default config: 5 shots, blocks of 64 tokens, default features
 including attention variance) and, interleaved block by block, a *bare* forward of exactly the
-same blocks: ``model(input_ids, past_key_values=DynamicCache())``, once with SDPA attention and
+same blocks: ``model(input_ids, cache=DynamicCache())``, once with SDPA attention and
 once with eager attention. Measuring both side by side in one run keeps
 the ratios meaningful on a shared, noisy machine, where absolute milliseconds are not.
 
@@ -34,6 +34,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from agents.fixed import FixedBitsPolicy
+from agents.rollout import Episode, rollout
+from envs.cache_kwarg import with_cache
 from experiments.io import write_json
 
 TARGET_RATIO = 0.15
@@ -110,7 +113,7 @@ def instrument(env) -> Iterator[PhaseTimer]:
 
 @torch.inference_mode()
 def bare_forward_ms(model, cache, block_ids: Sequence[int], repeats: int = 1) -> float:
-    """Median ms of a plain ``model(block, past_key_values=cache)``; the cache ends holding the block.
+    """Median ms of a plain ``model(block, cache=cache)``; the cache ends holding the block.
 
     Between repeats the cache is cropped back, so every repeat runs against the same prefix.
     """
@@ -120,12 +123,12 @@ def bare_forward_ms(model, cache, block_ids: Sequence[int], repeats: int = 1) ->
         if r:
             cache.crop(-ids.shape[1])  # negative: drop the block just added
         t0 = time.perf_counter()
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **with_cache(model, cache), use_cache=True)
         times.append(1000 * (time.perf_counter() - t0))
     return statistics.median(times)
 
 
-def _run_episode(env, timer: PhaseTimer, row: int, action: int, bare_models: dict, repeats: int) -> dict[str, Any]:
+def _run_episode(env, timer: PhaseTimer, row: int, policy, bare_models: dict, repeats: int) -> dict[str, Any]:
     """One episode at fixed bits, each block's bare forwards run right after the env ran it.
 
     Interleaving block by block means a burst of load from other processes hits the env's step
@@ -144,18 +147,15 @@ def _run_episode(env, timer: PhaseTimer, row: int, action: int, bare_models: dic
             bare[impl].append(bare_forward_ms(model, caches[impl], ids, repeats))
 
     steps: list[dict[str, float]] = []
-    t0 = time.perf_counter()
-    env.reset(options={"row": row})
-    steps.append({"wall": 1000 * (time.perf_counter() - t0), **{k: 1000 * v for k, v in timer.reset().items()}})
-    run_bare(0)
-    done = False
-    while not done:
-        t0 = time.perf_counter()
-        _, _, done, _, _ = env.step(action)
-        wall = 1000 * (time.perf_counter() - t0)
-        steps.append({"wall": wall, "terminal": float(done), **{k: 1000 * v for k, v in timer.reset().items()}})
-        if not done:
-            run_bare(len(steps) - 1)
+
+    def after(episode: Episode) -> None:  # after reset and every step, outside the env's timed calls
+        i = len(episode)
+        phases = {k: 1000 * v for k, v in timer.reset().items()}
+        steps.append({"wall": episode.wall_ms[i], **({"terminal": float(episode.done)} if i else {}), **phases})
+        if not episode.done:
+            run_bare(i)
+
+    rollout(env, policy, options={"row": row}, callback=after)
     return {"row": row, "prompt_tokens": len(prompt_ids), "steps": steps, "bare_ms": bare}
 
 
@@ -235,7 +235,7 @@ def run_benchmark(
     env = KVPrecisionEnv(model=model_spec, split="eval", **(overrides or {}))
     if bits not in env.bits:
         raise ValueError(f"--bits {bits} is not in the env's bits {env.bits}")
-    action = env.bits.index(bits)
+    policy = FixedBitsPolicy(env.observation_names, env.bits, bits)
     sdpa, _ = load_model(model_spec, dtype=env.config.dtype, attn_implementation="sdpa")
     models = {"sdpa": sdpa, "eager": env.model}
     rows = [item.row for item in env.items[: warmup + episodes]]
@@ -245,7 +245,7 @@ def run_benchmark(
     measured: list[dict] = []
     with instrument(env) as timer:
         for i, row in enumerate(tqdm(rows, desc="bench_env", unit="episode", disable=not progress)):
-            ep = _run_episode(env, timer, row, action, models, repeats)
+            ep = _run_episode(env, timer, row, policy, models, repeats)
             if i >= warmup:
                 measured.append(ep)
     summary = _summarise(measured)

@@ -37,6 +37,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from agents.registry import make_policy
+from agents.rollout import rollout
 from agents.rule import EntropyRulePolicy, calibrate_thresholds
 from envs import ENV_ID
 from envs.io import atomic_write
@@ -80,23 +81,18 @@ def _fmt(value: Any) -> str:
 
 def run_episode(env: gym.Env, policy, seed: int) -> tuple[list[list[str]], dict[str, Any]]:
     """One episode of ``policy``: its CSV rows (as strings) and a summary for logging."""
-    obs, info = env.reset(seed=seed)
-    item, rows, total_reward, block = info["row"], [], 0.0, 0
-    while True:
-        action, _ = policy.predict(obs, deterministic=True)
-        next_obs, reward, terminated, truncated, step_info = env.step(action)
-        timings = env.unwrapped.timings
+    episode = rollout(env, policy, seed=seed)
+    item = episode.reset_info["row"]
+    rows = []
+    for block, (obs, info, timings) in enumerate(zip(episode.observations, episode.infos, episode.timings[1:], strict=True)):
         latency = timings["step_ms"] / max(int(timings["tokens"]), 1)
-        rows.append([str(item), str(block), *map(_fmt, obs), _fmt(latency), str(int(step_info["bits"]))])
-        total_reward += float(reward)
-        obs, block = next_obs, block + 1
-        if terminated or truncated:
-            break
+        rows.append([str(item), str(block), *map(_fmt, obs), _fmt(latency), str(int(info["bits"]))])
+    final = episode.final_info
     summary = {
-        "return": total_reward,
-        "blocks": block,
-        "avg_bits": float(step_info.get("avg_bits", float("nan"))),
-        "correct_norm": float(step_info.get("correct_norm", float("nan"))),
+        "return": episode.total_reward,
+        "blocks": len(episode),
+        "avg_bits": float(final.get("avg_bits", float("nan"))),
+        "correct_norm": float(final.get("correct_norm", float("nan"))),
     }
     return rows, summary
 

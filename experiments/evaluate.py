@@ -13,14 +13,13 @@ machine is refused unless ``allow_mixed_fingerprints`` is set. ``summary.json`` 
 
 Policy specs: anything ``agents.registry.make_policy`` takes (``fixed:4``, ``rule``, ``rule:t.yaml``,
 ``mlp:mlp.pt``, ``sb3:ppo.zip``), plus ``fp16`` (every block kept at 16 bits: a real fp16 KV cache)
-and ``quanto:2`` / ``quanto:4`` (transformers' ``QuantizedCache`` with the quanto backend, the
-library baseline, fed the same prompt blocks).
+and ``quanto:2`` / ``quanto:4`` (the library baseline: the same episodes on an env whose cache is
+transformers' ``QuantizedCache`` with the quanto backend, ``EnvConfig(cache="quanto")``).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +27,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from agents.registry import make_policy
+from agents.registry import canonical_name, make_policy, parse_spec
+from agents.rollout import rollout
 from envs.fingerprint import fingerprint, fingerprint_id
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
-from envs.scoring import choose, continuation_logprobs
 from experiments import tracking
 from experiments.config import parse_config, save_config
 from experiments.io import write_json
 from experiments.stats import fingerprint_counts, summarize_all
-from quant.baselines import kv_cache_nbytes, quanto_cache
 
 
 @dataclass
@@ -65,89 +63,44 @@ class EvaluateConfig:
 Runner = Callable[[KVPrecisionEnv, int], dict]
 
 
-def _policy_runner(spec: str, env: KVPrecisionEnv) -> tuple[str, Runner]:
-    """Name and episode runner of one policy spec."""
-    if spec.startswith("quanto:"):
-        nbits = int(spec.split(":", 1)[1])
-        quanto_cache(env.model, nbits, q_group_size=env.config.group_size)  # fail early on bad bits/group
-        return f"quanto-{nbits}", lambda e, row: _run_quanto(e, row, nbits)
-    policy = make_policy("fixed:16" if spec == "fp16" else spec, env=env)
-    name = "fp16" if spec == "fp16" else policy.name
-    return name, lambda e, row: _run_policy(e, row, policy)
+def _policy_runner(spec: str, env: KVPrecisionEnv) -> Runner:
+    """Episode runner of one policy spec. ``quanto:N`` is the fixed policy on a sibling env whose cache
+    is transformers' quanto ``QuantizedCache`` at N bits (same model, items and references)."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "quanto":
+        nbits = _quanto_bits(parsed.arg)
+        quanto_env = env.sibling(cache="quanto", bits=(nbits,))  # fails early on bad bits/group size
+        policy = make_policy(f"fixed:{nbits}", env=quanto_env)
+        return lambda e, row: _run_policy(quanto_env, row, policy)
+    policy = make_policy(spec, env=env)
+    return lambda e, row: _run_policy(e, row, policy)
+
+
+def _quanto_bits(arg: str | None) -> int:
+    try:
+        return int(arg or "")
+    except ValueError:
+        raise ValueError(f"quanto needs its bits, e.g. 'quanto:4', got 'quanto:{arg}'") from None
 
 
 def _run_policy(env: KVPrecisionEnv, row: int, policy) -> dict:
-    t0 = time.perf_counter()
-    obs, info = env.reset(options={"row": row})
-    reference_ms = env.timings.get("reference_ms", 0.0)
-    prompt_tokens = info["prompt_tokens"]
-    done = False
-    while not done:
-        action, _ = policy.predict(obs, deterministic=True)
-        obs, _, done, _, info = env.step(action)
-    ms = 1000 * (time.perf_counter() - t0) - reference_ms
+    episode = rollout(env, policy, options={"row": row})
+    info = episode.final_info
     return {
         **{k: info[k] for k in ("pred", "pred_norm", "gold", "loglik_delta", "avg_bits", "kv_bytes", "fp16_kv_bytes")},
         "correct": int(info["correct"]),
         "correct_norm": int(info["correct_norm"]),
-        "ms": ms,
-        "tokens": prompt_tokens + info["tokens"],  # the terminal step's tokens are the endings
-    }
-
-
-@torch.inference_mode()
-def _run_quanto(env: KVPrecisionEnv, row: int, nbits: int) -> dict:
-    """The library baseline on the same tokens: blockwise prefill into a QuantizedCache, then each
-    ending scored in turn and rolled back (QuantizedCache cannot be broadcast along the batch)."""
-    item, prompt_ids, endings = env.episode_inputs(row)
-    reference = env.reference_for(row)
-    model, interval = env.model, env.config.interval
-    t0 = time.perf_counter()
-    cache = quanto_cache(model, nbits, q_group_size=env.config.group_size)
-    for start in range(0, len(prompt_ids), interval):
-        out = model(input_ids=torch.tensor([prompt_ids[start : start + interval]]), past_key_values=cache)
-    last_logits = out.logits[0, -1]
-    kv_bytes = kv_cache_nbytes(cache)
-    residual = sum(layer.keys.shape[-2] if layer.keys is not None and layer.keys.dim() == 4 else 0 for layer in cache.layers)
-    residual_frac = residual / (len(cache.layers) * len(prompt_ids))
-    # QuantizedCache's update rebinds its tensors rather than writing into them, so a shallow
-    # snapshot of each layer's attributes is enough to roll an ending back (deepcopy fails on quanto tensors).
-    snapshot = [dict(vars(layer)) for layer in cache.layers]
-    scores = []
-    for ending in endings:
-        scores += continuation_logprobs(model, prompt_ids, [ending], past_key_values=cache, prefix_last_logits=last_logits)
-        for layer, state in zip(cache.layers, snapshot, strict=True):
-            layer.__dict__.clear()
-            layer.__dict__.update(state)
-    ms = 1000 * (time.perf_counter() - t0)
-    pred, pred_norm = choose(scores, item.endings)
-    per_token = 2 * sum(layer.keys.shape[1] * layer.keys.shape[-1] for layer in cache.layers if layer.keys is not None)
-    return {
-        "pred": pred,
-        "pred_norm": pred_norm,
-        "gold": item.label,
-        "correct": int(pred == item.label),
-        "correct_norm": int(pred_norm == item.label),
-        "loglik_delta": float(scores[item.label] - reference.ending_scores[item.label]),
-        # token-weighted: the residual window stays in full precision (counted as 16)
-        "avg_bits": nbits * (1 - residual_frac) + 16 * residual_frac,
-        "kv_bytes": kv_bytes,
-        "fp16_kv_bytes": 2 * per_token * len(prompt_ids),
-        "ms": ms,
-        "tokens": len(prompt_ids) + sum(len(e) for e in endings),
+        "ms": episode.ms,
+        "tokens": episode.reset_info["prompt_tokens"] + info["tokens"],  # the terminal step's tokens are the endings
     }
 
 
 def _policy_name(spec: str) -> str:
-    """The one name of the policy ``spec`` runs: in its records, in ``references``, the report and wandb.
-
-    Stand-in until ``agents.registry.canonical_name`` lands (this body then becomes a call to it).
-    """
-    kind, _, arg = spec.strip().partition(":")
-    if kind == "sb3":
-        algo, sep, _ = arg.partition(":")
-        return algo.lower() if sep else "ppo"
-    return kind if kind in ("rule", "mlp") else spec.strip()
+    """The one name of the policy ``spec`` runs: in its records, in ``references``, the report and wandb."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "quanto":
+        return parsed.alias or f"quanto:{_quanto_bits(parsed.arg)}"
+    return canonical_name(spec)
 
 
 def _policy_names(cfg: EvaluateConfig) -> list[str]:
@@ -227,7 +180,7 @@ def run(cfg: EvaluateConfig) -> dict:
         rows = [item.row for item in env.items[: cfg.items]]
         if not rows:
             raise ValueError("the held-out item set is empty")
-        runners = {name: _policy_runner(spec, env)[1] for name, spec in zip(names, cfg.policies, strict=True)}
+        runners = {name: _policy_runner(spec, env) for name, spec in zip(names, cfg.policies, strict=True)}
         details = fingerprint(env.model.device, env.model.dtype)
         current = fingerprint_id(details)
         if not cfg.resume and records_path.exists():

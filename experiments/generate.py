@@ -6,9 +6,8 @@ The model is loaded as the env would (``env.model``, ``env.dtype``, ``env.weight
 ``quant.kv_cache.MixedPrecisionKVCache(policy=hook, interval=env.interval)``. Whenever ``interval`` or more
 tokens are pending at the start of a forward, ``hook(cache)`` builds the policy's observation for those
 tokens and returns the bits they are committed at. Observations are the env's (same names, same order,
-same ``envs.features`` code): forward hooks on the model record each forward's input tokens, logits and
-attention maps, and the pending tokens are summarised through ``FeatureSet.observe`` with a
-``BlockContext`` exactly like an env block:
+same ``envs.observation.BlockObserver`` as the env's steps): forward hooks on the model record each
+forward's input tokens, logits and attention maps, and the pending tokens are observed as one env block:
 
 - token_acc: the probability of the token that actually came next (the generated one), as in the env.
 - attn_var: from the attention maps of the forwards that produced the block (decode steps see one query
@@ -40,9 +39,11 @@ import wandb
 from tqdm.auto import tqdm
 
 from agents.registry import make_policy
-from envs.features import BlockContext, EpisodeState, FeatureSet, RunningFrequency
+from envs.cache_kwarg import with_cache
+from envs.features import FeatureSet
 from envs.kv_precision import EnvConfig
 from envs.model import load_model
+from envs.observation import BlockObserver
 from experiments import tracking
 from experiments.config import parse_config, save_config
 from experiments.io import seed_everything, write_json
@@ -77,9 +78,13 @@ class GenerateConfig:
 
 
 class FeatureTracker:
-    """Records each forward of a generating model; turns the tokens pending in the cache into an observation."""
+    """Records each forward of a generating model; turns the tokens pending in the cache into an observation.
 
-    def __init__(self, feature_set: FeatureSet, max_bits: int):
+    Only the recording is generation's own: the observation is the env's, through the same
+    :class:`~envs.observation.BlockObserver` (``n_blocks`` is the expected number of blocks).
+    """
+
+    def __init__(self, feature_set: FeatureSet, n_blocks: int = 1):
         unsupported = feature_set.needs - SUPPORTED_NEEDS
         if unsupported:
             raise ValueError(
@@ -87,13 +92,10 @@ class FeatureTracker:
                 "drop them from env.features"
             )
         self.feature_set = feature_set
-        self.max_bits = max_bits
+        self.observer = BlockObserver(feature_set, n_blocks)
         self.needs_attentions = "attentions" in feature_set.needs
-        self.frequency = RunningFrequency()
         self.chunks: list[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None, float]] = []
         self.incoming: torch.Tensor | None = None
-        self.n_blocks = 1
-        self.decisions = 0
         self._t0 = 0.0
 
     # --- forward hooks ------------------------------------------------------------------------
@@ -146,20 +148,16 @@ class FeatureTracker:
         ids = torch.cat([c[0] for c in self.chunks])
         if len(ids) != cache.pending_length:
             raise RuntimeError(f"tracked {len(ids)} tokens but the cache holds {cache.pending_length} pending")
-        state = EpisodeState.from_cache(cache, self.decisions, max(self.n_blocks, self.decisions + 1))
-        ctx = BlockContext(
-            token_ids=ids,
-            logits=torch.cat([c[1] for c in self.chunks]),
-            targets=torch.cat([ids[1:], self.incoming[:1]]),  # the token entering now follows the block
-            state=state,
-            frequency=self.frequency,
+        ctx = self.observer.context(
+            ids,
+            torch.cat([c[1] for c in self.chunks]),
+            torch.cat([ids[1:], self.incoming[:1]]),  # the token entering now follows the block
+            cache,
             attentions=self._attentions(),
-            cache=cache,
             forward_seconds=sum(c[3] for c in self.chunks),
         )
-        obs = np.asarray(self.feature_set.observe(ctx), dtype=np.float32)
+        obs = self.observer.observe(ctx)
         self.chunks.clear()
-        self.decisions += 1
         return obs
 
 
@@ -175,7 +173,9 @@ def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> torch.Ten
 def generate_one(model, tokenizer, policy, prompt: str, cfg: GenerateConfig) -> dict[str, Any]:
     """Decode one prompt under ``policy``; the record written to generate.json."""
     bits = tuple(cfg.env.bits)
-    tracker = FeatureTracker(FeatureSet(cfg.env.features), max(bits))
+    ids = encode_prompt(tokenizer, prompt, cfg.chat_template)
+    n_blocks = max(1, math.ceil((ids.shape[1] + cfg.max_new_tokens) / cfg.env.interval))
+    tracker = FeatureTracker(FeatureSet(cfg.env.features), n_blocks)
     decisions: list[dict[str, Any]] = []
 
     def hook(cache: MixedPrecisionKVCache) -> int:
@@ -187,8 +187,6 @@ def generate_one(model, tokenizer, policy, prompt: str, cfg: GenerateConfig) -> 
                           "obs": dict(zip(tracker.feature_set.observation_names, obs.tolist(), strict=True))})
         return chosen
 
-    ids = encode_prompt(tokenizer, prompt, cfg.chat_template)
-    tracker.n_blocks = max(1, math.ceil((ids.shape[1] + cfg.max_new_tokens) / cfg.env.interval))
     cache = MixedPrecisionKVCache(config=model.config, group_size=cfg.env.group_size, policy=hook,
                                   interval=cfg.env.interval)
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {}
@@ -196,8 +194,8 @@ def generate_one(model, tokenizer, policy, prompt: str, cfg: GenerateConfig) -> 
     t0 = time.perf_counter()
     with torch.inference_mode(), tracker.attached(model):
         if ids.shape[1] > 1:  # prefill all but the last prompt token ourselves: generate() keeps only last logits
-            model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=cfg.max_new_tokens,
+            model(input_ids=ids[:, :-1], **with_cache(model, cache), use_cache=True)
+        out = model.generate(ids, **with_cache(model, cache), max_new_tokens=cfg.max_new_tokens,
                              min_new_tokens=cfg.min_new_tokens, do_sample=cfg.do_sample, pad_token_id=pad,
                              **sampling)
     seconds = time.perf_counter() - t0

@@ -19,6 +19,7 @@ Cost: ``items x (blocks + 1)`` episodes (~30 s per 5-shot item on 2 CPU cores).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from agents.rollout import Schedule, rollout
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
 from experiments.config import parse_config, save_config
 from experiments.io import write_json
@@ -47,16 +49,12 @@ def run_schedule(env: KVPrecisionEnv, row: int, bits: Sequence[int] | int) -> tu
     """One episode of row ``row`` with block ``i`` committed at ``bits[i]`` (an int: every block).
 
     Returns the terminal ``info`` and the observation seen before each decision."""
-    obs, info = env.reset(options={"row": row})
-    widths = [bits] * info["blocks"] if isinstance(bits, int) else list(bits)
-    if len(widths) != info["blocks"]:
-        raise ValueError(f"row {row} has {info['blocks']} blocks, the schedule {len(widths)}")
-    seen = []
-    for b in widths:
-        seen.append(obs)
-        obs, _, done, _, info = env.step(env.bits.index(b))
-    assert done, "an episode ends when its last block is committed"
-    return info, seen
+    blocks = math.ceil(len(env.episode_inputs(row)[1]) / env.config.interval)
+    widths = [bits] * blocks if isinstance(bits, int) else list(bits)
+    if len(widths) != blocks:
+        raise ValueError(f"row {row} has {blocks} blocks, the schedule {len(widths)}")
+    episode = rollout(env, Schedule([env.bits.index(b) for b in widths]), options={"row": row})
+    return episode.final_info, episode.observations
 
 
 def analyse(blocks: list[dict], names: Sequence[str]) -> dict:

@@ -193,12 +193,15 @@ class MixedPrecisionLayer(CacheLayerMixin):
 class MixedPrecisionKVCache(Cache):
     """A KV cache in which every committed block keeps its own bit-width (2/3/4/8/16).
 
-    Use it as ``past_key_values`` in ``model(...)`` or ``model.generate(...)`` of any HF causal LM.
+    Pass it as the cache of ``model(...)`` or ``model.generate(...)`` of any HF causal LM (``cache=``;
+    ``past_key_values=`` before transformers 5.24).
     Without a ``policy`` nothing is ever committed automatically: call :meth:`commit` yourself
     (the environment does, once per step). With a ``policy``, every time ``interval`` or more
     tokens are pending when a new forward starts, ``policy(self)`` picks their bits and they are
     committed, so a trained controller can drive real decoding.
     """
+
+    branch_limit: int | None = None  # branch() broadcasts the prefix to any batch (quant.baselines.EpisodeCache)
 
     def __init__(
         self,

@@ -246,6 +246,55 @@ def test_unknown_reward_name_in_env_lists_known(tiny_model):
         make_env(tiny_model, rewards={"loglik": 1.0, "memroy": 1.0})
 
 
+# --- cache backends ------------------------------------------------------------------------------------
+def test_quanto_cache_episode_is_the_library_baseline_on_the_same_blocks(env):
+    """cache=quanto: every block runs through transformers' QuantizedCache, and each ending is scored
+    from the prefix exactly as a fresh cache prefilled with the same blocks would score it."""
+    from envs.cache_kwarg import with_cache
+    from envs.scoring import continuation_logprobs
+    from quant.baselines import quanto_cache
+
+    quanto = env.sibling(cache="quanto", bits=(4,))
+    assert quanto.action_space == gym.spaces.Discrete(1) and quanto.model is env.model
+    row = env.pool[0].row
+    *_, (_, _, _, info) = run_episode(quanto, [0], options={"row": row})
+    prompt, endings = expected_inputs(env, row)
+    expected = []
+    for ending in endings:  # the oracle: a new cache per ending, no snapshots
+        cache = quanto_cache(env.model, 4, q_group_size=env.config.group_size)
+        with torch.no_grad():
+            for start in range(0, len(prompt), env.config.interval):
+                ids = torch.tensor([prompt[start : start + env.config.interval]])
+                out = env.model(input_ids=ids, **with_cache(env.model, cache))
+        expected += continuation_logprobs(env.model, prompt, [ending], cache=cache, prefix_last_logits=out.logits[0, -1])
+    assert info["scores"] == expected
+    assert info["loglik_delta"] == expected[info["gold"]] - env.reference_for(row).ending_scores[info["gold"]]
+    assert 4 < info["avg_bits"] <= 16 and info["kv_bytes"] > 0  # short prompt: mostly the float residual window
+    *_, (_, _, _, mixed) = run_episode(env, [env.bits.index(4)], options={"row": row})
+    assert mixed["fp16_kv_bytes"] == info["fp16_kv_bytes"]  # the same tokens, counted the same way
+    quanto.close()
+
+
+def test_dynamic_cache_episode_is_full_precision(env):
+    dynamic = env.sibling(cache="dynamic", bits=(16,))
+    row = env.pool[1].row
+    *_, (_, _, _, info) = run_episode(dynamic, [0], options={"row": row})
+    assert abs(info["loglik_delta"]) < 1e-4 and info["avg_bits"] == 16.0
+    assert info["kv_bytes"] == 2 * info["fp16_kv_bytes"]  # the tiny model runs in float32
+    dynamic.close()
+
+
+def test_cache_option_rejects_what_it_cannot_honour(tiny_model):
+    with pytest.raises(ValueError, match="nbits"):
+        make_env(tiny_model, cache="quanto")  # the default menu (2, 4, 8, 16): quanto's bits are fixed
+    with pytest.raises(ValueError, match="does not divide"):
+        make_env(tiny_model, cache="quanto", bits=(4,), group_size=48)
+    with pytest.raises(ValueError, match="mixed-precision"):
+        make_env(tiny_model, cache="quanto", bits=(4,), features=("entropy", "kv_error"))
+    with pytest.raises(ValueError, match="cache must be one of"):
+        make_env(tiny_model, cache="hqq", bits=(4,))
+
+
 # --- the real model -----------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_embedded_fp16_episode_matches_evaluator(embedded_model):

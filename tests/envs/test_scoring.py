@@ -2,6 +2,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from envs.cache_kwarg import cache_keyword, with_cache
 from envs.scoring import choose, continuation_logprobs, encode_pair, score_requests
 
 ENDINGS = [" is ripping level tiles off.", " starts pulling up roofing.", " the end", " x"]
@@ -46,12 +47,12 @@ def test_cache_path_matches_full_forward(tiny_model):
     conts = [tok.encode(e) for e in ENDINGS]
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(torch.tensor([prefix]), past_key_values=cache, use_cache=True)
+        out = model(torch.tensor([prefix]), **with_cache(model, cache), use_cache=True)
     cache.batch_repeat_interleave(len(conts))
-    cached = continuation_logprobs(model, prefix, conts, past_key_values=cache, prefix_last_logits=out.logits[0, -1])
+    cached = continuation_logprobs(model, prefix, conts, cache=cache, prefix_last_logits=out.logits[0, -1])
     assert cached == pytest.approx(continuation_logprobs(model, prefix, conts), abs=1e-4)
     with pytest.raises(ValueError, match="prefix_last_logits"):
-        continuation_logprobs(model, prefix, conts, past_key_values=cache)
+        continuation_logprobs(model, prefix, conts, cache=cache)
 
 
 def test_cache_batch_mismatch_is_reported(tiny_model):
@@ -59,9 +60,9 @@ def test_cache_batch_mismatch_is_reported(tiny_model):
     prefix = tok.encode("short prompt")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(torch.tensor([prefix]), past_key_values=cache, use_cache=True)
+        out = model(torch.tensor([prefix]), **with_cache(model, cache), use_cache=True)
     with pytest.raises(ValueError, match="expand"):
-        continuation_logprobs(model, prefix, [[5, 6], [7, 8]], past_key_values=cache, prefix_last_logits=out.logits[0, -1])
+        continuation_logprobs(model, prefix, [[5, 6], [7, 8]], cache=cache, prefix_last_logits=out.logits[0, -1])
 
 
 def test_empty_continuation_rejected(tiny_model):
@@ -76,3 +77,37 @@ def test_choose_normalises_by_ending_characters():
     assert choose([-1.0, -1.0], ["x", "y"]) == (0, 0)  # ties go to the first, like np.argmax
     with pytest.raises(ValueError):
         choose([-1.0], ["a", "b"])
+
+
+def test_the_model_reads_the_cache_we_pass(tiny_model):
+    """Fails whenever our keyword is not the one ``forward`` reads (the model would use a fresh cache)."""
+    from quant.kv_cache import MixedPrecisionKVCache
+
+    model, tok = tiny_model
+    prefix, rest = tok.encode("A man is sitting on a roof."), tok.encode(" He starts")
+    cache = MixedPrecisionKVCache(config=model.config, group_size=16)
+    with torch.no_grad():
+        model(torch.tensor([prefix]), **with_cache(model, cache), use_cache=True)
+        assert cache.get_seq_length() == len(prefix)
+        cached = model(torch.tensor([rest]), **with_cache(model, cache), use_cache=True).logits[0]
+        full = model(torch.tensor([prefix + rest])).logits[0, len(prefix):]
+        alone = model(torch.tensor([rest])).logits[0]
+    assert cache.get_seq_length() == len(prefix) + len(rest)
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(cached, alone, atol=1e-2)
+    assert cache_keyword(model) in ("cache", "past_key_values")
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    class Neither(torch.nn.Module):
+        def forward(self, input_ids=None, **kwargs): ...
+
+    assert with_cache(New(), 1) == {"cache": 1} and with_cache(Old(), 1) == {"past_key_values": 1}
+    with pytest.raises(TypeError, match="ignore"):
+        cache_keyword(Neither())

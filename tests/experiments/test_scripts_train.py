@@ -14,6 +14,7 @@ import torch
 from agents import make_policy
 from agents.mlp import MLPPolicy
 from agents.rule import EntropyRulePolicy
+from envs.cache_kwarg import with_cache
 from envs.features import BlockContext, EpisodeState, FeatureSet, RunningFrequency
 from envs.kv_precision import EnvConfig
 from envs.model import load_model
@@ -207,7 +208,7 @@ def test_generate_features_match_a_teacher_forced_block(tmp_path):
     obs = []
     for k, (lo, hi) in enumerate([(0, p), (p, p + 8)]):
         with torch.inference_mode():
-            out = model(input_ids=seq[lo:hi][None], past_key_values=cache, use_cache=True, output_attentions=True)
+            out = model(input_ids=seq[lo:hi][None], **with_cache(model, cache), use_cache=True, output_attentions=True)
         state = EpisodeState(k, n_blocks, cache.average_bits() if k else 16.0,
                              cache.nbytes(False) / cache.fp16_nbytes(False) if k else 1.0, 16, 16)
         ctx = BlockContext(seq[lo:hi], out.logits[0], seq[lo + 1 : hi + 1], state, freq, out.attentions)

@@ -9,6 +9,7 @@ import torch
 from _tiny_llama import tiny_llama
 from transformers import DynamicCache
 
+from envs.cache_kwarg import with_cache
 from quant.kv_cache import MixedPrecisionKVCache
 from quant.uniform import dequantize, quantize
 
@@ -27,7 +28,7 @@ def _run_blocks(model, cache, ids, blocks, bits):
     start, logits = 0, None
     with torch.no_grad():
         for size, b in zip(blocks, bits, strict=True):
-            logits = model(ids[:, start : start + size], past_key_values=cache).logits
+            logits = model(ids[:, start : start + size], **with_cache(model, cache)).logits
             if b is not None:
                 cache.commit(b)
             start += size
@@ -40,7 +41,7 @@ def _reference_blocks(model, ids, blocks, bits):
     cache, start, logits = DynamicCache(), 0, None
     with torch.no_grad():
         for size, b in zip(blocks, bits, strict=True):
-            logits = model(ids[:, start : start + size], past_key_values=cache).logits
+            logits = model(ids[:, start : start + size], **with_cache(model, cache)).logits
             if b is not None:
                 for layer in cache.layers:
                     for name, axis in (("keys", -2), ("values", -1)):
@@ -138,7 +139,7 @@ def test_generate_with_the_cache_and_the_policy_hook(tiny):
 
     cache = MixedPrecisionKVCache(config=model.config, policy=policy, interval=8)
     with torch.no_grad():
-        out = model.generate(prompt, past_key_values=cache, max_new_tokens=30, do_sample=False)
+        out = model.generate(prompt, **with_cache(model, cache), max_new_tokens=30, do_sample=False)
     assert out.shape == (1, 50)
     # The prompt (20 pending tokens) is committed before the first decode step, then every 8 tokens.
     assert cache.block_bits == [(2, 20), (4, 8), (8, 8), (16, 8)]
@@ -148,7 +149,7 @@ def test_generate_with_the_cache_and_the_policy_hook(tiny):
     # At 16 bits the tokens are those of an ordinary (DynamicCache) greedy run.
     sixteen = MixedPrecisionKVCache(config=model.config, policy=lambda c: 16, interval=8)
     with torch.no_grad():
-        ours = model.generate(prompt, past_key_values=sixteen, max_new_tokens=30, do_sample=False)
+        ours = model.generate(prompt, **with_cache(model, sixteen), max_new_tokens=30, do_sample=False)
         plain = model.generate(prompt, max_new_tokens=30, do_sample=False)
     assert torch.equal(ours, plain)
 
@@ -165,19 +166,19 @@ def test_branch_leaves_the_cache_exactly_as_before(tiny):
     length, nbytes = branched.get_seq_length(), branched.nbytes()
     endings = torch.randint(0, 256, (4, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad(), branched.branch(4) as cache:
-        scored = model(endings, past_key_values=cache).logits
+        scored = model(endings, **with_cache(model, cache)).logits
         assert scored.shape == (4, 7, 256) and cache.get_seq_length() == length + 7
         with pytest.raises(RuntimeError, match="inside branch"):
             cache.commit(4)
     # Each row of the batched forward equals running that ending alone on the prefix.
     with torch.no_grad():
-        alone = model(endings[2:3], past_key_values=_prefixed_cache(model, ids)).logits
+        alone = model(endings[2:3], **with_cache(model, _prefixed_cache(model, ids))).logits
     assert torch.allclose(scored[2:3], alone, atol=1e-5)
     assert branched.get_seq_length() == length and branched.nbytes() == nbytes
     nxt = ids[:, 138:139]
     with torch.no_grad():
-        after = model(nxt, past_key_values=branched).logits
-        expected = model(nxt, past_key_values=untouched).logits
+        after = model(nxt, **with_cache(model, branched)).logits
+        expected = model(nxt, **with_cache(model, untouched)).logits
     assert torch.equal(after, expected)
 
 
@@ -191,7 +192,7 @@ def test_crop_takes_back_pending_tokens_only(tiny):
     nxt = ids[:, 135:136]
     with torch.no_grad():
         # (equal up to float noise: the pending K/V came from a 10- vs a 7-token forward)
-        got, want = model(nxt, past_key_values=cache).logits, model(nxt, past_key_values=reference).logits
+        got, want = model(nxt, **with_cache(model, cache)).logits, model(nxt, **with_cache(model, reference)).logits
     assert torch.allclose(got, want, atol=1e-5)
     with pytest.raises(ValueError, match="pending"):
         cache.crop(100)  # would cut into committed (quantized) tokens
@@ -233,7 +234,7 @@ def test_errors(tiny):
     with pytest.raises(ValueError, match="batch size 1"):
         batched = MixedPrecisionKVCache(config=model.config)
         with torch.no_grad():
-            model(ids[:, :8].expand(2, -1), past_key_values=batched)
+            model(ids[:, :8].expand(2, -1), **with_cache(model, batched))
         with batched.branch(3):
             pass
     with pytest.raises(ValueError, match="group_size"):

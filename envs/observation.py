@@ -1,0 +1,58 @@
+"""Turn one block that has just run through the model into the policy's observation.
+
+The env (one block per step) and controller-driven generation (one block per ``interval`` decoded
+tokens) observe blocks the same way, so a policy trained in the env reads the same numbers while
+generating: both go through :class:`BlockObserver`, which owns the episode's running token
+frequency and block count, reads the episode state off the cache and summarises the block with the
+:class:`~envs.features.FeatureSet`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from envs.features import BlockContext, EpisodeState, FeatureSet, RunningFrequency
+
+__all__ = ["BlockObserver"]
+
+
+class BlockObserver:
+    """Observations of the consecutive blocks of one episode (or one generation)."""
+
+    def __init__(self, feature_set: FeatureSet, n_blocks: int):
+        self.feature_set = feature_set
+        self.n_blocks = n_blocks
+        self.frequency = RunningFrequency()
+        self.block_index = 0  # index of the next block to observe
+
+    def context(
+        self,
+        token_ids: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        cache,
+        *,
+        attentions: tuple[torch.Tensor, ...] | None = None,
+        saliency: torch.Tensor | None = None,
+        forward_seconds: float = 0.0,
+    ) -> BlockContext:
+        """The :class:`BlockContext` of the next block; ``cache`` holds it pending (see ``BlockContext``)."""
+        index = self.block_index
+        self.block_index += 1
+        state = EpisodeState.from_cache(cache, index, max(self.n_blocks, index + 1))
+        return BlockContext(
+            token_ids=token_ids,
+            logits=logits,
+            targets=targets,
+            state=state,
+            frequency=self.frequency,
+            attentions=attentions,
+            saliency=saliency,
+            cache=cache,
+            forward_seconds=forward_seconds,
+        )
+
+    def observe(self, ctx: BlockContext) -> np.ndarray:
+        """The observation vector (float32, in ``feature_set.observation_names`` order)."""
+        return np.asarray(self.feature_set.observe(ctx), dtype=np.float32)
