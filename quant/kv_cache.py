@@ -10,30 +10,72 @@ buffer; :meth:`MixedPrecisionKVCache.commit` quantizes everything pending, in ev
 block (keys per channel over the block's tokens, values per token over the head dimension, as
 KIVI). Attention sees the dequantized committed blocks followed by the pending buffer.
 
-Consecutive blocks at the same bits are merged into one *segment* (when the keys end on a complete
-token group), so dequantizing a long uniform cache costs a handful of tensor ops per layer rather
-than a handful per block, and every segment is dequantized straight into its slice of the tensor
+Keys and values of a block may have different bits (``commit(key_bits=4, value_bits=2)``): keys are
+the sensitive half. With ``sink_tokens=N`` the first N tokens of the sequence are kept in fp16
+whatever their block's setting, and outside its quantization groups, so an attention sink's large
+activations neither lose precision nor stretch the min-max range of its block (IntactKV, KVQuant).
+
+Consecutive blocks at the same (key, value) bits are merged into one *segment* (when the keys end on
+a complete token group), so dequantizing a long uniform cache costs a handful of tensor ops per
+layer rather than a handful per block, and every segment is dequantized straight into its slice of the tensor
 handed to attention (no per-segment temporaries, no ``torch.cat``). The dequantized tensor lives
 only for the layer's attention call: between steps the cache holds codes, never floats.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from quant.uniform import QuantizedTensor, check_bits, concat, dequantize, dequantize_cat, quantize
 
+#: Bits of a block: one width for keys and values, or a (key_bits, value_bits) pair.
+BlockBits = int | Sequence[int]
+
 #: A generation-time policy: given the cache (pending length, block bits, ...) return the bits of
-#: the pending block. Called every ``interval`` new tokens when set on the cache.
-BitsPolicy = Callable[["MixedPrecisionKVCache"], int]
+#: the pending block (an int, or a (key_bits, value_bits) pair). Called every ``interval`` new tokens
+#: when set on the cache.
+BitsPolicy = Callable[["MixedPrecisionKVCache"], BlockBits]
 
 KEY_AXIS = -2  # keys share a scale per channel across a group of tokens
 VALUE_AXIS = -1  # values share a scale per token across a group of channels
+
+
+def bit_pair(bits: BlockBits) -> tuple[int, int]:
+    """``(key_bits, value_bits)`` of a block setting: an int means both; each must be supported.
+
+    Accepts anything ``int()`` takes (numpy and 0-d torch integers, as policies return) and any
+    two-element sequence or 1-d array, so a config's ``[4, 2]`` and a policy's ``(4, 2)`` both work.
+    """
+    if isinstance(bits, (str, bytes)):
+        raise ValueError(f"bits must be an int or a (key_bits, value_bits) pair, got {bits!r}")
+    if isinstance(bits, Sequence) or getattr(bits, "ndim", 0) == 1:
+        if len(bits) != 2:
+            raise ValueError(f"a (key_bits, value_bits) pair needs exactly 2 entries, got {bits!r}")
+        pair = []
+        for name, b in zip(("key", "value"), bits, strict=True):
+            try:
+                pair.append(check_bits(b))
+            except ValueError as err:
+                raise ValueError(f"{name} bits of {bits!r}: {err}") from None
+        return pair[0], pair[1]
+    b = check_bits(bits)
+    return b, b
+
+
+class CommittedBlock(NamedTuple):
+    """One committed block, as the policy chose it; ``sink_tokens`` of its tokens are fp16 regardless."""
+
+    key_bits: int
+    value_bits: int
+    tokens: int
+    sink_tokens: int = 0
 
 
 def _empty_like_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -43,9 +85,10 @@ def _empty_like_tokens(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Segment:
-    """Consecutive committed tokens of one layer stored at the same bits."""
+    """Consecutive committed tokens of one layer stored at the same key bits and value bits."""
 
-    bits: int
+    key_bits: int
+    value_bits: int
     keys: QuantizedTensor
     values: QuantizedTensor
 
@@ -158,24 +201,53 @@ class MixedPrecisionLayer(CacheLayerMixin):
         values = torch.cat([dequantize(s.values, dtype) for s in self.segments], dim=-2)
         return keys, values
 
-    def commit(self, bits: int) -> None:
-        """Quantize every pending token of this layer as one block at ``bits``."""
+    def commit(self, key_bits: int, value_bits: int | None = None, sink_tokens: int = 0) -> None:
+        """Quantize every pending token of this layer as one block: keys at ``key_bits``, values at
+        ``value_bits`` (default: ``key_bits``).
+
+        The first ``sink_tokens`` pending tokens are stored in fp16 as a segment of their own, so the
+        rest of the block is quantized (its groups, its min-max ranges) without them.
+        """
+        value_bits = key_bits if value_bits is None else value_bits
         if self.pending_length == 0:
             raise ValueError("nothing pending to commit")
-        new = _Segment(
-            bits,
-            quantize(self.keys, bits, KEY_AXIS, self.group_size, self.symmetric),
-            quantize(self.values, bits, VALUE_AXIS, self.group_size, self.symmetric),
-        )
+        if not 0 <= sink_tokens <= self.pending_length:
+            raise ValueError(f"sink_tokens must be in [0, {self.pending_length}], got {sink_tokens}")
+        for start, length, kb, vb in (
+            (0, sink_tokens, 16, 16),
+            (sink_tokens, self.pending_length - sink_tokens, key_bits, value_bits),
+        ):
+            if length:
+                keys, values = self.keys.narrow(-2, start, length), self.values.narrow(-2, start, length)
+                if length < self.pending_length:  # a 16-bit part of an fp16 model would be a view
+                    keys, values = keys.clone(), values.clone()  # keeping the whole buffer alive
+                self._append(
+                    _Segment(
+                        kb,
+                        vb,
+                        quantize(keys, kb, KEY_AXIS, self.group_size, self.symmetric),
+                        quantize(values, vb, VALUE_AXIS, self.group_size, self.symmetric),
+                    )
+                )
+        self.keys = _empty_like_tokens(self.keys)
+        self.values = _empty_like_tokens(self.values)
+
+    def _append(self, new: _Segment) -> None:
+        """Add a segment, merged into the last one when both bits match and the keys' groups line up."""
         last = self.segments[-1] if self.segments else None
-        if last is not None and last.bits == bits and last.keys.complete_groups:
+        if (
+            last is not None
+            and (last.key_bits, last.value_bits) == (new.key_bits, new.value_bits)
+            and last.keys.complete_groups
+        ):
             self.segments[-1] = _Segment(
-                bits, concat([last.keys, new.keys], dim=-2), concat([last.values, new.values], dim=-2)
+                new.key_bits,
+                new.value_bits,
+                concat([last.keys, new.keys], dim=-2),
+                concat([last.values, new.values], dim=-2),
             )
         else:
             self.segments.append(new)
-        self.keys = _empty_like_tokens(self.keys)
-        self.values = _empty_like_tokens(self.values)
 
     def nbytes(self, include_pending: bool = True) -> int:
         total = sum(s.nbytes() for s in self.segments)
@@ -191,14 +263,16 @@ class MixedPrecisionLayer(CacheLayerMixin):
 
 
 class MixedPrecisionKVCache(Cache):
-    """A KV cache in which every committed block keeps its own bit-width (2/3/4/8/16).
+    """A KV cache in which every committed block keeps its own key and value bit-widths (2/3/4/8/16).
 
     Pass it as the cache of ``model(...)`` or ``model.generate(...)`` of any HF causal LM (``cache=``;
     ``past_key_values=`` before transformers 5.24).
     Without a ``policy`` nothing is ever committed automatically: call :meth:`commit` yourself
     (the environment does, once per step). With a ``policy``, every time ``interval`` or more
-    tokens are pending when a new forward starts, ``policy(self)`` picks their bits and they are
-    committed, so a trained controller can drive real decoding.
+    tokens are pending when a new forward starts, ``policy(self)`` picks their bits (an int, or a
+    (key_bits, value_bits) pair) and they are committed, so a trained controller can drive real
+    decoding. ``sink_tokens``: the first that many tokens of the sequence are stored in fp16 whatever
+    their block's bits, outside its quantization groups (they may span several blocks).
     """
 
     branch_limit: int | None = None  # branch() broadcasts the prefix to any batch (quant.baselines.EpisodeCache)
@@ -212,11 +286,14 @@ class MixedPrecisionKVCache(Cache):
         symmetric: bool = False,
         policy: BitsPolicy | None = None,
         interval: int = 64,
+        sink_tokens: int = 0,
     ):
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         if interval < 1:
             raise ValueError(f"interval must be >= 1, got {interval}")
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, numbers.Integral) or sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an integer >= 0, got {sink_tokens!r}")
         if num_layers is None and config is not None:
             text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
             num_layers = text_config.num_hidden_layers
@@ -224,7 +301,8 @@ class MixedPrecisionKVCache(Cache):
         self.symmetric = symmetric
         self.policy = policy
         self.interval = interval
-        self.block_bits: list[tuple[int, int]] = []  # (bits, tokens) per committed block, in order
+        self.sink_tokens = int(sink_tokens)
+        self.blocks: list[CommittedBlock] = []  # every committed block, in order
 
         def make_layer() -> MixedPrecisionLayer:
             return MixedPrecisionLayer(group_size, symmetric)
@@ -237,12 +315,12 @@ class MixedPrecisionKVCache(Cache):
     # --- transformers Cache contract ----------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0 and self.policy is not None and self.pending_length >= self.interval:
-            self.commit(int(self.policy(self)))
+            self.commit(self.policy(self))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def reset(self):
         super().reset()
-        self.block_bits = []
+        self.blocks = []
 
     # --- mixed precision ----------------------------------------------------------------------
     @property
@@ -251,42 +329,104 @@ class MixedPrecisionKVCache(Cache):
 
     @property
     def committed_length(self) -> int:
-        return sum(n for _, n in self.block_bits)
+        return sum(block.tokens for block in self.blocks)
 
-    def commit(self, bits: int) -> None:
-        """Quantize all pending tokens of every layer as one block stored at ``bits``."""
-        bits = check_bits(bits)
+    @property
+    def block_bits(self) -> list[tuple[int | float, int]]:
+        """``(bits, tokens)`` per committed block, in order; ``bits`` is the block's setting.
+
+        For a block with equal key and value bits that is the int width, as it always was; for a
+        (key_bits, value_bits) pair it is the block's bits per K/V element, the pair averaged by
+        the keys' and values' share of a token's bytes (:meth:`average_bits`), e.g. 3 for K4V2 on
+        any model whose keys and values have the same size (an int when whole, else a float).
+        Sink tokens are not reflected here: :attr:`blocks` says how many a block holds.
+        """
+        return [(self._block_mean_bits(b.key_bits, b.value_bits), b.tokens) for b in self.blocks]
+
+    @property
+    def block_key_value_bits(self) -> list[tuple[int, int]]:
+        """``(key_bits, value_bits)`` per committed block, in order (the setting chosen for it)."""
+        return [(b.key_bits, b.value_bits) for b in self.blocks]
+
+    def commit(
+        self, bits: BlockBits | None = None, *, key_bits: int | None = None, value_bits: int | None = None
+    ) -> None:
+        """Quantize all pending tokens of every layer as one block.
+
+        Either ``bits`` (an int for keys and values alike, or a ``(key_bits, value_bits)`` pair), or
+        both ``key_bits`` and ``value_bits``. Pending tokens among the first ``sink_tokens`` of the
+        sequence are stored in fp16 instead, outside the block's quantization groups.
+        """
+        if bits is None and key_bits is None and value_bits is None:
+            raise ValueError("commit() needs bits, or key_bits and value_bits")
+        if bits is not None and (key_bits is not None or value_bits is not None):
+            raise ValueError("commit() takes either bits or key_bits/value_bits, not both")
+        if bits is None and (key_bits is None or value_bits is None):
+            raise ValueError(
+                f"commit() needs both key_bits and value_bits, got {key_bits!r} and {value_bits!r}"
+            )
+        kb, vb = bit_pair(bits if bits is not None else (key_bits, value_bits))
         if any(layer.batch_expand > 1 for layer in self.layers):
             raise RuntimeError("cannot commit inside branch(): branched tokens are rolled back on exit")
         pending = self.pending_length
         if pending == 0:
             raise ValueError("commit() with nothing pending: run tokens through the model first")
+        sinks = self._pending_sinks()
         for layer in self.layers:
-            layer.commit(bits)
-        self.block_bits.append((bits, pending))
+            layer.commit(kb, vb, sinks)
+        self.blocks.append(CommittedBlock(kb, vb, pending, sinks))
 
-    def pending_error(self, bits: int) -> torch.Tensor:
+    def _pending_sinks(self) -> int:
+        """How many of the pending tokens are among the sequence's first ``sink_tokens``."""
+        return max(0, min(self.sink_tokens - self.committed_length, self.pending_length))
+
+    def _key_share(self) -> float:
+        """The keys' share of a token's K/V elements (over all layers): 0.5 unless their sizes differ."""
+        keys = sum(
+            layer.keys.shape[1] * layer.keys.shape[-1] for layer in self.layers if layer.keys is not None
+        )
+        values = sum(
+            layer.values.shape[1] * layer.values.shape[-1]
+            for layer in self.layers
+            if layer.values is not None
+        )
+        return keys / (keys + values) if keys + values else 0.5
+
+    def _block_mean_bits(self, key_bits: int, value_bits: int) -> int | float:
+        if key_bits == value_bits:
+            return key_bits
+        share = self._key_share()
+        mean = share * key_bits + (1.0 - share) * value_bits
+        return int(mean) if mean == int(mean) else mean
+
+    def pending_error(self, bits: BlockBits) -> torch.Tensor:
         """Per pending token: how much committing now at ``bits`` would distort its keys and values.
 
-        For every layer, ``||x_t - deq(q(x_t))||^2`` of keys and values together, divided by the
-        block's mean ``||x_t||^2``, then averaged over layers; shape ``[pending tokens]``. Nothing is
-        committed. Why relative to the block mean rather than to the token's own norm: an outlier
-        token (an attention sink, a delimiter with massive activations) stretches every per-channel
-        key scale of its group, so the damage shows up as error on its *neighbours*, which a
-        per-token relative error would hide.
+        ``bits``: an int or a (key_bits, value_bits) pair, as :meth:`commit` takes. For every layer,
+        ``||x_t - deq(q(x_t))||^2`` of keys and values together, divided by the block's mean
+        ``||x_t||^2``, then averaged over layers; shape ``[pending tokens]``. Nothing is committed.
+        Pending sink tokens (see ``sink_tokens``) have no error and are left out of the quantization,
+        exactly as :meth:`commit` would. Why relative to the block mean rather than to the token's own
+        norm: an outlier token (an attention sink, a delimiter with massive activations) stretches
+        every per-channel key scale of its group, so the damage shows up as error on its
+        *neighbours*, which a per-token relative error would hide.
         """
-        bits = check_bits(bits)
+        key_bits, value_bits = bit_pair(bits)
         if self.pending_length == 0:
             raise ValueError("pending_error() with nothing pending: run tokens through the model first")
+        sinks = self._pending_sinks()
         total = None
         for layer in self.layers:
             err = torch.zeros(layer.keys.shape[-2], dtype=torch.float32, device=layer.keys.device)
             norm = torch.zeros_like(err)
-            for x, axis in ((layer.keys, KEY_AXIS), (layer.values, VALUE_AXIS)):
+            for x, axis, b in ((layer.keys, KEY_AXIS, key_bits), (layer.values, VALUE_AXIS, value_bits)):
                 xf = x[:1].float()  # batch 1: the pending block of the episode
-                qt = quantize(xf, bits, axis, self.group_size, self.symmetric)
-                err += (xf - dequantize(qt, torch.float32)).square().sum(dim=(0, 1, 3))
                 norm += xf.square().sum(dim=(0, 1, 3))
+                if sinks == xf.shape[-2]:
+                    continue
+                xq = xf[..., sinks:, :]
+                qt = quantize(xq, b, axis, self.group_size, self.symmetric)
+                err[sinks:] += (xq - dequantize(qt, torch.float32)).square().sum(dim=(0, 1, 3))
             rel = err / norm.mean().clamp_min(1e-12)
             total = rel if total is None else total.add_(rel)
         return total / len(self.layers)
@@ -300,9 +440,24 @@ class MixedPrecisionKVCache(Cache):
         return sum(layer.fp16_nbytes(include_pending) for layer in self.layers)
 
     def average_bits(self) -> float:
-        """Token-weighted average bit-width of the committed blocks (nan when none)."""
+        """Average nominal bits per committed key/value element (nan when nothing is committed).
+
+        Each committed token counts its keys at its block's key bits and its values at the value
+        bits, weighted by their share of the token's K/V elements (= of its fp16 bytes) summed over
+        layers; sink tokens count 16 for both. Where keys and values have the same size per token
+        (kv_heads x head_dim per layer: Llama-style decoders, GQA included) this is the token-weighted
+        mean of ``(key_bits + value_bits) / 2``: K4V2 is 3 bits. Scales and zero-points are not counted
+        (:meth:`nbytes` has the exact bytes); for uniform blocks and no sinks it is exactly the
+        token-weighted mean of the block bits.
+        """
         tokens = self.committed_length
-        return sum(b * n for b, n in self.block_bits) / tokens if tokens else float("nan")
+        if not tokens:
+            return float("nan")
+        total = 0
+        for block in self.blocks:
+            bits = self._block_mean_bits(block.key_bits, block.value_bits)
+            total += bits * (block.tokens - block.sink_tokens) + 16 * block.sink_tokens
+        return total / tokens
 
     @contextmanager
     def branch(self, batch_size: int) -> Iterator[MixedPrecisionKVCache]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from _tiny_llama import tiny_llama
 from transformers import DynamicCache
 
 from envs.cache_kwarg import with_cache
-from quant.kv_cache import MixedPrecisionKVCache
+from quant.kv_cache import CommittedBlock, MixedPrecisionKVCache
 from quant.uniform import dequantize, quantize
 
 GROUP = 64
@@ -23,8 +25,20 @@ def tiny():
     return model, ids
 
 
+def _pair(b):
+    return (b, b) if isinstance(b, int) else tuple(b)
+
+
+def _sinks_in(start, size, sink):
+    """How many of the block [start, start + size) are among the first ``sink`` tokens."""
+    return max(0, min(sink - start, size))
+
+
 def _run_blocks(model, cache, ids, blocks, bits):
-    """Feed ``ids`` block by block, committing block i at ``bits[i]`` (None: leave it pending)."""
+    """Feed ``ids`` block by block, committing block i at ``bits[i]`` (None: leave it pending).
+
+    ``bits[i]`` is an int or a (key_bits, value_bits) pair, committed as given (``commit(bits)``).
+    """
     start, logits = 0, None
     with torch.no_grad():
         for size, b in zip(blocks, bits, strict=True):
@@ -35,57 +49,123 @@ def _run_blocks(model, cache, ids, blocks, bits):
     return logits
 
 
-def _reference_blocks(model, ids, blocks, bits):
+def _reference_blocks(model, ids, blocks, bits, sink=0):
     """The same computation by hand: a DynamicCache whose just-run block is replaced by its
-    quantize/dequantize round trip (keys per channel over tokens, values per token)."""
+    quantize/dequantize round trip (keys per channel over tokens at the key bits, values per token
+    at the value bits); tokens among the first ``sink`` are only rounded to fp16 instead, and the
+    rest of their block is quantized without them."""
     cache, start, logits = DynamicCache(), 0, None
     with torch.no_grad():
         for size, b in zip(blocks, bits, strict=True):
             logits = model(ids[:, start : start + size], **with_cache(model, cache)).logits
             if b is not None:
+                sinks = _sinks_in(start, size, sink)
                 for layer in cache.layers:
-                    for name, axis in (("keys", -2), ("values", -1)):
-                        block = getattr(layer, name)[..., start : start + size, :]
-                        block.copy_(dequantize(quantize(block, b, axis=axis, group_size=GROUP)))
+                    for name, axis, width in (("keys", -2, _pair(b)[0]), ("values", -1, _pair(b)[1])):
+                        protected = getattr(layer, name)[..., start : start + sinks, :]
+                        protected.copy_(protected.half())
+                        if sinks < size:
+                            block = getattr(layer, name)[..., start + sinks : start + size, :]
+                            block.copy_(dequantize(quantize(block, width, axis=axis, group_size=GROUP)))
             start += size
     return logits
 
 
-def test_all_16_bit_blocks_match_dynamic_cache(tiny):
+def _hand_average_bits(blocks, bits, sink=0):
+    """Token-weighted (key_bits + value_bits) / 2, sink tokens at 16 (keys and values equal in size)."""
+    total = tokens = start = 0
+    for n, b in zip(blocks, bits, strict=True):
+        if b is not None:
+            sinks = _sinks_in(start, n, sink)
+            total += 16 * sinks + (n - sinks) * sum(_pair(b)) / 2
+            tokens += n
+        start += n
+    return total / tokens
+
+
+@pytest.mark.parametrize(("sink", "bits"), [(0, (16, 16, 16, None)), (70, ((16, 16), [16, 16], 16, None))])
+def test_all_16_bit_blocks_match_dynamic_cache(tiny, sink, bits):
     model, ids = tiny
     blocks = (64, 64, 64, 20)
-    ours = _run_blocks(model, MixedPrecisionKVCache(config=model.config), ids, blocks, (16, 16, 16, None))
+    ours = _run_blocks(model, MixedPrecisionKVCache(config=model.config, sink_tokens=sink), ids, blocks, bits)
     with torch.no_grad():
         full = model(ids[:, : sum(blocks)]).logits[:, -blocks[-1] :]
     assert torch.allclose(ours, full, atol=1e-3, rtol=0)  # fp16 storage of K/V is the only difference
 
 
 @pytest.mark.parametrize(
-    ("blocks", "bits"),
+    ("blocks", "bits", "sink"),
     [
-        ((64, 64, 64, 64, 64, 30), (4, 2, 8, 16, 3, None)),  # every width, then a pending block
-        ((64, 64, 30, 64, 17), (4, 4, 2, 2, None)),  # merged same-bits segments, a partial group
-        ((40, 64, 64), (8, 8, None)),  # a partial key group that must not be merged into
+        ((64, 64, 64, 64, 64, 30), (4, 2, 8, 16, 3, None), 0),  # every width, then a pending block
+        ((64, 64, 30, 64, 17), (4, 4, 2, 2, None), 0),  # merged same-bits segments, a partial group
+        ((40, 64, 64), (8, 8, None), 0),  # a partial key group that must not be merged into
+        ((64, 64, 64, 64, 30), ((4, 2), (2, 4), (8, 3), (16, 2), None), 0),  # separate key/value bits
+        ((64, 64, 64, 64, 17), ((4, 2), (4, 2), (4, 4), (2, 16), None), 0),  # pairs merge only if equal
+        ((64, 64, 64, 10), (2, (4, 2), 2, None), 5),  # sinks inside the first block
+        ((16, 16, 16, 64, 64, 10), (2, (4, 2), (3, 2), 2, 2, None), 20),  # sinks spanning two blocks
     ],
 )
-def test_mixed_blocks_match_a_hand_computed_reference(tiny, blocks, bits):
+def test_mixed_blocks_match_a_hand_computed_reference(tiny, blocks, bits, sink):
     model, ids = tiny
-    cache = MixedPrecisionKVCache(config=model.config, group_size=GROUP)
+    cache = MixedPrecisionKVCache(config=model.config, group_size=GROUP, sink_tokens=sink)
     ours = _run_blocks(model, cache, ids, blocks, bits)
-    reference = _reference_blocks(model, ids, blocks, bits)
+    reference = _reference_blocks(model, ids, blocks, bits, sink)
     assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
     # ... and the quantization really changed the logits (otherwise the comparison proves nothing).
     with torch.no_grad():
         full = model(ids[:, : sum(blocks)]).logits[:, -blocks[-1] :]
     assert (ours - full).abs().max() > 1e-4  # 10x the tolerance above, even with 8-bit blocks only
-    committed = [(b, n) for n, b in zip(blocks, bits, strict=True) if b is not None]
-    assert cache.block_bits == committed
+    committed = [(_pair(b), n) for n, b in zip(blocks, bits, strict=True) if b is not None]
+    assert cache.block_key_value_bits == [p for p, _ in committed]
+    # block_bits: (the int width, tokens) for uniform blocks, (mean of key and value bits, tokens) for pairs
+    assert cache.block_bits == [((k + v) / 2, n) for (k, v), n in committed]
+    assert all(
+        isinstance(b, int) for (b, _), ((k, v), _) in zip(cache.block_bits, committed, strict=True) if k == v
+    )
+    assert sum(block.sink_tokens for block in cache.blocks) == min(sink, cache.committed_length)
     assert cache.committed_length == sum(n for _, n in committed)
     assert cache.pending_length == (blocks[-1] if bits[-1] is None else 0)
     assert cache.get_seq_length() == sum(blocks)
-    assert cache.average_bits() == pytest.approx(
-        sum(b * n for b, n in committed) / sum(n for _, n in committed)
-    )
+    assert cache.average_bits() == pytest.approx(_hand_average_bits(blocks, bits, sink))
+
+
+def test_segments_merge_only_when_key_and_value_bits_both_match(tiny):
+    model, ids = tiny
+    cache = MixedPrecisionKVCache(config=model.config, group_size=GROUP)
+    _run_blocks(model, cache, ids, (64, 64, 64, 64, 64), ((4, 2), (4, 2), (4, 4), (2, 4), (2, 4)))
+    for layer in cache.layers:
+        assert [(s.key_bits, s.value_bits, s.length) for s in layer.segments] == [
+            (4, 2, 128),
+            (4, 4, 64),
+            (2, 4, 128),
+        ]
+
+
+def _hand_pair_nbytes(blocks, bits, sink=0, heads=2, head_dim=16, layers=2):
+    """Storage by hand, block by block: sink tokens as fp16 K and V; the rest of a block as packed
+    key codes + fp16 scale and zero per (channel, group of tokens) at the key bits, and packed value
+    codes + fp16 scale and zero per (token, group of channels) at the value bits; fp32 pending.
+    (Merging blocks into segments saves nothing: blocks only merge after a whole key group.)"""
+
+    def one(b, n, axis_groups):
+        if b == 16:
+            return 2 * heads * n * head_dim
+        codes = heads * n * math.ceil(head_dim / {2: 4, 3: 1, 4: 2, 8: 1}[b])
+        return codes + 4 * axis_groups
+
+    per_layer = start = 0
+    for n, b in zip(blocks, bits, strict=True):
+        if b is None:
+            per_layer += 2 * heads * n * head_dim * 4
+            continue
+        sinks = _sinks_in(start, n, sink)
+        per_layer += 2 * 2 * heads * sinks * head_dim
+        rest, (k, v) = n - sinks, _pair(b)
+        if rest:
+            per_layer += one(k, rest, heads * math.ceil(rest / GROUP) * head_dim)
+            per_layer += one(v, rest, heads * rest * math.ceil(head_dim / GROUP))
+        start += n
+    return layers * per_layer
 
 
 def _hand_nbytes(blocks, bits, heads=2, head_dim=16, layers=2):
@@ -127,6 +207,18 @@ def test_nbytes_is_the_hand_count(tiny):
     assert cache.nbytes(include_pending=False) < cache.fp16_nbytes(include_pending=False)
 
 
+@pytest.mark.parametrize(("key_bits", "value_bits"), list(itertools.product((2, 3, 4, 8, 16), repeat=2)))
+def test_nbytes_is_the_formula_for_every_key_value_pair(tiny, key_bits, value_bits):
+    model, ids = tiny
+    blocks, bits = (64, 30, 64, 17), ((key_bits, value_bits), (key_bits, value_bits), (8, 2), None)
+    for sink in (0, 5):
+        cache = MixedPrecisionKVCache(config=model.config, group_size=GROUP, sink_tokens=sink)
+        _run_blocks(model, cache, ids, blocks, bits)
+        assert cache.nbytes() == _hand_pair_nbytes(blocks, bits, sink)
+        assert cache.nbytes(include_pending=False) == _hand_pair_nbytes(blocks[:-1], bits[:-1], sink)
+        assert cache.fp16_nbytes() == 2 * 2 * 2 * 16 * 2 * sum(blocks)
+
+
 def test_generate_with_the_cache_and_the_policy_hook(tiny):
     model, ids = tiny
     prompt = ids[:, :20]
@@ -152,6 +244,84 @@ def test_generate_with_the_cache_and_the_policy_hook(tiny):
         ours = model.generate(prompt, **with_cache(model, sixteen), max_new_tokens=30, do_sample=False)
         plain = model.generate(prompt, max_new_tokens=30, do_sample=False)
     assert torch.equal(ours, plain)
+
+
+def test_generate_with_a_hook_returning_key_value_pairs(tiny):
+    model, ids = tiny
+    prompt = ids[:, :20]
+    choices = iter([(4, 2), 8, np.array([2, 4]), [16, 8], np.int64(4)])
+    cache = MixedPrecisionKVCache(
+        config=model.config, policy=lambda c: next(choices), interval=8, sink_tokens=4
+    )
+    with torch.no_grad():
+        out = model.generate(prompt, **with_cache(model, cache), max_new_tokens=40, do_sample=False)
+    assert out.shape == (1, 60)
+    assert cache.block_key_value_bits == [(4, 2), (8, 8), (2, 4), (16, 8), (4, 4)]
+    assert cache.block_bits == [(3, 20), (8, 8), (3, 8), (12, 8), (4, 8)]
+    assert cache.blocks[0] == CommittedBlock(4, 2, 20, 4) and cache.blocks[1].sink_tokens == 0
+    assert cache.average_bits() == pytest.approx((4 * 16 + 16 * 3 + 8 * 8 + 8 * 3 + 8 * 12 + 8 * 4) / 52)
+
+
+class _Recorder:
+    """Wraps a layer's ``update``: the states the model hands in, and what attention gets back."""
+
+    def __init__(self, layer):
+        self.update, self.given, self.seen = layer.update, [], None
+        layer.update = self
+
+    def __call__(self, key_states, value_states, *args, **kwargs):
+        self.given.append((key_states.clone(), value_states.clone()))
+        self.seen = self.update(key_states, value_states, *args, **kwargs)
+        return self.seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sink_tokens_are_what_the_model_produced_in_fp16(tiny, dtype):
+    """Attention sees, for every sink position, the model's own key/value states rounded to fp16:
+    in an fp16 model exactly those states; other positions of the same 2-bit blocks are quantized."""
+    model, ids = tiny
+    model = tiny_llama().to(dtype)
+    sink = 20
+    cache = MixedPrecisionKVCache(config=model.config, group_size=GROUP, sink_tokens=sink)
+    recorders = [_Recorder(layer) for layer in cache.layers]
+    _run_blocks(model, cache, ids, (16, 16, 64, 1), (2, 2, 2, None))
+    for rec in recorders:
+        produced_keys = torch.cat([k for k, _ in rec.given], dim=-2)
+        produced_values = torch.cat([v for _, v in rec.given], dim=-2)
+        seen_keys, seen_values = rec.seen
+        assert seen_keys.shape == produced_keys.shape and seen_keys.dtype == dtype
+        for seen, produced in ((seen_keys, produced_keys), (seen_values, produced_values)):
+            assert torch.equal(seen[..., :sink, :], produced[..., :sink, :].half().to(dtype))
+            if dtype == torch.float16:
+                assert torch.equal(seen[..., :sink, :], produced[..., :sink, :])
+            assert not torch.equal(seen[..., sink:96, :], produced[..., sink:96, :].half().to(dtype))
+    for layer in cache.layers:  # the sinks are a segment of their own, not in any block's groups
+        first = layer.segments[0]
+        assert (first.key_bits, first.value_bits, first.length) == (16, 16, sink)
+    assert [b.sink_tokens for b in cache.blocks] == [16, 4, 0]
+    assert cache.average_bits() == pytest.approx((16 * 20 + 2 * 76) / 96)
+
+
+def test_pending_error_with_key_value_pairs_and_sinks(tiny):
+    model, ids = tiny
+    cache = MixedPrecisionKVCache(config=model.config, group_size=GROUP, sink_tokens=10)
+    _run_blocks(model, cache, ids, [64], [None])
+    got = cache.pending_error((4, 2))
+    per_layer = []
+    for layer in cache.layers:
+        err, norm = torch.zeros(64), 0
+        for x, axis, b in ((layer.keys, -2, 4), (layer.values, -1, 2)):
+            rest = x[..., 10:, :]
+            err[10:] += (
+                (rest - dequantize(quantize(rest, b, axis=axis, group_size=GROUP)))
+                .square()
+                .sum(dim=(0, 1, 3))
+            )
+            norm = norm + x.square().sum(dim=(0, 1, 3))
+        per_layer.append(err / norm.mean())
+    torch.testing.assert_close(got, torch.stack(per_layer).mean(0), rtol=1e-5, atol=1e-7)
+    assert bool((got[:10] == 0).all()) and bool((got[10:] > 0).all())
+    assert cache.pending_error(2)[10:].mean() > got[10:].mean()  # 2-bit keys hurt more than 4-bit ones
 
 
 def _prefixed_cache(model, ids):
@@ -208,7 +378,9 @@ def test_pending_error_is_the_hand_computed_round_trip_error(tiny):
     for layer in cache.layers:
         err = norm = 0
         for x, axis in ((layer.keys, -2), (layer.values, -1)):
-            err = err + (x - dequantize(quantize(x, 2, axis=axis, group_size=GROUP))).square().sum(dim=(0, 1, 3))
+            err = err + (x - dequantize(quantize(x, 2, axis=axis, group_size=GROUP))).square().sum(
+                dim=(0, 1, 3)
+            )
             norm = norm + x.square().sum(dim=(0, 1, 3))
         per_layer.append(err / norm.mean())
     torch.testing.assert_close(got, torch.stack(per_layer).mean(0), rtol=1e-5, atol=1e-7)
@@ -241,6 +413,42 @@ def test_errors(tiny):
         MixedPrecisionKVCache(config=model.config, group_size=0)
     with pytest.raises(ValueError, match="interval"):
         MixedPrecisionKVCache(config=model.config, interval=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        (((4, 5),), {}, r"value bits of \(4, 5\): unsupported bit-width 5"),
+        (([1, 4],), {}, r"key bits of \[1, 4\]: unsupported bit-width 1"),
+        (((4, 2, 2),), {}, "exactly 2 entries"),
+        (("4",), {}, "an int or a"),
+        ((), {}, "needs bits"),
+        ((), {"key_bits": 4}, "both key_bits and value_bits"),
+        ((4,), {"value_bits": 2}, "not both"),
+        ((), {"key_bits": 4, "value_bits": 6}, "unsupported bit-width 6"),
+    ],
+)
+def test_bad_bits_are_clear_errors(tiny, args, kwargs, match):
+    model, ids = tiny
+    cache = MixedPrecisionKVCache(config=model.config)
+    _run_blocks(model, cache, ids, (10,), (None,))
+    with pytest.raises(ValueError, match=match):
+        cache.commit(*args, **kwargs)
+    assert cache.pending_length == 10 and not cache.blocks  # nothing committed
+
+
+@pytest.mark.parametrize("sink", [-1, 2.5, True])
+def test_bad_sink_tokens_are_clear_errors(tiny, sink):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="sink_tokens must be an integer >= 0"):
+        MixedPrecisionKVCache(config=model.config, sink_tokens=sink)
+
+
+def test_a_hook_returning_a_bad_pair_fails_clearly(tiny):
+    model, ids = tiny
+    cache = MixedPrecisionKVCache(config=model.config, policy=lambda c: (4, 7), interval=8)
+    with torch.no_grad(), pytest.raises(ValueError, match="value bits of .*unsupported bit-width 7"):
+        model.generate(ids[:, :20], **with_cache(model, cache), max_new_tokens=4, do_sample=False)
 
 
 @pytest.mark.integration
