@@ -3,7 +3,7 @@
     python -m experiments.collect --config experiments/configs/collect.yaml --set episodes=50
 
 Writes ``<out_dir>/controller_training.csv`` (columns: ``item, block, <observation names>,
-latency_ms_per_token, bits``; see interfaces.md), the training data of the MLP controller. A row holds
+latency_ms_per_token, bits``), the training data of the MLP controller. A row holds
 the observation the rule acted on, the bit-width it chose (the label) and the measured wall time per
 token of the env step that followed (commit + next block, or the ending scoring on the last step).
 

@@ -193,14 +193,6 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def committed_length(self) -> int:
         return sum(s.length for s in self.segments)
 
-    def committed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized committed keys/values, in token order (batch 1 while branched)."""
-        if not self.segments:
-            raise ValueError("nothing committed yet")
-        keys = torch.cat([dequantize(s.keys, dtype) for s in self.segments], dim=-2)
-        values = torch.cat([dequantize(s.values, dtype) for s in self.segments], dim=-2)
-        return keys, values
-
     def commit(self, key_bits: int, value_bits: int | None = None, sink_tokens: int = 0) -> None:
         """Quantize every pending token of this layer as one block: keys at ``key_bits``, values at
         ``value_bits`` (default: ``key_bits``).
