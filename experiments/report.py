@@ -171,12 +171,10 @@ def _spread_labels(xy: Sequence[tuple[float, float]], min_dy: float = 13.0, near
     placed: dict[int, tuple[float, float]] = {}
     for i in sorted(range(len(xy)), key=lambda i: (xy[i][1], xy[i][0])):
         x, y = xy[i][0], xy[i][1] + lift
-        moved = True
-        while moved:
-            moved = False
-            for px, py in placed.values():
-                if abs(px - x) < near_dx and abs(py - y) < min_dy:
-                    y, moved = py + min_dy, True
+        # one pass upwards over the labels already placed (ascending): y only grows, so it ends
+        for px, py in sorted(placed.values(), key=lambda p: p[1]):
+            if abs(px - x) < near_dx and abs(py - y) < min_dy:
+                y = max(y, py + min_dy)
         placed[i] = (x, y)
     return [placed[i] for i in range(len(xy))]
 
