@@ -31,7 +31,8 @@ class Episode:
 
     reset_info: dict[str, Any]
     observations: list[np.ndarray] = field(default_factory=list)
-    actions: list[int] = field(default_factory=list)
+    #: one per step: the action index, or (layer groups) a list of one index per group
+    actions: list[int | list[int]] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     infos: list[dict[str, Any]] = field(default_factory=list)
     final_observation: np.ndarray | None = None
@@ -76,6 +77,12 @@ class Schedule:
         action = self.actions[self._next]
         self._next += 1
         return np.int64(action), state
+
+
+def _plain_action(action: Any) -> int | list[int]:
+    """An int (Discrete), or one int per layer group (MultiDiscrete)."""
+    arr = np.asarray(action)
+    return int(arr.reshape(())) if arr.size == 1 else [int(a) for a in arr.reshape(-1)]
 
 
 def _timings(env: gym.Env) -> dict[str, float] | None:
@@ -124,7 +131,7 @@ def rollout(
         next_obs, reward, terminated, truncated, info = env.step(action)
         episode.wall_ms.append(1000 * (time.perf_counter() - t0))
         episode.observations.append(obs)
-        episode.actions.append(int(np.asarray(action).reshape(())))
+        episode.actions.append(_plain_action(action))
         episode.rewards.append(float(reward))
         episode.infos.append(info)
         record(_timings(env))
