@@ -4,7 +4,7 @@
 
 Rows, each at fixed bits on the held-out split: the single env (one process, torch's threads);
 Gymnasium's ``SyncVectorEnv`` of N envs (``gym.make_vec(..., vectorization_mode="sync")``); the
-Ray backend of ``evaluate`` with N workers (one torch thread each). Plus whole env / bare forward:
+Ray backend of ``evaluate`` with N workers (``--threads`` torch threads each, default 1). Plus whole env / bare forward:
 the single env's wall time over a bare SDPA forward of the same blocks
 (``experiments.bench_env.bare_forward_ms``, ``model(block, cache=DynamicCache())``). Measuring them
 in one run keeps the ratios meaningful on a shared, noisy machine, where absolute numbers are not.
@@ -105,7 +105,8 @@ def bench_ray(args: argparse.Namespace) -> dict[str, Any]:
     env_cfg = EnvConfig.from_dict(_env_kwargs(args))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = EvaluateConfig(env=env_cfg, policies=[f"fixed:{args.bits}"], references=(f"fixed:{args.bits}",),
-                             items=args.episodes, out_dir=tmp, backend="ray", ray_workers=n, threads=1)
+                             items=args.episodes, out_dir=tmp, backend="ray", ray_workers=n,
+                             threads=args.threads or 1)
         env = KVPrecisionEnv(env_cfg)
         todo = [(f"fixed:{args.bits}", item.row) for item in env.items[: args.episodes]]
         current = fingerprint_id(fingerprint(env.model.device, env.model.dtype))
@@ -114,7 +115,7 @@ def bench_ray(args: argparse.Namespace) -> dict[str, Any]:
         done_at = [time.perf_counter() - t0 for _ in ray_episodes(cfg, todo, current)]
     steady = (len(done_at) - n) / (done_at[-1] - done_at[n - 1])
     return {"episodes": len(done_at), "seconds": done_at[-1], "episodes_per_s": steady,
-            "startup_seconds": done_at[n - 1], "workers": n, "threads": 1}
+            "startup_seconds": done_at[n - 1], "workers": n, "threads": cfg.threads}
 
 
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
@@ -145,6 +146,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, default=4, help="fixed bit-width every step commits")
     p.add_argument("--shots", type=int, default=None, help="override the env's shots (default config: 5)")
     p.add_argument("--interval", type=int, default=None, help="override the env's block length (default 64)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the single and vector env (default: torch's choice) and of each Ray "
+                        "worker (default 1); on a busy machine more threads than free cores slow torch down a lot")
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which runners to measure")
     p.add_argument("--out", type=Path, default=Path("runs/bench_throughput.json"))
     return p.parse_args(argv)
@@ -154,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.episodes < 1 or args.num_envs < 1:
         raise ValueError("--episodes and --num-envs must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = {name: BENCHES[name](args) for name in args.rows}
     print(format_table(results, args.num_envs))
