@@ -10,6 +10,8 @@ Each record carries the fingerprint of the machine that computed it (``fingerpri
 what each id stands for): per-item quantized scores differ across machines, so a resume on another
 machine is refused unless ``allow_mixed_fingerprints`` is set. ``summary.json`` lists the
 ``references`` compared against and the ``fingerprints`` its records hold.
+``backend: ray`` runs the episodes on Ray actors, locally or on the cluster ``RAY_ADDRESS`` names
+(``experiments/ray_backend.py``); the records and the resume are the same.
 
 Policy specs: anything ``agents.registry.make_policy`` takes (``fixed:4``, ``rule``, ``rule:t.yaml``,
 ``mlp:mlp.pt``, ``sb3:ppo.zip``), plus ``fp16`` (every block kept at 16 bits: a real fp16 KV cache)

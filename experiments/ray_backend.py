@@ -29,7 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
+from envs.fingerprint import fingerprint, fingerprint_id
+from envs.kv_precision import KVPrecisionEnv
 from experiments import evaluate
 
 #: restarts of a dead actor (each reloads the model) and retries of the tasks it had not finished
@@ -43,19 +46,14 @@ CRASH_ENV_VAR = "KVGYM_TEST_RAY_CRASH"
 class EpisodeWorker:
     """One Ray actor: the eval env and every policy of the config, built once, running episodes."""
 
-    def __init__(self, cfg: evaluate.EvaluateConfig, fingerprint_id: str, crash: str | None = None) -> None:
-        import torch
-
-        from envs.fingerprint import fingerprint, fingerprint_id as make_id
-        from envs.kv_precision import KVPrecisionEnv
-
+    def __init__(self, cfg: evaluate.EvaluateConfig, driver_fingerprint: str, crash: str | None = None) -> None:
         torch.set_num_threads(cfg.threads or 1)  # one actor per core: more threads only contend
         self.env = KVPrecisionEnv(evaluate._eval_env_config(cfg))
         self.runners = evaluate._runners(cfg, evaluate._policy_names(cfg), self.env)
-        mine = make_id(fingerprint(self.env.model.device, self.env.model.dtype))
-        if mine != fingerprint_id and not cfg.allow_mixed_fingerprints:
+        mine = fingerprint_id(fingerprint(self.env.model.device, self.env.model.dtype))
+        if mine != driver_fingerprint and not cfg.allow_mixed_fingerprints:
             raise RuntimeError(
-                f"a Ray worker on {os.uname().nodename} has fingerprint {mine!r}, the driver {fingerprint_id!r}: "
+                f"a Ray worker on {os.uname().nodename} has fingerprint {mine!r}, the driver {driver_fingerprint!r}: "
                 "per-item quantized scores differ across machines. Run on machines of one kind (and the driver "
                 "on one of them), or set allow_mixed_fingerprints=true (records then carry each worker's own).")
         self.fingerprint_id = mine
@@ -97,7 +95,7 @@ def _worker_count(cfg: evaluate.EvaluateConfig, episodes: int) -> int:
     return max(1, min(cpus // (cfg.threads or 1), episodes))
 
 
-def ray_episodes(cfg: evaluate.EvaluateConfig, todo: list[tuple[str, int]], fingerprint_id: str) -> Iterator[dict]:
+def ray_episodes(cfg: evaluate.EvaluateConfig, todo: list[tuple[str, int]], driver_fingerprint: str) -> Iterator[dict]:
     """Records of the ``todo`` (policy, row) episodes, each yielded as soon as its task completes."""
     if not todo:
         return
@@ -105,7 +103,7 @@ def ray_episodes(cfg: evaluate.EvaluateConfig, todo: list[tuple[str, int]], fing
     actor_cls = ray.remote(num_cpus=cfg.threads or 1, max_restarts=MAX_RESTARTS,
                            max_task_retries=MAX_RESTARTS)(EpisodeWorker)
     crash = os.environ.get(CRASH_ENV_VAR)
-    actors = [actor_cls.remote(cfg, fingerprint_id, crash) for _ in range(_worker_count(cfg, len(todo)))]
+    actors = [actor_cls.remote(cfg, driver_fingerprint, crash) for _ in range(_worker_count(cfg, len(todo)))]
     pending: deque[tuple[str, int]] = deque(todo)
     running: dict[Any, tuple[Any, tuple[str, int]]] = {}  # future -> (actor, episode)
 

@@ -70,3 +70,9 @@ def test_an_actor_killed_mid_run_loses_no_finished_episode(tmp_path, sequential,
 def test_unknown_backend_is_a_config_error(tmp_path):
     with pytest.raises(ValueError, match="backend"):
         evaluate.run(_cfg(tmp_path, backend="dask"))
+
+
+def test_a_worker_of_another_fingerprint_is_refused(tmp_path, local_ray):
+    cfg = _cfg(tmp_path, policies=["fp16"], references=["fp16"], backend="ray", ray_workers=1)
+    with pytest.raises(ray.exceptions.RayActorError, match="fingerprint"):
+        list(ray_backend.ray_episodes(cfg, [("fp16", 0)], driver_fingerprint="another-machine"))
