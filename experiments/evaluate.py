@@ -10,6 +10,8 @@ Each record carries the fingerprint of the machine that computed it (``fingerpri
 what each id stands for): per-item quantized scores differ across machines, so a resume on another
 machine is refused unless ``allow_mixed_fingerprints`` is set. ``summary.json`` lists the
 ``references`` compared against and the ``fingerprints`` its records hold.
+``backend: ray`` runs the episodes on Ray actors, locally or on the cluster ``RAY_ADDRESS`` names
+(``experiments/ray_backend.py``); the records and the resume are the same.
 
 Policy specs: anything ``agents.registry.make_policy`` takes (``fixed:4``, ``fixed:k4v2``,
 ``fixed:k4v2+s4``, ``rule``, ``rule:t.yaml``, ``mlp:mlp.pt``, ``sb3:ppo.zip``), plus ``fp16`` (every
@@ -24,7 +26,7 @@ Records are keyed by the policy's canonical name (``agents.registry.canonical_na
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +63,12 @@ class EvaluateConfig:
     # to the same records.jsonl; whichever finishes last (or any later run) writes the summary.
     shard: int = 0
     shards: int = 1
-    threads: int | None = None  # torch CPU threads (None = torch's default)
+    threads: int | None = None  # torch CPU threads (None = torch's default; 1 per Ray worker)
+    # "sequential": every episode in this process; "ray": (policy, item) episodes spread over Ray actors
+    # that each load the model once (experiments/ray_backend.py; a local Ray, or the cluster RAY_ADDRESS
+    # names). This process keeps records.jsonl and resume either way.
+    backend: str = "sequential"
+    ray_workers: int | None = None  # Ray actors (None = as many as the cluster's CPUs hold at `threads` each)
 
 
 Runner = Callable[[KVPrecisionEnv, int], dict]
@@ -149,6 +156,33 @@ def _append(path: Path, record: dict) -> None:
         f.flush()
 
 
+def _eval_env_config(cfg: EvaluateConfig) -> EnvConfig:
+    """The env every backend evaluates on: the config's env on the held-out split."""
+    return EnvConfig.from_dict({**cfg.env.__dict__, "split": "eval"})
+
+
+def _runners(cfg: EvaluateConfig, names: list[str], env: KVPrecisionEnv) -> dict[str, Runner]:
+    """Each policy's episode runner on ``env``, by policy name."""
+    return {name: _policy_runner(spec, env) for name, spec in zip(names, cfg.policies, strict=True)}
+
+
+def _episode_record(env: KVPrecisionEnv, runners: dict[str, Runner], name: str, row: int, fingerprint_id: str) -> dict:
+    """The record of one (policy, item) episode: every backend produces its records here."""
+    return {"policy": name, "row": row, **runners[name](env, row), "fingerprint": fingerprint_id}
+
+
+def _episodes(cfg: EvaluateConfig, env: KVPrecisionEnv, runners: dict[str, Runner],
+              todo: list[tuple[str, int]], fingerprint_id: str) -> Iterator[dict]:
+    """Records of the ``todo`` episodes as they finish, from the configured backend."""
+    if cfg.backend == "ray":
+        from experiments.ray_backend import ray_episodes
+
+        yield from ray_episodes(cfg, todo, fingerprint_id)
+        return
+    for name, row in todo:
+        yield _episode_record(env, runners, name, row, fingerprint_id)
+
+
 def _check_fingerprints(records: list[dict], current: str, cfg: EvaluateConfig, path: Path) -> None:
     """Refuse to add this machine's records to another machine's, unless the config allows it."""
     others = {fp: n for fp, n in fingerprint_counts(records).items() if fp != current}
@@ -172,6 +206,8 @@ def run(cfg: EvaluateConfig) -> dict:
         raise ValueError(f"items must be >= 1, got {cfg.items}")
     if not cfg.policies:
         raise ValueError("no policies to evaluate")
+    if cfg.backend not in ("sequential", "ray"):
+        raise ValueError(f"backend must be 'sequential' or 'ray', got {cfg.backend!r}")
     if not 0 <= cfg.shard < cfg.shards:
         raise ValueError(f"shard must be in [0, shards), got shard={cfg.shard} shards={cfg.shards}")
     names = _policy_names(cfg)
@@ -180,14 +216,13 @@ def run(cfg: EvaluateConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    env_cfg = EnvConfig.from_dict({**cfg.env.__dict__, "split": "eval"})
-    env = KVPrecisionEnv(env_cfg)
+    env = KVPrecisionEnv(_eval_env_config(cfg))
     records_path, fingerprints_path = out / "records.jsonl", out / "fingerprints.json"
     try:
         rows = [item.row for item in env.items[: cfg.items]]
         if not rows:
             raise ValueError("the held-out item set is empty")
-        runners = {name: _policy_runner(spec, env) for name, spec in zip(names, cfg.policies, strict=True)}
+        runners = _runners(cfg, names, env)
         details = fingerprint(env.model.device, env.model.dtype)
         current = fingerprint_id(details)
         if not cfg.resume and records_path.exists():
@@ -200,12 +235,13 @@ def run(cfg: EvaluateConfig) -> dict:
             known = _load_fingerprints(fingerprints_path)
             if current not in known:
                 write_json(fingerprints_path, {**known, current: details})
-        bar = tqdm(todo, desc="evaluate", disable=not cfg.progress, unit="episode")
-        for name, row in bar:
-            bar.set_postfix(policy=name, row=row)
-            record = {"policy": name, "row": row, **runners[name](env, row), "fingerprint": current}
+        bar = tqdm(total=len(todo), desc="evaluate", disable=not cfg.progress, unit="episode")
+        for record in _episodes(cfg, env, runners, todo, current):
             _append(records_path, record)
             records.append(record)
+            bar.set_postfix(policy=record["policy"], row=record["row"])
+            bar.update()
+        bar.close()
     finally:
         env.close()
     if cfg.shards > 1:

@@ -1,0 +1,172 @@
+"""Episodes per second of every way to run KVPrecision-v0, side by side in one run.
+
+    python -m experiments.bench_throughput --model embedded --episodes 8 --num-envs 2
+
+Rows, each at fixed bits on the held-out split: the single env (one process, torch's threads);
+Gymnasium's ``SyncVectorEnv`` of N envs (``gym.make_vec(..., vectorization_mode="sync")``); the
+Ray backend of ``evaluate`` with N workers (``--threads`` torch threads each, default 1). Plus whole env / bare forward:
+the single env's wall time over a bare SDPA forward of the same blocks
+(``experiments.bench_env.bare_forward_ms``, ``model(block, cache=DynamicCache())``). Measuring them
+in one run keeps the ratios meaningful on a shared, noisy machine, where absolute numbers are not.
+
+Episodes: the single env and Ray run the first ``--episodes`` held-out rows with their fixed shots
+(what ``evaluate`` runs); the vector env draws held-out items and shots at random (autoreset gives
+no row), so its episodes are of the same kind, not the same ones. Ray's rate is measured once every
+worker has finished an episode (model loading and Ray's start are reported apart, as startup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents.fixed import FixedBitsPolicy
+from agents.rollout import rollout
+from experiments.bench_env import bare_forward_ms
+from experiments.io import write_json
+
+ROWS = ("single", "sync", "ray")  # the batched vector env (issue 14, item 3) adds "batched" here
+
+
+def _env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"model": args.model, "split": "eval"}
+    kw.update({k: v for k, v in (("shots", args.shots), ("interval", args.interval)) if v is not None})
+    return kw
+
+
+def bench_single(args: argparse.Namespace) -> dict[str, Any]:
+    """The single env on the first ``episodes`` held-out rows (after one warm-up), and the bare
+    SDPA forward of the same blocks."""
+    from transformers import DynamicCache
+
+    from envs.kv_precision import KVPrecisionEnv
+    from envs.model import load_model
+
+    env = KVPrecisionEnv(**_env_kwargs(args))
+    policy = FixedBitsPolicy(env.observation_names, env.bits, args.bits)
+    rows = [item.row for item in env.items[: args.episodes + 1]]
+    rollout(env, policy, options={"row": rows[0]})  # warm-up: first-call costs, not measured
+    t0 = time.perf_counter()
+    for row in rows[1:]:
+        rollout(env, policy, options={"row": row})
+    wall = time.perf_counter() - t0
+
+    sdpa, _ = load_model(args.model, dtype=env.config.dtype, attn_implementation="sdpa")
+    interval, bare_ms = env.config.interval, 0.0
+    for row in rows[1:]:
+        prompt_ids = env.episode_inputs(row)[1]
+        cache = DynamicCache(config=sdpa.config)
+        for start in range(0, len(prompt_ids), interval):
+            bare_ms += bare_forward_ms(sdpa, cache, prompt_ids[start : start + interval])
+    env.close()
+    return {"episodes": len(rows) - 1, "seconds": wall, "episodes_per_s": (len(rows) - 1) / wall,
+            "bare_sdpa_seconds": bare_ms / 1000, "whole_env_over_bare_sdpa": wall / (bare_ms / 1000),
+            "threads": torch.get_num_threads()}
+
+
+def bench_sync(args: argparse.Namespace) -> dict[str, Any]:
+    """``SyncVectorEnv(N)`` with next-step autoreset until ``episodes`` episodes have ended."""
+    import gymnasium as gym
+
+    from envs import ENV_ID
+
+    vec = gym.make_vec(ENV_ID, num_envs=args.num_envs, vectorization_mode="sync", **_env_kwargs(args))
+    action = list(vec.envs[0].unwrapped.bits).index(args.bits)
+    actions = np.full(args.num_envs, action)
+    vec.reset(seed=0)
+    t0, finished = time.perf_counter(), 0
+    while finished < args.episodes:
+        _, _, terminated, truncated, _ = vec.step(actions)
+        finished += int(np.sum(terminated | truncated))
+    wall = time.perf_counter() - t0
+    vec.close()
+    return {"episodes": finished, "seconds": wall, "episodes_per_s": finished / wall,
+            "num_envs": args.num_envs, "threads": torch.get_num_threads()}
+
+
+def bench_ray(args: argparse.Namespace) -> dict[str, Any]:
+    """``evaluate``'s Ray backend, N workers, on the first ``episodes`` held-out rows; the rate
+    counts from the moment every worker has finished its first episode."""
+    from envs.fingerprint import fingerprint, fingerprint_id
+    from envs.kv_precision import EnvConfig, KVPrecisionEnv
+    from experiments.evaluate import EvaluateConfig
+    from experiments.ray_backend import ray_episodes
+
+    n = args.num_envs
+    if args.episodes <= n:
+        raise ValueError(f"--episodes must exceed --num-envs for the Ray row (its rate starts after {n} episodes)")
+    env_cfg = EnvConfig.from_dict(_env_kwargs(args))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = EvaluateConfig(env=env_cfg, policies=[f"fixed:{args.bits}"], references=(f"fixed:{args.bits}",),
+                             items=args.episodes, out_dir=tmp, backend="ray", ray_workers=n,
+                             threads=args.threads or 1)
+        env = KVPrecisionEnv(env_cfg)
+        todo = [(f"fixed:{args.bits}", item.row) for item in env.items[: args.episodes]]
+        current = fingerprint_id(fingerprint(env.model.device, env.model.dtype))
+        env.close()
+        t0 = time.perf_counter()
+        done_at = [time.perf_counter() - t0 for _ in ray_episodes(cfg, todo, current)]
+    steady = (len(done_at) - n) / (done_at[-1] - done_at[n - 1])
+    return {"episodes": len(done_at), "seconds": done_at[-1], "episodes_per_s": steady,
+            "startup_seconds": done_at[n - 1], "workers": n, "threads": cfg.threads}
+
+
+BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "single": bench_single, "sync": bench_sync, "ray": bench_ray,
+}
+
+
+def format_table(results: dict[str, dict[str, Any]], n: int) -> str:
+    labels = {"single": "single env", "sync": f"SyncVectorEnv({n})", "ray": f"Ray ({n} workers)"}
+    base = results.get("single", {}).get("episodes_per_s")
+    lines = [f"{'runner':<24} {'episodes':>8} {'episodes/s':>11} {'x single':>9} {'threads':>8}"]
+    for name, r in results.items():
+        ratio = f"{r['episodes_per_s'] / base:>9.2f}" if base else f"{'':>9}"
+        lines.append(f"{labels[name]:<24} {r['episodes']:>8} {r['episodes_per_s']:>11.3f} {ratio} {r['threads']:>8}")
+    if "single" in results:
+        lines.append(f"\nwhole env / bare SDPA forward (single env): {results['single']['whole_env_over_bare_sdpa']:.2f}x")
+    if "ray" in results:
+        lines.append(f"Ray startup (Ray, actors, models, first episodes): {results['ray']['startup_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="embedded", help="model spec for envs.model.load_model")
+    p.add_argument("--episodes", type=int, default=8, help="measured episodes per runner")
+    p.add_argument("--num-envs", type=int, default=2, help="N: vector env size and Ray workers")
+    p.add_argument("--bits", type=int, default=4, help="fixed bit-width every step commits")
+    p.add_argument("--shots", type=int, default=None, help="override the env's shots (default config: 5)")
+    p.add_argument("--interval", type=int, default=None, help="override the env's block length (default 64)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the single and vector env (default: torch's choice) and of each Ray "
+                        "worker (default 1); on a busy machine more threads than free cores slow torch down a lot")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which runners to measure")
+    p.add_argument("--out", type=Path, default=Path("runs/bench_throughput.json"))
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.episodes < 1 or args.num_envs < 1:
+        raise ValueError("--episodes and --num-envs must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results = {name: BENCHES[name](args) for name in args.rows}
+    print(format_table(results, args.num_envs))
+    write_json(args.out, {"config": vars(args) | {"out": str(args.out)}, "results": results})
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""experiments.bench_throughput: every runner measured on the tiny model, one table, a JSON file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import bench_throughput
+
+
+def test_help_works(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_throughput.parse_args(["--help"])
+    assert exit_.value.code == 0
+    assert "--num-envs" in capsys.readouterr().out
+
+
+def test_smoke_on_the_tiny_model(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = tmp_path / "bench.json"
+    results = bench_throughput.main(["--model", "tiny-random-llama", "--episodes", "3", "--num-envs", "2",
+                                     "--shots", "0", "--out", str(out)])
+    assert set(results) == {"single", "sync", "ray"}
+    for name, r in results.items():
+        assert r["episodes_per_s"] > 0, name
+    assert results["single"]["episodes"] == 3 and results["sync"]["episodes"] >= 3
+    assert results["single"]["whole_env_over_bare_sdpa"] > 1  # the env does more than the bare forward
+    assert "SyncVectorEnv(2)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["results"]["ray"]["workers"] == 2
