@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from agents.base import Policy
 from envs.io import atomic_write
-from envs.settings import normalize_menu
+from envs.settings import Setting, mean_bits, normalize_menu, parse_setting, setting_name
+from quant.kv_cache import BlockBits
 
 DEFAULT_FEATURES: tuple[str, ...] = ("entropy_mean", "rarity_mean", "attn_var_mean", "token_acc_mean")
 DEFAULT_BITS: tuple[int, ...] = (2, 4, 8, 16)
@@ -60,13 +61,13 @@ class ControllerRows:
     token_acc: np.ndarray  # (n,) probability of the actual next token, in [0, 1]
     latency: np.ndarray  # (n,) ms per token of the step that produced the row
     features: tuple[str, ...]
-    bits: tuple[int, ...]
+    bits: tuple[Setting, ...]  # the env's menu; labels are its settings' names ("4", "k4v2")
 
 
 def load_rows(
     csv_path: str | os.PathLike,
     features: Sequence[str] = DEFAULT_FEATURES,
-    bits: Sequence[int] = DEFAULT_BITS,
+    bits: Sequence[BlockBits] = DEFAULT_BITS,
 ) -> ControllerRows:
     """Read the training CSV (the columns experiments.collect writes); fails naming any missing column or unknown label."""
     path = Path(csv_path)
@@ -74,7 +75,7 @@ def load_rows(
         raise FileNotFoundError(
             f"controller training data {path} not found; collect it first with `python -m experiments.collect`"
         )
-    bits = tuple(int(b) for b in bits)
+    bits = normalize_menu(bits)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
@@ -91,10 +92,13 @@ def load_rows(
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: column {name!r} has a non-numeric value ({e})") from None
 
-    labels = col("bits").astype(int)
-    unknown = sorted(set(labels.tolist()) - set(bits))
+    try:
+        labels = [parse_setting(r["bits"]) for r in rows]
+    except ValueError as e:
+        raise ValueError(f"{path}: column 'bits' holds a label that is not a setting ({e})") from None
+    unknown = sorted({setting_name(b) for b in labels} - {setting_name(b) for b in bits})
     if unknown:
-        raise ValueError(f"{path}: labels {unknown} are not among bits {bits}; pass the bits the data used")
+        raise ValueError(f"{path}: labels {unknown} are not among bits {list(bits)}; pass the bits the data used")
     lookup = {b: i for i, b in enumerate(bits)}
     return ControllerRows(
         X=np.stack([col(c) for c in features], axis=1).astype(np.float32),
@@ -113,7 +117,7 @@ def latency_per_class(rows: ControllerRows) -> np.ndarray:
         if (rows.y == k).any():
             out[k] = float(rows.latency[rows.y == k].mean())
     seen = np.flatnonzero(~np.isnan(out))
-    widths = np.asarray(rows.bits, dtype=np.float64)
+    widths = np.asarray([mean_bits(b) for b in rows.bits], dtype=np.float64)
     for k in np.flatnonzero(np.isnan(out)):
         out[k] = out[seen[np.argmin(np.abs(widths[seen] - widths[k]))]]
     return out
@@ -180,14 +184,14 @@ class CompositeLoss(nn.Module):
     def __init__(
         self,
         latency_per_class: Sequence[float] | torch.Tensor,
-        bits: Sequence[int],
+        bits: Sequence[BlockBits],
         w_ce: float = 1.0,
         w_latency: float = 0.1,
         w_accuracy: float = 0.1,
     ):
         super().__init__()
         lat = torch.as_tensor(latency_per_class, dtype=torch.float32).reshape(-1)
-        widths = torch.as_tensor(list(bits), dtype=torch.float32)
+        widths = torch.as_tensor([mean_bits(b) for b in bits], dtype=torch.float32)  # a pair: its mean width
         if lat.numel() != widths.numel():
             raise ValueError(f"latency_per_class has {lat.numel()} entries for {widths.numel()} bit-widths")
         if not torch.isfinite(lat).all() or (lat < 0).any() or lat.max() <= 0:
@@ -220,11 +224,11 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def format_confusion(cm: np.ndarray, bits: Sequence[int]) -> str:
-    """Plain-text confusion matrix (rows = rule's bits, cols = predicted bits)."""
-    head = "rule\\pred " + " ".join(f"{b:>6d}" for b in bits)
+def format_confusion(cm: np.ndarray, bits: Sequence[BlockBits]) -> str:
+    """Plain-text confusion matrix (rows = rule's settings, cols = predicted settings)."""
+    head = "rule\\pred " + " ".join(f"{setting_name(b):>6}" for b in bits)
     lines = [head] + [
-        f"{b:>9d} " + " ".join(f"{int(v):>6d}" for v in row) for b, row in zip(bits, cm, strict=True)
+        f"{setting_name(b):>9} " + " ".join(f"{int(v):>6d}" for v in row) for b, row in zip(bits, cm, strict=True)
     ]
     return "\n".join(lines)
 
@@ -255,7 +259,7 @@ def train_controller(
     out_path: str | os.PathLike,
     *,
     features: Sequence[str] = DEFAULT_FEATURES,
-    bits: Sequence[int] = DEFAULT_BITS,
+    bits: Sequence[BlockBits] = DEFAULT_BITS,
     epochs: int = 30,
     lr: float = 1e-3,
     batch_size: int = 64,

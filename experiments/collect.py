@@ -42,6 +42,7 @@ from agents.rule import EntropyRulePolicy, calibrate_thresholds
 from envs import ENV_ID
 from envs.io import atomic_write
 from envs.kv_precision import EnvConfig
+from envs.settings import mean_bits, parse_setting
 from experiments import tracking
 from experiments.config import config_to_dict, parse_config, save_config
 
@@ -86,7 +87,7 @@ def run_episode(env: gym.Env, policy, seed: int) -> tuple[list[list[str]], dict[
     rows = []
     for block, (obs, info, timings) in enumerate(zip(episode.observations, episode.infos, episode.timings[1:], strict=True)):
         latency = timings["step_ms"] / max(int(timings["tokens"]), 1)
-        rows.append([str(item), str(block), *map(_fmt, obs), _fmt(latency), str(int(info["bits"]))])
+        rows.append([str(item), str(block), *map(_fmt, obs), _fmt(latency), info["setting"]])
     final = episode.final_info
     summary = {
         "return": episode.total_reward,
@@ -160,13 +161,13 @@ def collect_rows(
     return rows
 
 
-def latency_by_bits(rows: list[list[str]], columns: list[str]) -> dict[int, float]:
-    """Mean measured ms/token of the steps that committed each bit-width."""
+def latency_by_bits(rows: list[list[str]], columns: list[str]) -> dict[str, float]:
+    """Mean measured ms/token of the steps that committed each setting (keyed by its name)."""
     lat, bits = columns.index("latency_ms_per_token"), columns.index("bits")
-    out: dict[int, list[float]] = {}
+    out: dict[str, list[float]] = {}
     for r in rows:
-        out.setdefault(int(r[bits]), []).append(float(r[lat]))
-    return {b: float(np.mean(v)) for b, v in sorted(out.items())}
+        out.setdefault(r[bits], []).append(float(r[lat]))
+    return {b: float(np.mean(v)) for b, v in sorted(out.items(), key=lambda kv: mean_bits(parse_setting(kv[0])))}
 
 
 def _check_resumable(cfg: CollectConfig, out_dir: Path) -> None:
@@ -185,6 +186,9 @@ def _check_resumable(cfg: CollectConfig, out_dir: Path) -> None:
 
 def run(cfg: CollectConfig) -> dict[str, Path]:
     """Collect (optionally calibrating the rule first); returns the paths written."""
+    if cfg.env.layer_groups != 1:
+        raise ValueError(f"collect writes one label per block, so it needs env.layer_groups=1 (got {cfg.env.layer_groups}): "
+                         "the MLP controller it trains has one output class per menu entry and refuses layer groups")
     if cfg.env.split != "train":
         raise ValueError(
             f"collect rolls out on the train split only (got env.split={cfg.env.split!r}); the held-out "
@@ -232,12 +236,13 @@ def run(cfg: CollectConfig) -> dict[str, Path]:
         columns = csv_columns(env.unwrapped.observation_names)
         per_bits = latency_by_bits(rows, columns)
         bits_col = columns.index("bits")
-        labels = np.array([int(r[bits_col]) for r in rows])
+        labels = [r[bits_col] for r in rows]
+        widths = np.array([mean_bits(parse_setting(b)) for b in labels])
         print(f"{len(rows)} rows from {cfg.episodes} episodes -> {csv_path}")
-        counts = {int(b): int(c) for b, c in zip(*np.unique(labels, return_counts=True), strict=True)}
-        print(f"average bits {labels.mean():.2f}; label counts {counts}")
+        counts = {b: labels.count(b) for b in dict.fromkeys(labels)}
+        print(f"average bits {widths.mean():.2f}; label counts {counts}")
         print("mean latency (ms/token) by bits: " + ", ".join(f"{b}: {v:.3f}" for b, v in per_bits.items()))
-        wb.summary.update({"rows": len(rows), "avg_bits": float(labels.mean())})
+        wb.summary.update({"rows": len(rows), "avg_bits": float(widths.mean())})
         wb.summary.update({f"latency_ms_per_token/bits_{b}": v for b, v in per_bits.items()})
     finally:
         env.close()

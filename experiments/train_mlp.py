@@ -18,6 +18,7 @@ import numpy as np
 import wandb
 
 from agents.mlp import DEFAULT_BITS, DEFAULT_FEATURES, LossWeights, format_confusion, train_controller
+from envs.settings import Setting, setting_name
 from experiments import tracking
 from experiments.config import parse_config, save_config
 from experiments.io import write_json
@@ -30,7 +31,7 @@ CONFUSION_NAME = "confusion.json"
 class TrainMLPConfig:
     csv: str = "runs/collect/controller_training.csv"  # written by experiments.collect
     features: tuple[str, ...] = DEFAULT_FEATURES  # input columns (the seed's four features)
-    bits: tuple[int, ...] = DEFAULT_BITS  # must match the env the controller will drive
+    bits: tuple[Setting, ...] = DEFAULT_BITS  # must match the env the controller will drive (ints or [k, v] pairs)
     epochs: int = 30
     lr: float = 1e-3
     batch_size: int = 64
@@ -74,8 +75,8 @@ def run(cfg: TrainMLPConfig) -> dict[str, Path]:
         }
         paths["model"] = result.path
         paths["confusion"] = write_json(out_dir / CONFUSION_NAME, confusion)
-        table = wandb.Table(columns=["rule\\pred", *map(str, result.bits)],
-                            data=[[str(b), *map(int, row)] for b, row in zip(result.bits, cm, strict=True)])
+        table = wandb.Table(columns=["rule\\pred", *map(setting_name, result.bits)],
+                            data=[[setting_name(b), *map(int, row)] for b, row in zip(result.bits, cm, strict=True)])
         wb.log({"confusion": table})
         wb.summary.update({"val_accuracy": result.val_accuracy, **result.extra})
         if not cfg.progress:  # train_controller printed it already otherwise

@@ -152,6 +152,27 @@ def test_train_mlp_missing_csv_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_collect_and_train_mlp_on_a_menu_with_key_value_pairs(tmp_path):
+    """Labels are setting names ("k4v2"), so the MLP trains on, and drives, a menu with pairs."""
+    menu = (2, (4, 2), 4, 16)
+    env_cfg = EnvConfig(**{**vars(TINY), "bits": menu, "interval": 16})
+    paths = collect.run(collect.CollectConfig(env=env_cfg, policy="rule", episodes=3, out_dir=str(tmp_path / "c"),
+                                              progress=False))
+    header, rows = _read_csv(paths["csv"])
+    labels = {r[header.index("bits")] for r in rows}
+    assert labels <= {"2", "k4v2", "4", "16"} and labels
+    out = train_mlp.run(train_mlp.TrainMLPConfig(csv=str(paths["csv"]), bits=menu, epochs=2,
+                                                 out_dir=str(tmp_path / "m"), progress=False))
+    pol = make_policy(f"mlp:{out['model']}", NAMES, menu)
+    assert 0 <= int(pol.predict(np.ones(len(NAMES), np.float32))[0]) < len(menu)
+
+
+def test_collect_refuses_layer_groups(tmp_path):
+    cfg = collect.CollectConfig(env=EnvConfig(**{**vars(TINY), "layer_groups": 2}), out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="layer_groups"):
+        collect.run(cfg)
+
+
 # ------------------------------------------------------------------------------------------ train_ppo
 def test_train_ppo_checkpoints_and_resumes(tmp_path, capsys):
     kwargs = dict(env=TINY, algo_kwargs={"n_steps": 16, "batch_size": 8, "n_epochs": 1}, checkpoint_every=16,
