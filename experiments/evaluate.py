@@ -41,7 +41,10 @@ from experiments.stats import fingerprint_counts, summarize_all
 class EvaluateConfig:
     env: EnvConfig = field(default_factory=lambda: EnvConfig(split="eval"))
     policies: list[str] = field(default_factory=lambda: ["fp16", "fixed:2", "fixed:4", "fixed:8", "rule"])
-    items: int = 50  # the first N items of the held-out split
+    items: int = 50  # the first N items of the split
+    # which items: "eval" = the held-out ones (what policies are compared on); "train" = pool items,
+    # for measurements that must not touch the held-out set (experiments.frontier). Overrides env.split.
+    split: str = "eval"
     out_dir: str = "runs/evaluate"
     resume: bool = True  # skip (policy, row) pairs already in records.jsonl
     # paired differences against these policies (their names, as records and the report spell them)
@@ -173,13 +176,13 @@ def run(cfg: EvaluateConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    env_cfg = EnvConfig.from_dict({**cfg.env.__dict__, "split": "eval"})
+    env_cfg = EnvConfig.from_dict({**cfg.env.__dict__, "split": cfg.split})
     env = KVPrecisionEnv(env_cfg)
     records_path, fingerprints_path = out / "records.jsonl", out / "fingerprints.json"
     try:
         rows = [item.row for item in env.items[: cfg.items]]
         if not rows:
-            raise ValueError("the held-out item set is empty")
+            raise ValueError(f"the {cfg.split!r} item set is empty")
         runners = {name: _policy_runner(spec, env) for name, spec in zip(names, cfg.policies, strict=True)}
         details = fingerprint(env.model.device, env.model.dtype)
         current = fingerprint_id(details)

@@ -137,9 +137,11 @@ def _wrap(title: str) -> str:
     return title[:i] + "\n" + title[i + 1 :]
 
 
-def print_table(policies: dict[str, dict], references: Sequence[str], console: Console | None = None) -> None:
-    """Same rows as the Markdown table; intervals go on a dim second line so it fits ~100 columns."""
-    cols = columns(references)
+def print_table(policies: dict[str, dict], references: Sequence[str], console: Console | None = None,
+                extra: Sequence[Column] = ()) -> None:
+    """Same rows as the Markdown table, plus the ``extra`` columns; intervals go on a dim second line
+    so it fits ~100 columns."""
+    cols = [*columns(references), *extra]
     table = Table(title="KV-precision policies on HellaSwag (95% CIs; Δ = paired difference per item)")
     table.add_column("policy", no_wrap=True, min_width=max(map(len, policies), default=6))
     for c in cols:
@@ -179,7 +181,8 @@ def _spread_labels(xy: Sequence[tuple[float, float]], min_dy: float = 13.0, near
     return [placed[i] for i in range(len(xy))]
 
 
-def plot_pareto(policies: dict[str, dict], path: str | Path) -> Path:
+def plot_pareto(policies: dict[str, dict], path: str | Path,
+                title: str = "KV-cache precision: damage (Δ gold log-lik) and accuracy vs memory") -> Path:
     """Δ gold log-lik (the sharp signal) and acc_norm against average bits and KV ratio, 2x2.
 
     Every policy has its own colour and marker (hollow, so coinciding points stay visible) and a
@@ -216,7 +219,7 @@ def plot_pareto(policies: dict[str, dict], path: str | Path) -> Path:
                 ax.set_ylabel(ylabel)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=9, title="policy")
-    fig.suptitle("KV-cache precision: damage (Δ gold log-lik) and accuracy vs memory")
+    fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.86, 1))
     to_points = 72.0 / fig.dpi
     for row, (ykey, _) in enumerate(_PANELS_Y):
