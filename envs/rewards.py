@@ -134,7 +134,8 @@ class LatencyTableCost(RewardTerm):
     on a CPU low bits decode *slower* than fp16, on a GPU faster. The table holds what was measured,
     so the term is deterministic for a given table but platform dependent: another device needs its
     own table. The setting is read from the cache (the block's key/value bits and the cache's sink
-    tokens), so the table must hold that setting (``k4v2+s4``, ...), else the step fails clearly.
+    tokens), so the table must hold that setting (``k4v2+s4``, ...), else the step fails clearly. A
+    block committed per layer group costs the mean of its groups' settings (groups are equal in size).
     """
 
     platform_dependent = True
@@ -150,7 +151,9 @@ class LatencyTableCost(RewardTerm):
             raise ValueError(f"reward term 'latency_table' needs a MixedPrecisionKVCache with committed blocks, "
                              f"got {type(cache).__name__}")
         block = blocks[-1]
-        return -self.table.cost(setting_key((block.key_bits, block.value_bits), cache.sink_tokens))
+        # per layer group: groups hold equal numbers of layers, so the block's cost is their mean
+        pairs = getattr(block, "group_bits", ()) or [(block.key_bits, block.value_bits)]
+        return -sum(self.table.cost(setting_key(p, cache.sink_tokens)) for p in pairs) / len(pairs)
 
 
 @register_reward("budget")

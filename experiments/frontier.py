@@ -191,12 +191,17 @@ def run(cfg: FrontierConfig) -> dict:
               "rounds": rounds, "settings": last_entry, "pareto_front": front,
               "fingerprints": evaluate_fingerprints(out)}
     write_json(out / "frontier.json", result)
-    plot_pareto(final, out / "frontier.png",
+    plot_pareto(final, out / "frontier.png", label=_short, log_x=True,
                 title=f"Fixed KV settings on {cfg.stages[-1]} pool items (round {len(cfg.stages)})")
     if len(cfg.stages) > 1:
-        plot_pareto(rounds[0]["policies"], out / "frontier_round1.png",
+        plot_pareto(rounds[0]["policies"], out / "frontier_round1.png", label=_short, log_x=True,
                     title=f"Every fixed KV setting on {cfg.stages[0]} pool items (round 1)")
     return result
+
+
+def _short(name: str) -> str:
+    """A setting's plot label: its spec without ``fixed:`` (``k4v2+s4``), so 21 labels fit."""
+    return name.removeprefix("fixed:")
 
 
 def evaluate_fingerprints(out: Path) -> dict:

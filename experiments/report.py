@@ -182,13 +182,16 @@ def _spread_labels(xy: Sequence[tuple[float, float]], min_dy: float = 13.0, near
 
 
 def plot_pareto(policies: dict[str, dict], path: str | Path,
-                title: str = "KV-cache precision: damage (Δ gold log-lik) and accuracy vs memory") -> Path:
+                title: str = "KV-cache precision: damage (Δ gold log-lik) and accuracy vs memory",
+                label: Callable[[str], str] = str, log_x: bool = False) -> Path:
     """Δ gold log-lik (the sharp signal) and acc_norm against average bits and KV ratio, 2x2.
 
     Every policy has its own colour and marker (hollow, so coinciding points stay visible) and a
-    text label tied to its point by a leader line; the non-dominated policies are joined.
+    text label (``label(name)``) tied to its point by a leader line; the non-dominated policies are
+    joined. ``log_x`` spreads many low-bit settings apart (memory axes on a log-2 scale).
     """
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -211,6 +214,9 @@ def plot_pareto(policies: dict[str, dict], path: str | Path,
                     zorder=0, label="Pareto front")
             if ykey == "loglik_delta":
                 ax.set_yscale("symlog", linthresh=0.1)
+            if log_x:
+                ax.set_xscale("log", base=2)
+                ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.margins(x=0.06, y=0.12)  # room for the labels above the highest points
             ax.grid(alpha=0.3)
             if row == len(_PANELS_Y) - 1:
@@ -228,7 +234,7 @@ def plot_pareto(policies: dict[str, dict], path: str | Path,
             data = [(policies[n]["summary"][xkey]["mean"], policies[n]["summary"][ykey]["mean"]) for n in names]
             pixels = [tuple(ax.transData.transform(p)) for p in data]
             for n, p, (px, py), (lx, ly) in zip(names, data, pixels, _spread_labels(pixels), strict=True):
-                ax.annotate(n, p, xytext=((lx - px) * to_points + 6, (ly - py) * to_points),
+                ax.annotate(label(n), p, xytext=((lx - px) * to_points + 6, (ly - py) * to_points),
                             textcoords="offset points", fontsize=8, va="bottom", zorder=5,
                             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
                             arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6, "shrinkA": 0, "shrinkB": 4})
