@@ -66,7 +66,8 @@ class EpisodeState:
     n_blocks: int
     avg_bits: float  # token-weighted average of committed bits (16 before any commit)
     kv_ratio: float  # committed KV bytes / fp16 bytes of the same tokens (1 before any commit)
-    last_bits: int  # bits of the last committed block (16 before any commit)
+    last_bits: int | float  # bits per K/V element of the last committed block, keys and values by
+    # their share, over layers (K4V2: 3); 16 before any commit
     max_bits: int = FULL_BITS  # the unit of avg_bits/last_bits (see FULL_BITS)
 
     @classmethod
@@ -295,7 +296,7 @@ class KVRatio(Feature):
 @register_feature("last_bits")
 class LastBits(Feature):
     per_token = False
-    doc = "bits of the last committed block / 16 (1 before any commit)"
+    doc = "bits of the last committed block (keys and values by share, over layers) / 16 (1 before any commit)"
 
     def compute(self, ctx: BlockContext) -> float:
         return ctx.state.last_bits / ctx.state.max_bits

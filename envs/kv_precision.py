@@ -2,8 +2,10 @@
 
 One episode is one HellaSwag item with ``shots`` solved examples before it. The prompt is cut into
 blocks of ``interval`` tokens; ``reset`` runs block 0 and returns its features; each ``step``
-commits the pending block to the cache at ``bits[action]`` (the policy decides how precisely the
-tokens it has just *seen* are remembered), runs the next block against the now partly quantized
+commits the pending block to the cache at the setting ``bits[action]`` (the policy decides how
+precisely the tokens it has just *seen* are remembered; a setting is a width or a (key_bits,
+value_bits) pair, see ``envs.settings``; with ``layer_groups > 1`` the action picks one setting per
+group of consecutive layers), runs the next block against the now partly quantized
 cache and returns that block's features. After the last block is committed, the four endings are
 scored against the cache (in one batched forward where the cache can branch along the batch) and the
 episode terminates. The cache is ours by default; ``cache="quanto"`` runs the same episodes on
@@ -38,8 +40,9 @@ from envs.observation import BlockObserver
 from envs.quantities import FORWARD_OUTPUTS, StepRecord, StepState, StepView
 from envs.rewards import DEFAULT_REWARDS, RewardFunction
 from envs.scoring import choose, continuation_logprobs, encode_pair
+from envs.settings import Setting, normalize_menu, setting_name
 from quant.baselines import CACHE_KINDS, EpisodeCache, check_cache_bits, episode_cache
-from quant.kv_cache import MixedPrecisionKVCache
+from quant.kv_cache import MixedPrecisionKVCache, layer_groups
 from quant.weights import quantize_model_weights
 
 
@@ -54,7 +57,15 @@ class EnvConfig:
     split_seed: int = 0
     shots: int = 5  # 5 shots give ~520-token prompts: several blocks
     interval: int = 64  # tokens per block (one decision per block)
-    bits: tuple[int, ...] = (2, 4, 8, 16)
+    # the menu: one action per setting, an int (keys and values at that width) or a [key_bits,
+    # value_bits] pair, each of 2/3/4/8/16 (envs.settings), e.g. [2, [4, 2], 4, [8, 4], 16]
+    bits: tuple[Setting, ...] = (2, 4, 8, 16)
+    # the first N tokens of the sequence stay fp16 whatever their block's setting (attention sinks;
+    # IntactKV, KVQuant); they count 16 bits in avg_bits and their fp16 bytes in kv_bytes
+    sink_tokens: int = 0
+    # one setting per group of consecutive layers (must divide the layer count): the action becomes
+    # MultiDiscrete([len(bits)] * layer_groups); 1 keeps Discrete(len(bits))
+    layer_groups: int = 1
     features: tuple[str, ...] = DEFAULT_FEATURES
     rewards: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_REWARDS))
     weight_quant: str = "none"  # "none", "int8-pertensor", "int8", "int4" (see quant.weights)
@@ -74,9 +85,10 @@ class EnvConfig:
         if unknown:
             raise ValueError(f"unknown env config key(s) {unknown}; known: {sorted(known)}")
         values = dict(values)
-        for key in ("bits", "features"):
-            if key in values and values[key] is not None:
-                values[key] = tuple(values[key])
+        if values.get("features") is not None:
+            values["features"] = tuple(values["features"])
+        if values.get("bits") is not None:  # YAML's [4, 2] -> (4, 2); "k4v2" and [4, 4] -> their canonical form
+            values["bits"] = tuple(tuple(b) if isinstance(b, list) else b for b in values["bits"])
         return cls(**values)
 
     @classmethod
@@ -87,9 +99,16 @@ class EnvConfig:
     def validate(self) -> None:
         if self.split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {self.split!r}")
-        if not self.bits:
-            raise ValueError("bits must list at least one bit-width")
-        check_cache_bits(self.cache, self.bits)
+        menu = normalize_menu(self.bits)
+        for key in ("sink_tokens", "layer_groups"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{key} must be an integer, got {value!r}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0 (0: no fp16 sink tokens), got {self.sink_tokens}")
+        if self.layer_groups < 1:
+            raise ValueError(f"layer_groups must be >= 1 (1: one setting for all layers), got {self.layer_groups}")
+        check_cache_bits(self.cache, menu, self.sink_tokens, self.layer_groups)
         if self.interval < 1:
             raise ValueError(f"interval must be >= 1, got {self.interval}")
         if self.shots < 0:
@@ -184,7 +203,9 @@ class KVPrecisionEnv(gym.Env):
             cfg = EnvConfig.from_dict({**dataclasses.asdict(cfg), **overrides})
         cfg.validate()
         self.config = cfg
-        self.bits: tuple[int, ...] = tuple(cfg.bits)
+        #: the normalized menu (envs.settings): ints, and (key_bits, value_bits) tuples for unequal halves
+        self.bits: tuple[Setting, ...] = normalize_menu(cfg.bits)
+        self.layer_groups: int = cfg.layer_groups
         self.feature_set = FeatureSet(cfg.features)
         if cfg.cache != "mixed" and self.feature_set.needs & {"cache", "saliency"}:
             raise ValueError(
@@ -199,11 +220,16 @@ class KVPrecisionEnv(gym.Env):
         low, high = self.feature_set.bounds()
         self.observation_space = gym.spaces.Box(low, high, dtype=np.float32)
         self.timings: dict[str, float] = {}  # wall times of the last step (nondeterministic, so not in info)
-        self.action_space = gym.spaces.Discrete(len(self.bits))
+        if cfg.layer_groups == 1:
+            self.action_space = gym.spaces.Discrete(len(self.bits))
+        else:
+            self.action_space = gym.spaces.MultiDiscrete([len(self.bits)] * cfg.layer_groups)
 
         if (lm is None) != (tokenizer is None):
             raise ValueError("pass both lm (a loaded model) and tokenizer, or neither")
         self._loaded = _shared_model(cfg) if lm is None else _Loaded(lm, tokenizer)
+        #: the layers of each layer group (ValueError here if layer_groups does not divide the layers)
+        self.layer_group_layers: list[range] = layer_groups(_num_layers(self.model), cfg.layer_groups)
         all_items = list(items) if items is not None else _shared_items(cfg.data_path)
         splits = split_items(all_items, cfg.eval_size, seed=cfg.split_seed)
         self.pool: list[HellaSwagItem] = list(splits.pool)
@@ -298,16 +324,26 @@ class KVPrecisionEnv(gym.Env):
             raise RuntimeError("step() before reset()")
         if ep.done:
             raise RuntimeError("step() after the episode terminated: call reset()")
-        a = self._check_action(action)
-        bits = self.bits[a]
+        settings = [self.bits[a] for a in self._check_action(action)]
         t0 = time.perf_counter()
         before, before_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
         block_tokens = ep.cache.pending_length
-        ep.cache.commit(bits)
+        if self.layer_groups == 1:
+            ep.cache.commit(settings[0])
+        else:
+            ep.cache.commit_groups(settings)
         after, after_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
         ep.block_index += 1
         terminal = ep.block_index >= len(ep.blocks)
-        info: dict[str, Any] = {"bits": bits, "row": ep.item.row}
+        names = [setting_name(s) for s in settings]
+        pairs = [s if isinstance(s, tuple) else (s, s) for s in settings]
+        info: dict[str, Any] = {
+            "bits": settings[0] if self.layer_groups == 1 else settings,  # int or (key_bits, value_bits)
+            "setting": names[0] if self.layer_groups == 1 else names,  # canonical names: "4", "k4v2"
+            "key_bits": [k for k, _ in pairs],
+            "value_bits": [v for _, v in pairs],
+            "row": ep.item.row,
+        }
         ctx, scores = None, None
         if not terminal:
             ctx = self._run_block(ep.block_index)
@@ -322,7 +358,7 @@ class KVPrecisionEnv(gym.Env):
             ep.done = True
             forward_ms = 1000 * (time.perf_counter() - t_fwd)
         record = StepRecord(
-            bits=bits,
+            bits=ep.cache.block_bits[-1][0],
             max_bits=FULL_BITS,
             block_tokens=block_tokens,
             block_nbytes=after - before,
@@ -386,14 +422,24 @@ class KVPrecisionEnv(gym.Env):
         if self._closed:
             raise RuntimeError("the environment is closed")
 
-    def _check_action(self, action) -> int:
+    def _check_action(self, action) -> list[int]:
+        """Menu indices of an action: one (Discrete), or one per layer group (MultiDiscrete)."""
+        groups = self.layer_groups
+        what = (
+            f"an integer in [0, {len(self.bits)})" if groups == 1
+            else f"{groups} integers in [0, {len(self.bits)}), one per layer group"
+        )
         try:
-            a = int(np.asarray(action).reshape(()))
+            raw = np.asarray(action)
+            flat = raw.reshape(()) if groups == 1 else raw.reshape(groups)
+            indices = [int(a) for a in np.atleast_1d(flat)]
         except (TypeError, ValueError):
-            raise ValueError(f"action must be an integer in [0, {len(self.bits)}), got {action!r}") from None
-        if not self.action_space.contains(a) or a != np.asarray(action).reshape(()):
-            raise ValueError(f"action {action!r} outside the action space Discrete({len(self.bits)}) (bits {self.bits})")
-        return a
+            raise ValueError(f"action must be {what}, got {action!r}") from None
+        if any(i != a for i, a in zip(indices, np.atleast_1d(flat), strict=True)) or not all(
+            0 <= i < len(self.bits) for i in indices
+        ):
+            raise ValueError(f"action {action!r} outside the action space {self.action_space} (bits {self.bits})")
+        return indices
 
     def _tokenize(self, item: HellaSwagItem, shots: list[HellaSwagItem]) -> tuple[list[int], list[list[int]], int]:
         """Prompt ids, ending ids (as lm-eval forms them) and the shots kept: earliest shots past the limit are dropped."""
@@ -414,7 +460,7 @@ class KVPrecisionEnv(gym.Env):
             shots.pop(0)
 
     def _new_cache(self) -> EpisodeCache:
-        return episode_cache(self.config.cache, self.model, self.bits, self.config.group_size)
+        return episode_cache(self.config.cache, self.model, self.bits, self.config.group_size, self.config.sink_tokens)
 
     def _forward(self, input_ids: torch.Tensor, cache: EpisodeCache, attentions: bool):
         with torch.inference_mode():
@@ -501,6 +547,11 @@ class KVPrecisionEnv(gym.Env):
         if len(self._references) > self.config.reference_cache_size:
             self._references.popitem(last=False)
         return ref
+
+
+def _num_layers(model) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(cfg.num_hidden_layers)
 
 
 def _max_positions(model) -> int:

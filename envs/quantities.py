@@ -39,7 +39,7 @@ FORWARD_OUTPUTS = frozenset({"attentions", "saliency"})
 class StepRecord:
     """The scalars of one step: what was committed and what the cache holds now."""
 
-    bits: int  # bits chosen for the block just committed
+    bits: int | float  # the block just committed, bits per K/V element (an int for one width; K4V2: 3)
     max_bits: int  # the unit of bit-valued terms: 16 (fp16), whatever bits the env's menu offers
     block_tokens: int  # tokens in the committed block
     block_nbytes: int  # bytes the committed block holds (all layers, keys + values)

@@ -33,8 +33,7 @@ from typing import Any, Protocol
 from torch import nn
 from transformers import DynamicCache, PreTrainedConfig, QuantizedCache
 
-from quant.kv_cache import MixedPrecisionKVCache
-from quant.uniform import check_bits
+from quant.kv_cache import BlockBits, MixedPrecisionKVCache, bit_pair
 from quant.weights import tensor_nbytes
 
 __all__ = [
@@ -233,12 +232,27 @@ def quanto_cache(
     return QuantoKVCache(_config_of(model_or_config), nbits, q_group_size, residual_length)
 
 
-def check_cache_bits(kind: str, bits: Sequence[int]) -> None:
-    """Raise unless ``bits`` is a menu the ``kind`` of cache can store (quanto and dynamic have one width)."""
+def check_cache_bits(kind: str, bits: Sequence[BlockBits], sink_tokens: int = 0, layer_groups: int = 1) -> None:
+    """Raise unless ``bits`` is a menu the ``kind`` of cache can store (quanto and dynamic have one width).
+
+    Only our mixed cache has (key, value) pairs, fp16 sink tokens and per-layer-group settings; the
+    library caches store every layer and token alike, so asking them for any of these is an error.
+    """
     if kind not in CACHE_KINDS:
         raise ValueError(f"cache must be one of {CACHE_KINDS}, got {kind!r}")
-    for b in bits:
-        check_bits(b)
+    pairs = [bit_pair(b) for b in bits]
+    if kind != "mixed":
+        split = [b for b, (k, v) in zip(bits, pairs, strict=True) if k != v]
+        if split:
+            raise ValueError(
+                f"cache={kind!r} stores keys and values at one width; the (key_bits, value_bits) pairs {split} "
+                "need cache='mixed' (or list plain widths)"
+            )
+        if sink_tokens:
+            raise ValueError(f"cache={kind!r} has no fp16 sink tokens; set sink_tokens=0 or use cache='mixed'")
+        if layer_groups != 1:
+            raise ValueError(f"cache={kind!r} stores every layer alike; set layer_groups=1 or use cache='mixed'")
+        bits = [k for k, _ in pairs]
     if kind == "quanto" and (len(bits) != 1 or bits[0] not in QUANTO_CACHE_BITS):
         raise ValueError(
             f"cache='quanto' stores one fixed width: bits must be one quanto nbits of {QUANTO_CACHE_BITS}, "
@@ -249,15 +263,20 @@ def check_cache_bits(kind: str, bits: Sequence[int]) -> None:
 
 
 def episode_cache(
-    kind: str, model_or_config: nn.Module | PreTrainedConfig, bits: Sequence[int], group_size: int
+    kind: str,
+    model_or_config: nn.Module | PreTrainedConfig,
+    bits: Sequence[BlockBits],
+    group_size: int,
+    sink_tokens: int = 0,
 ) -> EpisodeCache:
-    """A fresh cache of ``kind`` ("mixed", "quanto" or "dynamic") for one episode over ``bits``."""
-    check_cache_bits(kind, bits)
+    """A fresh cache of ``kind`` ("mixed", "quanto" or "dynamic") for one episode over ``bits``; the
+    first ``sink_tokens`` tokens stay fp16 (mixed only, see :func:`check_cache_bits`)."""
+    check_cache_bits(kind, bits, sink_tokens)
     config = _config_of(model_or_config)
     if kind == "mixed":
-        return MixedPrecisionKVCache(config=config, group_size=group_size)
+        return MixedPrecisionKVCache(config=config, group_size=group_size, sink_tokens=sink_tokens)
     if kind == "quanto":
-        return QuantoKVCache(config, bits[0], q_group_size=group_size)
+        return QuantoKVCache(config, bit_pair(bits[0])[0], q_group_size=group_size)
     return DynamicKVCache(config)
 
 

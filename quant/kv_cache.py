@@ -70,12 +70,45 @@ def bit_pair(bits: BlockBits) -> tuple[int, int]:
 
 
 class CommittedBlock(NamedTuple):
-    """One committed block, as the policy chose it; ``sink_tokens`` of its tokens are fp16 regardless."""
+    """One committed block, as the policy chose it; ``sink_tokens`` of its tokens are fp16 regardless.
 
-    key_bits: int
-    value_bits: int
+    A block committed per layer group (:meth:`MixedPrecisionKVCache.commit_groups`) lists each group's
+    ``(key_bits, value_bits)`` in ``group_bits`` (groups of equal numbers of consecutive layers), and its
+    ``key_bits``/``value_bits`` are the means over groups (floats unless whole); ``group_bits`` is
+    empty for a block committed at one setting in every layer.
+    """
+
+    key_bits: int | float
+    value_bits: int | float
     tokens: int
     sink_tokens: int = 0
+    group_bits: tuple[tuple[int, int], ...] = ()
+
+
+def layer_groups(num_layers: int, groups: int) -> list[range]:
+    """The layers of each of ``groups`` groups of consecutive layers: group g is ``[g*L/G, (g+1)*L/G)``.
+
+    ``groups`` must divide the layer count (every group the same size, so one setting per group
+    weighs the same whatever group it goes to); anything else is a ValueError naming the choices.
+    """
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"layer_groups must be an integer >= 1, got {groups!r}")
+    divisors = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
+    if groups > num_layers:
+        raise ValueError(
+            f"layer_groups={groups} is larger than the model's {num_layers} layers; use one of {divisors}"
+        )
+    if num_layers % groups:
+        raise ValueError(
+            f"layer_groups={groups} does not divide the model's {num_layers} layers into equal groups; "
+            f"use one of {divisors}"
+        )
+    size = num_layers // groups
+    return [range(g * size, (g + 1) * size) for g in range(groups)]
+
+
+def _whole(x: float) -> int | float:
+    return int(x) if x == int(x) else x
 
 
 def _empty_like_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -333,11 +366,12 @@ class MixedPrecisionKVCache(Cache):
         any model whose keys and values have the same size (an int when whole, else a float).
         Sink tokens are not reflected here: :attr:`blocks` says how many a block holds.
         """
-        return [(self._block_mean_bits(b.key_bits, b.value_bits), b.tokens) for b in self.blocks]
+        return [(self._mean_bits(b), b.tokens) for b in self.blocks]
 
     @property
     def block_key_value_bits(self) -> list[tuple[int, int]]:
-        """``(key_bits, value_bits)`` per committed block, in order (the setting chosen for it)."""
+        """``(key_bits, value_bits)`` per committed block, in order (the setting chosen for it; for a
+        block committed per layer group, the means over groups: ``blocks[i].group_bits`` has each)."""
         return [(b.key_bits, b.value_bits) for b in self.blocks]
 
     def commit(
@@ -358,19 +392,65 @@ class MixedPrecisionKVCache(Cache):
                 f"commit() needs both key_bits and value_bits, got {key_bits!r} and {value_bits!r}"
             )
         kb, vb = bit_pair(bits if bits is not None else (key_bits, value_bits))
+        pending, sinks = self._check_commit()
+        for layer in self.layers:
+            layer.commit(kb, vb, sinks)
+        self.blocks.append(CommittedBlock(kb, vb, pending, sinks))
+
+    def commit_groups(self, settings: Sequence[BlockBits]) -> None:
+        """Quantize all pending tokens as one block, with one setting per group of consecutive layers.
+
+        ``settings[g]`` (an int or a ``(key_bits, value_bits)`` pair) applies to the layers of group g
+        of :func:`layer_groups` (``len(settings)`` groups, which must divide the layer count). One
+        setting is exactly :meth:`commit`. Sink tokens are fp16 in every layer, as with :meth:`commit`.
+        """
+        if isinstance(settings, (str, bytes)) or not isinstance(settings, Sequence) or not settings:
+            raise ValueError(f"commit_groups() needs a non-empty sequence of settings, got {settings!r}")
+        pairs = [bit_pair(s) for s in settings]
+        groups = layer_groups(len(self.layers), len(pairs))
+        if len(pairs) == 1:
+            self.commit(pairs[0])
+            return
+        pending, sinks = self._check_commit()
+        for (kb, vb), layers in zip(pairs, groups, strict=True):
+            for i in layers:
+                self.layers[i].commit(kb, vb, sinks)
+        mean_k = _whole(sum(k for k, _ in pairs) / len(pairs))
+        mean_v = _whole(sum(v for _, v in pairs) / len(pairs))
+        self.blocks.append(CommittedBlock(mean_k, mean_v, pending, sinks, tuple(pairs)))
+
+    def _check_commit(self) -> tuple[int, int]:
+        """``(pending tokens, pending sink tokens)`` of a commit that may go ahead (else an error)."""
         if any(layer.batch_expand > 1 for layer in self.layers):
             raise RuntimeError("cannot commit inside branch(): branched tokens are rolled back on exit")
         pending = self.pending_length
         if pending == 0:
             raise ValueError("commit() with nothing pending: run tokens through the model first")
-        sinks = self._pending_sinks()
-        for layer in self.layers:
-            layer.commit(kb, vb, sinks)
-        self.blocks.append(CommittedBlock(kb, vb, pending, sinks))
+        return pending, self._pending_sinks()
 
     def _pending_sinks(self) -> int:
         """How many of the pending tokens are among the sequence's first ``sink_tokens``."""
         return max(0, min(self.sink_tokens - self.committed_length, self.pending_length))
+
+    def _mean_bits(self, block: CommittedBlock) -> int | float:
+        """Bits per K/V element of a block's quantized tokens (sinks aside), weighted by element share."""
+        if not block.group_bits:
+            return self._block_mean_bits(block.key_bits, block.value_bits)
+        groups = layer_groups(len(self.layers), len(block.group_bits))
+        total = elements = 0
+        for (kb, vb), layers in zip(block.group_bits, groups, strict=True):
+            for i in layers:
+                k, v = self._layer_elements(i)
+                total += k * kb + v * vb
+                elements += k + v
+        return _whole(total / elements) if elements else _whole((block.key_bits + block.value_bits) / 2)
+
+    def _layer_elements(self, index: int) -> tuple[int, int]:
+        """Key and value elements one token adds to layer ``index`` (0, 0 before it has seen any)."""
+        layer = self.layers[index]
+        if layer.keys is None:
+            return 0, 0
+        return layer.keys.shape[1] * layer.keys.shape[-1], layer.values.shape[1] * layer.values.shape[-1]
 
     def _key_share(self) -> float:
         """The keys' share of a token's K/V elements (over all layers): 0.5 unless their sizes differ."""
@@ -447,7 +527,7 @@ class MixedPrecisionKVCache(Cache):
             return float("nan")
         total = 0
         for block in self.blocks:
-            bits = self._block_mean_bits(block.key_bits, block.value_bits)
+            bits = self._mean_bits(block)
             total += bits * (block.tokens - block.sink_tokens) + 16 * block.sink_tokens
         return total / tokens
 

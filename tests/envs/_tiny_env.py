@@ -47,3 +47,23 @@ def expected_inputs(env: KVPrecisionEnv, row: int) -> tuple[list[int], list[list
     context = build_prompt(item, shots)
     pairs = [encode_pair(env.tokenizer, context, TARGET_DELIMITER + e) for e in item.endings]
     return pairs[0][0], [c for _, c in pairs]
+
+
+def tiny_model_with_layers(num_layers: int):
+    """``(model, tokenizer)``: the tiny Llama's shape and tokenizer with ``num_layers`` layers (seeded),
+    for layer-group tests that need a layer count the 2-layer tiny model does not have."""
+    import copy
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from envs.model import load_model
+
+    base, tokenizer = load_model("tiny-random-llama")
+    config = copy.deepcopy(base.config)
+    config.num_hidden_layers = num_layers
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    return model.eval(), tokenizer

@@ -466,3 +466,50 @@ def test_embedded_model_prefix(embedded_model):
     logits = _run_blocks(model, four, ids, (64, 64, 64, 8), (4, 4, 4, None))
     assert torch.isfinite(logits).all()
     assert four.nbytes(include_pending=False) <= 0.29 * four.fp16_nbytes(include_pending=False)
+
+
+# --- one setting per layer group ---------------------------------------------------------------------
+def test_commit_groups_gives_each_group_its_setting(tiny):
+    from quant.kv_cache import layer_groups
+
+    model, ids = tiny
+    grouped = MixedPrecisionKVCache(config=model.config, group_size=GROUP)
+    per_layer = [MixedPrecisionKVCache(config=model.config, group_size=GROUP) for _ in range(2)]
+    with torch.no_grad():
+        model(ids[:, :128], **with_cache(model, grouped))
+        for cache in per_layer:
+            model(ids[:, :128], **with_cache(model, cache))
+    grouped.commit_groups([(4, 2), 8])
+    per_layer[0].commit((4, 2))
+    per_layer[1].commit(8)
+    # layer g of the grouped cache holds exactly what a cache committed at group g's setting holds
+    for g, cache in enumerate(per_layer):
+        mine, theirs = grouped.layers[g].segments, cache.layers[g].segments
+        assert [(s.key_bits, s.value_bits) for s in mine] == [(s.key_bits, s.value_bits) for s in theirs]
+        assert torch.equal(dequantize(mine[0].keys, torch.float32), dequantize(theirs[0].keys, torch.float32))
+        assert grouped.layers[g].nbytes() == cache.layers[g].nbytes()
+    assert grouped.blocks == [CommittedBlock(6, 5, 128, 0, ((4, 2), (8, 8)))]
+    assert grouped.average_bits() == (3 + 8) / 2 and grouped.block_bits == [(5.5, 128)]
+    assert layer_groups(6, 3) == [range(0, 2), range(2, 4), range(4, 6)]
+
+
+def test_commit_groups_with_one_setting_is_commit(tiny):
+    model, ids = tiny
+    caches = [MixedPrecisionKVCache(config=model.config, group_size=GROUP, sink_tokens=3) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids[:, :100], **with_cache(model, cache))
+    caches[0].commit((4, 2))
+    caches[1].commit_groups([(4, 2)])
+    assert caches[0].blocks == caches[1].blocks and caches[0].nbytes() == caches[1].nbytes()
+
+
+@pytest.mark.parametrize("settings, fix", [([4, 4, 4], "larger than the model's 2 layers"), ([], "non-empty"),
+                                           ([4, (4, 5)], "unsupported bit-width")])
+def test_commit_groups_bad_input(tiny, settings, fix):
+    model, ids = tiny
+    cache = MixedPrecisionKVCache(config=model.config, group_size=GROUP)
+    with torch.no_grad():
+        model(ids[:, :16], **with_cache(model, cache))
+    with pytest.raises(ValueError, match=fix):
+        cache.commit_groups(settings)
