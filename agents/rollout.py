@@ -31,7 +31,7 @@ class Episode:
 
     reset_info: dict[str, Any]
     observations: list[np.ndarray] = field(default_factory=list)
-    actions: list[int] = field(default_factory=list)
+    actions: list[int | list[int]] = field(default_factory=list)  # a list per step with layer groups
     rewards: list[float] = field(default_factory=list)
     infos: list[dict[str, Any]] = field(default_factory=list)
     final_observation: np.ndarray | None = None
@@ -126,7 +126,8 @@ def rollout(
         next_obs, reward, terminated, truncated, info = env.step(action)
         episode.wall_ms.append(1000 * (time.perf_counter() - t0))
         episode.observations.append(obs)
-        episode.actions.append(int(np.asarray(action).reshape(())))
+        chosen = np.asarray(action)  # one int, or one per layer group (MultiDiscrete)
+        episode.actions.append(int(chosen.reshape(())) if chosen.size == 1 else chosen.astype(int).tolist())
         episode.rewards.append(float(reward))
         episode.infos.append(info)
         record(_timings(env))

@@ -20,18 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quant.kv_cache import bit_pair
+from envs.settings import setting_name
 
 TABLE_KIND = "kvgym latency table"
 
 
 def setting_key(bits: Any, sink_tokens: int = 0) -> str:
-    """The table key of a block setting (an int or a ``(key_bits, value_bits)`` pair) with
+    """The table key of a block setting (an int or a ``(key_bits, value_bits)`` pair, named by
+    :func:`envs.settings.setting_name`) with
     ``sink_tokens`` fp16 sink tokens: ``4``, ``k4v2``, ``k4v2+s4``; 16 bits is ``16`` with or
     without sinks (sinks change nothing when everything is fp16)."""
-    key_bits, value_bits = bit_pair(bits)
-    name = str(key_bits) if key_bits == value_bits else f"k{key_bits}v{value_bits}"
-    if sink_tokens and (key_bits, value_bits) != (16, 16):
+    name = setting_name(bits)
+    if sink_tokens and name != "16":
         name += f"+s{int(sink_tokens)}"
     return name
 

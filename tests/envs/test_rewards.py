@@ -231,3 +231,16 @@ def test_setting_keys():
             setting_key(16, 4), setting_key(3, 0)] == ["4", "4", "k4v2", "k4v2+s4", "16", "3"]
     with pytest.raises(ValueError):
         setting_key((5, 2))
+
+
+def test_latency_table_reads_pairs_sinks_and_layer_groups(tiny_model, tmp_path):
+    costs = {"2+s4": 1.25, "k4v2+s4": 1.125, "16": 1.0}
+    table = _latency_table(tmp_path / "cpu-pairs.json", costs)
+    env = make_env(tiny_model, bits=[2, [4, 2], 16], sink_tokens=4, layer_groups=2,
+                   rewards={"latency_table": {"table": table}})
+    env.reset(seed=0)
+    _, _, _, _, info = env.step([1, 2])  # group 0 at K4V2, group 1 at fp16; sinks: the first 4 tokens
+    assert info["rewards"]["latency_table"] == pytest.approx(-(1.125 + 1.0) / 2)
+    _, _, _, _, info = env.step([0, 0])
+    assert info["rewards"]["latency_table"] == pytest.approx(-1.25)
+    env.close()
