@@ -14,13 +14,34 @@ from typing import Any
 
 import numpy as np
 
+from envs.settings import Setting, mean_bits, normalize_setting, settings_by_cost
+
+
+def _setting(b: Any) -> Setting:
+    """A menu entry as ``env.bits`` holds it; plain ints are taken as they are (a policy loaded without
+    its env may carry placeholder widths), pairs must be supported widths."""
+    if isinstance(b, str) or np.ndim(b) == 1:
+        return normalize_setting(b)
+    return int(b)
+
+
+def _pair(s: Setting) -> tuple[int, int]:
+    return s if isinstance(s, tuple) else (s, s)
+
 
 class Policy(ABC):
-    """Maps observations (flat float vectors named by ``observation_names``) to indices into ``bits``."""
+    """Maps observations (flat float vectors named by ``observation_names``) to indices into ``bits``.
+
+    ``bits`` is the env's menu: ints (keys and values at that width) and ``(key_bits, value_bits)``
+    tuples (``envs.settings``)."""
 
     #: The policy's canonical name, the same in its spec, records, references, reports and wandb
     #: ("fixed:4", "fp16", "rule", "mlp", "ppo"); ``agents.registry.make_policy`` sets it from the spec.
     name: str = "policy"
+    #: Whether the policy can act on an env with ``layer_groups > 1`` (see :meth:`set_layer_groups`).
+    supports_layer_groups: bool = True
+    #: What to do instead, in the error a policy that does not support layer groups raises.
+    layer_groups_hint: str = "use a policy that does"
 
     def __init__(self, observation_names: Sequence[str], bits: Sequence[int]):
         names = tuple(str(n) for n in observation_names)
@@ -29,11 +50,16 @@ class Policy(ABC):
         if len(set(names)) != len(names):
             dupes = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"observation_names has duplicates: {dupes}")
-        widths = tuple(int(b) for b in bits)
-        if not widths or len(set(widths)) != len(widths) or min(widths) <= 0:
-            raise ValueError(f"bits must be distinct positive integers, got {tuple(bits)!r}")
+        menu = tuple(_setting(b) for b in bits)
+        if not menu or len(set(menu)) != len(menu) or min(min(_pair(s)) for s in menu) <= 0:
+            raise ValueError(
+                f"bits must be distinct settings (positive ints or (key_bits, value_bits) pairs), got {tuple(bits)!r}"
+            )
         self.observation_names: tuple[str, ...] = names
-        self.bits: tuple[int, ...] = widths
+        #: the env's menu, normalized as ``env.bits`` is (``envs.settings``): ints and (k, v) tuples
+        self.bits: tuple[Setting, ...] = menu
+        #: settings per action: 1 (Discrete), or the env's ``layer_groups`` (see :meth:`set_layer_groups`)
+        self.layer_groups: int = 1
 
     # ----------------------------------------------------------------------------------------- helpers
     def column(self, name: str) -> int:
@@ -48,23 +74,43 @@ class Policy(ABC):
             ) from None
 
     def bits_to_action(self, bits_values: Any) -> np.ndarray:
-        """Action indices for requested bit-widths.
+        """Action indices for requested bit-widths (bits per K/V element, e.g. 3 or 4).
 
-        Each request maps to the *smallest available width at or above it* (e.g. 3 -> 4, 4 -> 4), so a
-        policy that asks for some precision never gets less than it asked for; a request above every
-        available width gets the largest one. Returns an int64 array shaped like ``bits_values``.
+        Each request maps to the *cheapest setting at or above it*, settings ordered by
+        :func:`envs.settings.settings_by_cost`: by mean bits ((key + value) / 2; K4V2 is 3), and at equal
+        mean bits the one with more key bits first (K4V2 before K2V4: keys are the sensitive half). So
+        3 -> K4V2 in a menu (2, K4V2, 4) and 3 -> 4 in (2, 4, 8); a policy that asks for some precision
+        never gets less than it asked for, and a request above every setting gets the dearest one.
+        Returns an int64 array shaped like ``bits_values``.
         """
         req = np.asarray(bits_values, dtype=np.float64)
-        widths = np.asarray(self.bits, dtype=np.float64)
-        order = np.argsort(widths)  # env bits need not be sorted; search the sorted view
-        pos = np.searchsorted(widths[order], req, side="left")
-        pos = np.minimum(pos, len(widths) - 1)
+        order = np.asarray(settings_by_cost(self.bits), dtype=np.int64)  # env bits need not be sorted
+        costs = np.asarray([mean_bits(self.bits[i]) for i in order], dtype=np.float64)
+        pos = np.searchsorted(costs, req, side="left")
+        pos = np.minimum(pos, len(order) - 1)
         return order[pos].astype(np.int64)
+
+    def set_layer_groups(self, groups: int) -> None:
+        """Act for an env with ``groups`` layer groups (a ``MultiDiscrete`` action, one setting per group).
+
+        The default: the policy's one choice per block goes to every group (fixed settings and the
+        rule, whose features describe the whole block). A policy that cannot act so sets
+        ``supports_layer_groups = False`` and refuses here.
+        """
+        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+            raise ValueError(f"layer_groups must be an integer >= 1, got {groups!r}")
+        if groups > 1 and not self.supports_layer_groups:
+            raise ValueError(
+                f"{type(self).__name__} ({self.name!r}) chooses one setting per block, not one per layer group; "
+                f"{self.layer_groups_hint} (or set the env's layer_groups to 1)"
+            )
+        self.layer_groups = int(groups)
 
     # ----------------------------------------------------------------------------------- the interface
     @abstractmethod
     def act(self, obs2d: np.ndarray, deterministic: bool = True) -> np.ndarray:
-        """Actions (1-D int64, indices into ``bits``) for a 2-D batch of observations."""
+        """Actions (int64 indices into ``bits``) for a 2-D batch of observations: 1-D, one per observation
+        (with layer groups :meth:`predict` gives it to every group), or ``[n, layer_groups]``."""
 
     def predict(
         self,
@@ -84,8 +130,11 @@ class Policy(ABC):
                 "observation_names"
             )
         single = arr.ndim == 1
-        actions = np.asarray(self.act(arr[None, :] if single else arr, deterministic=deterministic))
-        actions = actions.astype(np.int64).reshape(-1)
+        actions = np.asarray(self.act(arr[None, :] if single else arr, deterministic=deterministic)).astype(np.int64)
+        if self.layer_groups == 1:
+            actions = actions.reshape(-1)
+        elif actions.ndim == 1:  # one choice per block: every layer group gets it
+            actions = np.repeat(actions[:, None], self.layer_groups, axis=1)
         return (actions[0] if single else actions), state
 
     def __repr__(self) -> str:

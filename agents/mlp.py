@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from agents.base import Policy
 from envs.io import atomic_write
+from envs.settings import normalize_menu
 
 DEFAULT_FEATURES: tuple[str, ...] = ("entropy_mean", "rarity_mean", "attn_var_mean", "token_acc_mean")
 DEFAULT_BITS: tuple[int, ...] = (2, 4, 8, 16)
@@ -365,9 +366,15 @@ def load_controller(path: str | os.PathLike) -> tuple[ControllerMLP, dict[str, A
 
 
 class MLPPolicy(Policy):
-    """A trained controller read from ``path``: argmax of its logits, or a sample when not deterministic."""
+    """A trained controller read from ``path``: argmax of its logits, or a sample when not deterministic.
+
+    It has one output class per menu entry (``(key_bits, value_bits)`` settings included) and chooses
+    one per block for the whole model, so it refuses an env with ``layer_groups > 1``.
+    """
 
     name = "mlp"
+    supports_layer_groups = False
+    layer_groups_hint = "its one output class per menu entry is one choice for every layer; use fixed, rule or ppo"
 
     def __init__(
         self, observation_names: Sequence[str], bits: Sequence[int], path: str | os.PathLike, seed: int = 0
@@ -375,7 +382,7 @@ class MLPPolicy(Policy):
         super().__init__(observation_names, bits)
         self.path = Path(path)
         self.model, meta = load_controller(self.path)
-        saved_bits = tuple(int(b) for b in meta["bits"])
+        saved_bits = normalize_menu(meta["bits"])
         if saved_bits != self.bits:
             raise ValueError(f"{self.path} was trained for bits {saved_bits} but the env uses {self.bits}")
         absent = [f for f in meta["features"] if f not in self.observation_names]

@@ -3,6 +3,8 @@
 A spec is ``[alias=]what``, where ``what`` is one of::
 
     fixed:4               FixedBitsPolicy at 4 bits                       name "fixed:4"
+    fixed:k4v2            ... keys at 4 bits, values at 2                 name "fixed:k4v2"
+    fixed:k4v2+s4         ... on an env with 4 fp16 sink tokens           name "fixed:k4v2+s4"
     fp16                  FixedBitsPolicy at 16 bits (= fixed:16)         name "fp16"
     rule                  EntropyRulePolicy with default thresholds       name "rule"
     rule:thresholds.yaml  ... with thresholds saved by EntropyRulePolicy.save
@@ -43,7 +45,7 @@ from typing import Any
 import yaml
 
 from agents.base import Policy
-from agents.fixed import FixedBitsPolicy, fixed_name
+from agents.fixed import FixedBitsPolicy, fixed_env_overrides, parse_fixed
 from agents.rule import EntropyRulePolicy
 from agents.sb3 import DEFAULT_ALGO
 from quant.registry import Registry, UnknownNameError
@@ -51,6 +53,8 @@ from quant.registry import Registry, UnknownNameError
 Builder = Callable[[str | None, Sequence[str], Sequence[int], Any], Policy]
 #: Canonical name of a kind's policy from the spec's argument, computed without building it.
 Namer = Callable[[str | None], str]
+#: Env config keys a spec's env options change, from the spec's argument and the env's config.
+EnvOptions = Callable[[str | None, Any], dict[str, Any]]
 
 ENTRY_POINT_GROUP = "kvgym.policies"
 POLICIES: Registry[Builder | type[Policy]] = Registry("policy kind", entry_point_group=ENTRY_POINT_GROUP)
@@ -61,15 +65,21 @@ _KIND_BY_SUFFIX = {".pt": "mlp", ".pth": "mlp", ".zip": "sb3", ".yaml": "rule", 
 _SNIFF_MAX_BYTES = 1 << 20  # YAML larger than this is not a thresholds file; don't parse it
 
 
-def register_policy(kind: str, *, name: Namer | None = None) -> Callable[[Builder], Builder]:
+def register_policy(
+    kind: str, *, name: Namer | None = None, env: EnvOptions | None = None
+) -> Callable[[Builder], Builder]:
     """Decorator adding a builder (or Policy subclass) under ``kind``; a name can be registered once.
 
     ``name`` maps the spec's argument to the policy's canonical name (default: ``kind[:arg]``).
+    ``env`` maps the argument and an env config to the config keys the spec's env options change
+    (``fixed:k4v2+s4`` on an env without sinks -> ``{"sink_tokens": 4, ...}``), see :func:`env_overrides`.
     """
 
     def deco(obj: Builder) -> Builder:
         if name is not None:
             obj.canonical_name = name
+        if env is not None:
+            obj.env_overrides = env
         POLICIES.add(kind, obj)
         return obj
 
@@ -181,13 +191,27 @@ def canonical_name(spec: str) -> str:
     return _name(parsed, _entry(parsed, spec))
 
 
+def env_overrides(spec: str, config: Any) -> dict[str, Any]:
+    """Env config keys to change so the policy ``spec`` runs as its name says, on an env with ``config``.
+
+    Some specs carry env settings (``fixed:k4v2+s4``: 4 fp16 sink tokens, and K4V2 in the menu); run
+    them on ``env.sibling(**env_overrides(spec, env.config))`` when this is not empty. Kinds without env
+    options give ``{}``.
+    """
+    parsed = parse_spec(spec)
+    options = getattr(_entry(parsed, spec), "env_overrides", None)
+    return dict(options(parsed.arg, config)) if callable(options) else {}
+
+
 def make_policy(
     spec: str,
     observation_names: Sequence[str] | None = None,
     bits: Sequence[int] | None = None,
     env: Any = None,
+    layer_groups: int | None = None,
 ) -> Policy:
-    """Build the policy ``spec`` names; ``observation_names``/``bits`` default to ``env.unwrapped``'s."""
+    """Build the policy ``spec`` names; ``observation_names``/``bits``/``layer_groups`` default to
+    ``env.unwrapped``'s (layer groups: 1). A policy that cannot act per layer group refuses ``layer_groups > 1``."""
     parsed = parse_spec(spec)
     entry = _entry(parsed, spec)
     unwrapped = getattr(env, "unwrapped", None)
@@ -202,6 +226,9 @@ def make_policy(
     else:
         policy = entry(parsed.arg, observation_names, bits, env)
     policy.name = name
+    groups = layer_groups if layer_groups is not None else getattr(unwrapped, "layer_groups", 1)
+    if groups != 1:
+        policy.set_layer_groups(groups)
     return policy
 
 
@@ -210,14 +237,6 @@ def _need(arg: str | None, kind: str, example: str) -> str:
     if not arg:
         raise ValueError(f"policy spec {kind!r} needs an argument, e.g. {example!r}")
     return arg
-
-
-def _fixed_bits(arg: str | None) -> int:
-    value = _need(arg, "fixed", "fixed:4")
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"fixed bits must be an integer, got {value!r} (e.g. 'fixed:4')") from None
 
 
 def _no_arg(kind: str) -> Namer:
@@ -236,14 +255,27 @@ def _sb3_algo(arg: str | None) -> tuple[str, str]:
     return (algo, rest) if sep and algo.isidentifier() else (DEFAULT_ALGO, arg)
 
 
-@register_policy("fixed", name=lambda arg: fixed_name(_fixed_bits(arg)))
+def _fixed_policy(fixed, observation_names, bits, env) -> Policy:
+    policy = FixedBitsPolicy(observation_names, bits, fixed.setting, fixed.sink_tokens)
+    if env is not None:
+        policy.check_env(env)
+    return policy
+
+
+@register_policy(
+    "fixed",
+    name=lambda arg: parse_fixed(arg).name,
+    env=lambda arg, config: fixed_env_overrides(parse_fixed(arg), config),
+)
 def _fixed(arg, observation_names, bits, env) -> Policy:
-    return FixedBitsPolicy(observation_names, bits, _fixed_bits(arg))
+    return _fixed_policy(parse_fixed(arg), observation_names, bits, env)
 
 
-@register_policy("fp16", name=_no_arg("fp16"))
+@register_policy(
+    "fp16", name=_no_arg("fp16"), env=lambda arg, config: fixed_env_overrides(parse_fixed("16"), config)
+)
 def _fp16(arg, observation_names, bits, env) -> Policy:
-    return FixedBitsPolicy(observation_names, bits, 16)
+    return _fixed_policy(parse_fixed("16"), observation_names, bits, env)
 
 
 @register_policy("rule", name=lambda arg: "rule")

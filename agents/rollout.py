@@ -31,7 +31,8 @@ class Episode:
 
     reset_info: dict[str, Any]
     observations: list[np.ndarray] = field(default_factory=list)
-    actions: list[int | list[int]] = field(default_factory=list)  # a list per step with layer groups
+    #: one per step: the action index, or (layer groups) a list of one index per group
+    actions: list[int | list[int]] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     infos: list[dict[str, Any]] = field(default_factory=list)
     final_observation: np.ndarray | None = None
@@ -80,6 +81,12 @@ class Schedule:
         return action, state
 
 
+def _plain_action(action: Any) -> int | list[int]:
+    """An int (Discrete), or one int per layer group (MultiDiscrete)."""
+    arr = np.asarray(action)
+    return int(arr.reshape(())) if arr.size == 1 else [int(a) for a in arr.reshape(-1)]
+
+
 def _timings(env: gym.Env) -> dict[str, float] | None:
     timings = getattr(env.unwrapped, "timings", None)
     return dict(timings) if timings is not None else None
@@ -126,8 +133,7 @@ def rollout(
         next_obs, reward, terminated, truncated, info = env.step(action)
         episode.wall_ms.append(1000 * (time.perf_counter() - t0))
         episode.observations.append(obs)
-        chosen = np.asarray(action)  # one int, or one per layer group (MultiDiscrete)
-        episode.actions.append(int(chosen.reshape(())) if chosen.size == 1 else chosen.astype(int).tolist())
+        episode.actions.append(_plain_action(action))
         episode.rewards.append(float(reward))
         episode.infos.append(info)
         record(_timings(env))

@@ -16,6 +16,7 @@ import yaml
 
 from agents.base import Policy
 from envs.io import atomic_write
+from envs.settings import mean_bits, normalize_menu, settings_by_cost
 
 #: Default thresholds (nats) for 4 bit-widths. Block-mean next-token entropy of SmolLM2-135M on k-shot
 #: HellaSwag prompts mostly lies in ~1.5-4 nats; these split that range so all four widths occur.
@@ -131,8 +132,9 @@ class EntropyRulePolicy(Policy):
         self.thresholds = _check_thresholds(
             default_thresholds(len(self.bits)) if thresholds is None else thresholds, len(self.bits)
         )
-        # Class k (k-th smallest width) -> action index in the env's (possibly unsorted) bits.
-        self._class_to_action = np.argsort(np.asarray(self.bits)).astype(np.int64)
+        # Class k (k-th cheapest setting, envs.settings.settings_by_cost) -> action index in the env's
+        # (possibly unsorted) bits. With layer groups every group gets the block's one choice.
+        self._class_to_action = np.asarray(settings_by_cost(self.bits), dtype=np.int64)
 
     def classes(self, values: np.ndarray) -> np.ndarray:
         """Rank of the chosen width among the ascending bits (0 = fewest bits)."""
@@ -142,13 +144,16 @@ class EntropyRulePolicy(Policy):
         return self._class_to_action[self.classes(obs2d[:, self.col])]
 
     def chosen_bits(self, values: np.ndarray) -> np.ndarray:
-        """Bit-widths the rule picks for raw feature values (handy for calibration and labelling)."""
-        return np.sort(np.asarray(self.bits))[self.classes(values)]
+        """Bit-widths the rule picks for raw feature values (handy for calibration and labelling); a
+        (key_bits, value_bits) setting counts its mean bits (K4V2: 3.0)."""
+        ordered = [self.bits[i] for i in self._class_to_action]
+        return np.asarray([mean_bits(b) if isinstance(b, tuple) else b for b in ordered])[self.classes(values)]
 
     # ------------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> Path:
         """Write feature, bits and thresholds as YAML (atomically)."""
-        doc = {"feature": self.feature, "bits": list(self.bits), "thresholds": list(self.thresholds)}
+        bits = [list(b) if isinstance(b, tuple) else b for b in self.bits]
+        doc = {"feature": self.feature, "bits": bits, "thresholds": list(self.thresholds)}
 
         def write(tmp: str) -> None:
             with open(tmp, "w") as f:
@@ -171,7 +176,7 @@ class EntropyRulePolicy(Policy):
             raise ValueError(
                 f"{path} is not a rule file: expected a mapping with 'thresholds' (and 'bits', 'feature')"
             )
-        saved_bits = tuple(int(b) for b in doc.get("bits", bits))
-        if saved_bits != tuple(int(b) for b in bits):
+        saved_bits = normalize_menu(doc.get("bits", bits))
+        if saved_bits != normalize_menu(bits):
             raise ValueError(f"{path} was calibrated for bits {saved_bits} but the env uses {tuple(bits)}")
         return cls(observation_names, bits, doc["thresholds"], doc.get("feature", "entropy_mean"))

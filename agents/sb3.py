@@ -54,6 +54,8 @@ def _same_space(a: gym.Space, b: gym.Space) -> bool:
         return False
     if isinstance(a, gym.spaces.Discrete):
         return int(a.n) == int(b.n)
+    if isinstance(a, gym.spaces.MultiDiscrete):  # layer groups: one setting per group
+        return a.nvec.tolist() == b.nvec.tolist()
     return a.shape == b.shape
 
 
@@ -111,12 +113,17 @@ class SB3Policy(Policy):
 
         space = self.model.observation_space
         n_obs = int(np.prod(space.shape)) if space.shape else 1
-        n_act = int(getattr(self.model.action_space, "n", 1))
+        action_space = self.model.action_space
+        n_act = int(action_space.nvec[0]) if isinstance(action_space, gym.spaces.MultiDiscrete) else int(
+            getattr(action_space, "n", 1)
+        )
         super().__init__(
             observation_names or [f"obs_{i}" for i in range(n_obs)],
             bits or list(range(1, n_act + 1)),
         )
         self.name = self.algo.lower()
+        if isinstance(action_space, gym.spaces.MultiDiscrete):
+            self.layer_groups = len(action_space.nvec)
 
     def _check_spaces(self, expected: tuple[gym.Space, gym.Space] | None) -> None:
         if expected is None:
@@ -132,9 +139,20 @@ class SB3Policy(Policy):
                     "(observation features or bits) — retrain it or evaluate with that config"
                 )
 
+    def set_layer_groups(self, groups: int) -> None:
+        """The saved agent's action space fixes its layer groups: ``MultiDiscrete`` of G, or 1 for ``Discrete``."""
+        space = self.model.action_space
+        trained = len(space.nvec) if isinstance(space, gym.spaces.MultiDiscrete) else 1
+        if groups != trained:
+            raise ValueError(
+                f"{self.path} was trained with layer_groups={trained} but the env has layer_groups={groups}; "
+                "retrain it or evaluate with that config"
+            )
+        self.layer_groups = int(groups)
+
     def act(self, obs2d: np.ndarray, deterministic: bool = True) -> np.ndarray:
         actions, _ = self.model.predict(obs2d, deterministic=deterministic)
-        return np.asarray(actions, dtype=np.int64).reshape(-1)
+        return np.asarray(actions, dtype=np.int64).reshape(len(obs2d), *self.model.action_space.shape)
 
     def predict(
         self, obs: Any, state: Any = None, episode_start: Any = None, deterministic: bool = True

@@ -71,12 +71,20 @@ def parse_setting(text: str) -> Setting:
             return normalize_setting(int(raw))
     except ValueError as err:
         raise ValueError(f"setting {text!r}: {err}") from None
-    raise ValueError(f"cannot read setting {text!r}: write the bits (e.g. '4') or key and value bits (e.g. 'k4v2')")
+    raise ValueError(f"cannot read setting {text!r}: write the bits as an integer (e.g. '4') or key and value bits (e.g. 'k4v2')")
+
+
+def _halves(setting: BlockBits) -> tuple[int, int]:
+    """Key and value bits without checking the widths (a policy may be built on placeholder widths)."""
+    if isinstance(setting, (int, float)) or getattr(setting, "ndim", 1) == 0:
+        return int(setting), int(setting)
+    k, v = setting
+    return int(k), int(v)
 
 
 def mean_bits(setting: BlockBits) -> float:
     """Bits per K/V element of a setting where keys and values are the same size (Llama-style caches)."""
-    k, v = bit_pair(setting)
+    k, v = _halves(setting)
     return (k + v) / 2
 
 
@@ -87,4 +95,4 @@ def settings_by_cost(menu: Sequence[Setting]) -> list[int]:
     as cheaper to pick (K4V2 before K2V4): keys are the sensitive half (KIVI, arXiv 2502.15075), so a
     policy that asks for some average precision gets it spent on keys.
     """
-    return sorted(range(len(menu)), key=lambda i: (mean_bits(menu[i]), -bit_pair(menu[i])[0]))
+    return sorted(range(len(menu)), key=lambda i: (mean_bits(menu[i]), -_halves(menu[i])[0]))

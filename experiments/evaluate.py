@@ -11,10 +11,14 @@ what each id stands for): per-item quantized scores differ across machines, so a
 machine is refused unless ``allow_mixed_fingerprints`` is set. ``summary.json`` lists the
 ``references`` compared against and the ``fingerprints`` its records hold.
 
-Policy specs: anything ``agents.registry.make_policy`` takes (``fixed:4``, ``rule``, ``rule:t.yaml``,
-``mlp:mlp.pt``, ``sb3:ppo.zip``), plus ``fp16`` (every block kept at 16 bits: a real fp16 KV cache)
-and ``quanto:2`` / ``quanto:4`` (the library baseline: the same episodes on an env whose cache is
-transformers' ``QuantizedCache`` with the quanto backend, ``EnvConfig(cache="quanto")``).
+Policy specs: anything ``agents.registry.make_policy`` takes (``fixed:4``, ``fixed:k4v2``,
+``fixed:k4v2+s4``, ``rule``, ``rule:t.yaml``, ``mlp:mlp.pt``, ``sb3:ppo.zip``), plus ``fp16`` (every
+block kept at 16 bits: a real fp16 KV cache) and ``quanto:2`` / ``quanto:4`` (the library baseline:
+the same episodes on an env whose cache is transformers' ``QuantizedCache`` with the quanto backend,
+``EnvConfig(cache="quanto")``). A spec with env settings runs on a sibling env that has them: a fixed
+setting missing from the env's menu, or sink tokens other than the env's (``fixed:k4v2+s4`` beside
+``fixed:4`` on an env without sinks), so settings with and without sinks compare on the same items.
+Records are keyed by the policy's canonical name (``agents.registry.canonical_name``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from agents.registry import canonical_name, make_policy, parse_spec
+from agents.registry import canonical_name, env_overrides, make_policy, parse_spec
 from agents.rollout import rollout
 from envs.fingerprint import fingerprint, fingerprint_id
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
@@ -67,16 +71,19 @@ Runner = Callable[[KVPrecisionEnv, int], dict]
 
 
 def _policy_runner(spec: str, env: KVPrecisionEnv) -> Runner:
-    """Episode runner of one policy spec. ``quanto:N`` is the fixed policy on a sibling env whose cache
-    is transformers' quanto ``QuantizedCache`` at N bits (same model, items and references)."""
+    """Episode runner of one policy spec, on a *sibling env* (same model, items and references) where
+    the spec carries env settings: ``quanto:N`` is the fixed policy on an env whose cache is transformers'
+    quanto ``QuantizedCache`` at N bits; ``fixed:k4v2+s4`` runs on an env with 4 fp16 sink tokens and
+    K4V2 in its menu (``agents.registry.env_overrides``). Other specs run on ``env`` itself."""
     parsed = parse_spec(spec)
     if parsed.kind == "quanto":
         nbits = _quanto_bits(parsed.arg)
-        quanto_env = env.sibling(cache="quanto", bits=(nbits,))  # fails early on bad bits/group size
-        policy = make_policy(f"fixed:{nbits}", env=quanto_env)
-        return lambda e, row: _run_policy(quanto_env, row, policy)
-    policy = make_policy(spec, env=env)
-    return lambda e, row: _run_policy(e, row, policy)
+        overrides, spec = {"cache": "quanto", "bits": (nbits,)}, f"fixed:{nbits}"
+    else:
+        overrides = env_overrides(spec, env.config)
+    run_env = env.sibling(**overrides) if overrides else env  # a sibling fails early on bad settings
+    policy = make_policy(spec, env=run_env)
+    return lambda e, row: _run_policy(run_env, row, policy)
 
 
 def _quanto_bits(arg: str | None) -> int:

@@ -220,3 +220,10 @@ def test_custom_features_and_weights(tmp_path):
     assert MLPPolicy(NAMES, BITS, result.path).features == ("entropy_mean", "entropy_max")
     with pytest.raises(ValueError, match="known: \\['accuracy', 'ce', 'latency'\\]"):
         train_controller(csv_path, tmp_path / "x.pt", epochs=1, weights={"lat": 1.0}, progress=False)
+
+
+def test_policy_refuses_layer_groups(trained):
+    result, _, _ = trained
+    with pytest.raises(ValueError, match="one output class per menu entry.*layer_groups to 1"):
+        make_policy(f"mlp:{result.path}", NAMES, BITS, layer_groups=2)
+    assert make_policy(f"mlp:{result.path}", NAMES, BITS, layer_groups=1).layer_groups == 1

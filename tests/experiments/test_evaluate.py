@@ -176,3 +176,22 @@ def test_help(capsys):
         evaluate.main(["--help"])
     assert exc.value.code == 0
     assert "policies" in capsys.readouterr().out
+
+
+def test_policies_with_their_own_env_settings_run_on_the_same_items(tmp_path):
+    """``fixed:k4v2+s4`` runs on a sibling env (4 fp16 sink tokens, K4V2 in its menu) beside ``fixed:4``."""
+    policies = ["fixed:k4v2+s4", "fixed:4", "fixed:k4v2", "fixed:2"]
+    evaluate.run(_cfg(tmp_path, policies=policies, references=["fixed:4"], items=2))
+    by = {(r["policy"], r["row"]): r for r in _records(tmp_path)}
+    rows = {row for _, row in by}
+    assert {name for name, _ in by} == set(policies) and len(rows) == 2
+    for row in rows:
+        sunk, k4v2 = by["fixed:k4v2+s4", row], by["fixed:k4v2", row]
+        assert k4v2["avg_bits"] == 3 and sunk["avg_bits"] > 3  # sinks count 16
+        assert by["fixed:2", row]["kv_bytes"] < sunk["kv_bytes"] < by["fixed:4", row]["kv_bytes"]
+        assert sunk["fp16_kv_bytes"] == by["fixed:4", row]["fp16_kv_bytes"]  # same prompt, same tokens
+
+
+def test_policy_names_are_canonical(tmp_path):
+    with pytest.raises(ValueError, match=r"several policies are named \['fixed:k4v2'\]"):
+        evaluate.run(_cfg(tmp_path, policies=["fixed:k4v2", "fixed:K4V2+s0"], references=[]))
