@@ -29,7 +29,6 @@ acc_norm against average bits and KV bytes for the settings of the last round, t
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agents.registry import canonical_name
 from envs.kv_precision import EnvConfig
 from envs.latency import load_latency_table, setting_key
 from experiments import evaluate
@@ -138,11 +138,11 @@ class FrontierConfig:
             raise ValueError(f"sink_tokens must be a non-empty list of counts >= 0, got {self.sink_tokens}")
 
 
-def _evaluate_stage(cfg: FrontierConfig, env: EnvConfig, round_: int, specs: list[str]) -> dict:
+def _evaluate_stage(cfg: FrontierConfig, round_: int, specs: list[str]) -> dict:
     """One halving round through experiments.evaluate (shared records: earlier items are reused)."""
     out = Path(cfg.out_dir)
     ecfg = evaluate.EvaluateConfig(
-        env=env, split="train", policies=specs, items=cfg.stages[round_], out_dir=str(out / "evaluate"),
+        env=cfg.env, split="train", policies=specs, items=cfg.stages[round_], out_dir=str(out / "evaluate"),
         resume=cfg.resume or round_ > 0, references=(REFERENCE,), allow_mixed_fingerprints=cfg.allow_mixed_fingerprints,
         wandb_project=cfg.wandb_project, wandb_group=f"{out.name}-round{round_ + 1}", progress=cfg.progress,
         shard=cfg.shard, shards=cfg.shards, threads=cfg.threads,
@@ -161,16 +161,14 @@ def run(cfg: FrontierConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "frontier.config.yaml")
     table = load_latency_table(cfg.latency_table) if cfg.latency_table else None
-    settings = {s.spec: s for s in grid_settings(cfg.widths, cfg.sink_tokens)}
+    settings = {canonical_name(s.spec): s for s in grid_settings(cfg.widths, cfg.sink_tokens)}
     if table is not None:  # fail before hours of episodes, not after
         for s in settings.values():
             table.cost(s.key)
-    # the env's menu is the grid (the setting of a fixed policy must be on its env's menu)
-    env = dataclasses.replace(cfg.env, bits=tuple(dict.fromkeys(s.bits for s in settings.values())))
     alive = list(settings)
     rounds, last_entry = [], {}
     for r in range(len(cfg.stages)):
-        result = _evaluate_stage(cfg, env, r, alive)
+        result = _evaluate_stage(cfg, r, alive)
         policies = result["policies"]
         for name, entry in policies.items():
             last_entry[name] = {**entry, "round": r + 1}

@@ -55,7 +55,8 @@ def test_bad_config_is_refused(tmp_path):
 
 
 def _cfg(tmp_path, **kw) -> FrontierConfig:
-    env = EnvConfig(model="tiny-random-llama", shots=0, interval=16, group_size=16, eval_size=20, split="train")
+    # 0 shots and 64-token blocks: real HellaSwag contexts are a few hundred bytes, so 3-6 blocks each
+    env = EnvConfig(model="tiny-random-llama", shots=0, interval=64, group_size=16, eval_size=20, split="train")
     base = dict(env=env, widths=[2, 4], sink_tokens=[0], stages=[2, 3], keep=0.25,
                 out_dir=str(tmp_path / "frontier"), progress=False)
     return FrontierConfig(**{**base, **kw})
@@ -89,19 +90,24 @@ def test_tiny_frontier_halves_writes_outputs_and_resumes_without_episodes(tmp_pa
     assert again["settings"] == result["settings"]
 
 
-def test_latency_table_adds_decode_costs_and_must_cover_the_grid(tmp_path):
+def test_sink_settings_run_beside_the_others_and_latency_costs_are_added(tmp_path):
     from envs.latency import TABLE_KIND
 
-    costs = {"2": 1.08, "k4v2": 1.1, "4": 1.06, "16": 1.01}
+    costs = {"4": 1.06, "4+s4": 1.08, "16": 1.01}
     path = tmp_path / "cpu.json"
     path.write_text(json.dumps({"kind": TABLE_KIND, "label": "cpu-test", "context": 1024, "threads": 1,
                                 "settings": {k: {"relative_decode_cost": v} for k, v in costs.items()}}))
-    result = frontier.run(_cfg(tmp_path, stages=[2], latency_table=str(path)))
-    assert {n: e["relative_decode_cost"] for n, e in result["settings"].items()} == {
-        "fixed:2": 1.08, "fixed:k4v2": 1.1, "fixed:4": 1.06, "fp16": 1.01}
+    result = frontier.run(_cfg(tmp_path, widths=[4], sink_tokens=[0, 4], stages=[2], latency_table=str(path)))
+    settings = result["settings"]
+    assert {n: e["relative_decode_cost"] for n, e in settings.items()} == {
+        "fixed:4": 1.06, "fp16": 1.01, "fixed:4+s4": 1.08}
     assert result["latency_table"]["label"] == "cpu-test"
-    with pytest.raises(KeyError, match="k4v2\\+s4"):
-        frontier.run(_cfg(tmp_path, stages=[2], sink_tokens=[0, 4], latency_table=str(path)))
+    # the 4 sink tokens are fp16: more bytes and bits than plain 4-bit, on the same items
+    assert settings["fixed:4+s4"]["summary"]["avg_bits"]["mean"] > settings["fixed:4"]["summary"]["avg_bits"]["mean"]
+    assert settings["fixed:4+s4"]["summary"]["kv_bytes"]["mean"] > settings["fixed:4"]["summary"]["kv_bytes"]["mean"]
+    assert settings["fixed:4+s4"]["setting"] == {"bits": 4, "sink_tokens": 4, "key": "4+s4"}
+    with pytest.raises(KeyError, match=r"no setting .2"):  # checked before any episode runs
+        frontier.run(_cfg(tmp_path, stages=[2], latency_table=str(path)))
 
 
 def test_help_works(capsys):
