@@ -112,7 +112,7 @@ class FrontierConfig:
     sink_tokens: list[int] = field(default_factory=lambda: [0, 4])  # each setting with these fp16 sink tokens
     # items per halving round: every setting on the first stages[0] pool items, the survivors of each
     # round on the next count (the items are nested: a round adds items, it never redoes one)
-    stages: list[int] = field(default_factory=lambda: [24, 200])
+    stages: list[int] = field(default_factory=lambda: [32, 200])
     keep: float = 0.5  # share of the settings kept by damage per byte (the Pareto front is always kept)
     latency_table: str | None = None  # a table from experiments.bench_latency: adds each setting's decode cost
     out_dir: str = "runs/frontier"
