@@ -63,10 +63,12 @@ class Episode:
 
 
 class Schedule:
-    """A policy that plays given actions in order, one per decision, from the start of each episode."""
+    """A policy that plays given actions in order, one per decision, from the start of each episode.
 
-    def __init__(self, actions: Sequence[int]):
-        self.actions = [int(a) for a in actions]
+    An action is an int (a ``Discrete`` env) or a sequence of ints, one per layer group (``MultiDiscrete``)."""
+
+    def __init__(self, actions: Sequence[int | Sequence[int]]):
+        self.actions = [np.asarray(a, dtype=np.int64) if np.ndim(a) else np.int64(a) for a in actions]
         self._next = 0
 
     def predict(self, obs: Any, state: Any = None, episode_start: Any = None, deterministic: bool = True):
@@ -76,7 +78,7 @@ class Schedule:
             raise ValueError(f"the schedule has {len(self.actions)} actions; the episode asks for more")
         action = self.actions[self._next]
         self._next += 1
-        return np.int64(action), state
+        return action, state
 
 
 def _plain_action(action: Any) -> int | list[int]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from envs.latency import load_latency_table, setting_key
 from envs.quantities import StepView, required
 from quant.registry import Registry
 
@@ -121,6 +122,38 @@ class LatencyModel(RewardTerm):
 
     def __call__(self, step: StepView) -> float:
         return -step.record.cache_nbytes / step.record.cache_fp16_nbytes
+
+
+@register_reward("latency_table")
+class LatencyTableCost(RewardTerm):
+    """Minus the committed block's measured decode cost per token relative to DynamicCache, read from
+    a latency table of the machine at hand (``table``: a JSON file from ``experiments.bench_latency``,
+    e.g. ``results/latency/cpu-....json``).
+
+    Why beside ``latency_model``: bytes read predict decode cost only where decoding is memory bound;
+    on a CPU low bits decode *slower* than fp16, on a GPU faster. The table holds what was measured,
+    so the term is deterministic for a given table but platform dependent: another device needs its
+    own table. The setting is read from the cache (the block's key/value bits and the cache's sink
+    tokens), so the table must hold that setting (``k4v2+s4``, ...), else the step fails clearly. A
+    block committed per layer group costs the mean of its groups' settings (groups are equal in size).
+    """
+
+    platform_dependent = True
+    needs = frozenset({"cache"})
+
+    def __init__(self, table: str):
+        self.table = load_latency_table(table)
+
+    def __call__(self, step: StepView) -> float:
+        cache = step["cache"]
+        blocks = getattr(cache, "blocks", None)
+        if not blocks:
+            raise ValueError(f"reward term 'latency_table' needs a MixedPrecisionKVCache with committed blocks, "
+                             f"got {type(cache).__name__}")
+        block = blocks[-1]
+        # per layer group: groups hold equal numbers of layers, so the block's cost is their mean
+        pairs = getattr(block, "group_bits", ()) or [(block.key_bits, block.value_bits)]
+        return -sum(self.table.cost(setting_key(p, cache.sink_tokens)) for p in pairs) / len(pairs)
 
 
 @register_reward("budget")

@@ -57,11 +57,15 @@ TARGETS = {
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """One cache to benchmark: ``kind`` is dynamic / quanto / ours; ``bits`` 0 means mixed (cycled)."""
+    """One cache to benchmark: ``kind`` is dynamic / quanto / ours; ``bits`` 0 means mixed (cycled).
+
+    ``bits`` of ours may be a ``(key_bits, value_bits)`` pair; ``sink_tokens`` keeps that many
+    first tokens in fp16 (ours only)."""
 
     name: str
     kind: str
-    bits: int = 16
+    bits: int | tuple[int, int] = 16
+    sink_tokens: int = 0
 
 
 DEFAULT_SPECS: tuple[CacheSpec, ...] = (
@@ -124,18 +128,28 @@ def _make_cache(spec: CacheSpec, model, interval: int, group_size: int):
         return quanto_cache(model, spec.bits, q_group_size=group_size)
     if spec.kind == "ours":
         return MixedPrecisionKVCache(
-            config=model.config, group_size=group_size, policy=_policy(spec), interval=interval
+            config=model.config,
+            group_size=group_size,
+            policy=_policy(spec),
+            interval=interval,
+            sink_tokens=spec.sink_tokens,
         )
     raise ValueError(f"unknown cache kind {spec.kind!r}; use dynamic, quanto or ours")
 
 
 def _ours_formula_nbytes(cache: MixedPrecisionKVCache, layers: int, heads: int, head_dim: int) -> int:
-    """What the storage formula says the committed blocks take (blocks never merge across bits)."""
+    """What the storage formula says the committed blocks take (blocks never merge across bits; a
+    block's sink tokens are an fp16 part of their own)."""
     per_layer = 0
-    for bits, tokens in cache.block_bits:
-        shape = (1, heads, tokens, head_dim)
-        per_layer += expected_nbytes(shape, bits, KEY_AXIS, cache.group_size, cache.symmetric)
-        per_layer += expected_nbytes(shape, bits, VALUE_AXIS, cache.group_size, cache.symmetric)
+    for block in cache.blocks:
+        for tokens, key_bits, value_bits in (
+            (block.sink_tokens, 16, 16),
+            (block.tokens - block.sink_tokens, block.key_bits, block.value_bits),
+        ):
+            if tokens:
+                shape = (1, heads, tokens, head_dim)
+                per_layer += expected_nbytes(shape, key_bits, KEY_AXIS, cache.group_size, cache.symmetric)
+                per_layer += expected_nbytes(shape, value_bits, VALUE_AXIS, cache.group_size, cache.symmetric)
     return layers * per_layer
 
 
@@ -225,7 +239,8 @@ def run_benchmark(
         base = runs.get((ctx, "dynamic"))
         for spec in specs:
             these = runs[(ctx, spec.name)]
-            row = {"context": ctx, "cache": spec.name, "kind": spec.kind, "bits": spec.bits or "mixed"}
+            row = {"context": ctx, "cache": spec.name, "kind": spec.kind, "bits": spec.bits or "mixed",
+                   "sink_tokens": spec.sink_tokens}
             for key in (
                 "bytes",
                 "bytes_with_pending",

@@ -47,7 +47,9 @@ from experiments.stats import fingerprint_counts, summarize_all
 class EvaluateConfig:
     env: EnvConfig = field(default_factory=lambda: EnvConfig(split="eval"))
     policies: list[str] = field(default_factory=lambda: ["fp16", "fixed:2", "fixed:4", "fixed:8", "rule"])
-    items: int = 50  # the first N items of the held-out split
+    # the first N items of env.split: "eval" = the held-out items (what policies are compared on);
+    # "train" = pool items, for measurements that must not touch the held-out set (experiments.frontier)
+    items: int = 50
     out_dir: str = "runs/evaluate"
     resume: bool = True  # skip (policy, row) pairs already in records.jsonl
     # paired differences against these policies (their names, as records and the report spell them)
@@ -157,8 +159,8 @@ def _append(path: Path, record: dict) -> None:
 
 
 def _eval_env_config(cfg: EvaluateConfig) -> EnvConfig:
-    """The env every backend evaluates on: the config's env on the held-out split."""
-    return EnvConfig.from_dict({**cfg.env.__dict__, "split": "eval"})
+    """The env every backend evaluates on, checked once (the Ray actors build the same)."""
+    return EnvConfig.from_dict(dict(cfg.env.__dict__))
 
 
 def _runners(cfg: EvaluateConfig, names: list[str], env: KVPrecisionEnv) -> dict[str, Runner]:
@@ -221,7 +223,7 @@ def run(cfg: EvaluateConfig) -> dict:
     try:
         rows = [item.row for item in env.items[: cfg.items]]
         if not rows:
-            raise ValueError("the held-out item set is empty")
+            raise ValueError(f"the {cfg.env.split!r} item set is empty")
         runners = _runners(cfg, names, env)
         details = fingerprint(env.model.device, env.model.dtype)
         current = fingerprint_id(details)

@@ -137,9 +137,11 @@ def _wrap(title: str) -> str:
     return title[:i] + "\n" + title[i + 1 :]
 
 
-def print_table(policies: dict[str, dict], references: Sequence[str], console: Console | None = None) -> None:
-    """Same rows as the Markdown table; intervals go on a dim second line so it fits ~100 columns."""
-    cols = columns(references)
+def print_table(policies: dict[str, dict], references: Sequence[str], console: Console | None = None,
+                extra: Sequence[Column] = ()) -> None:
+    """Same rows as the Markdown table, plus the ``extra`` columns; intervals go on a dim second line
+    so it fits ~100 columns."""
+    cols = [*columns(references), *extra]
     table = Table(title="KV-precision policies on HellaSwag (95% CIs; Δ = paired difference per item)")
     table.add_column("policy", no_wrap=True, min_width=max(map(len, policies), default=6))
     for c in cols:
@@ -179,13 +181,17 @@ def _spread_labels(xy: Sequence[tuple[float, float]], min_dy: float = 13.0, near
     return [placed[i] for i in range(len(xy))]
 
 
-def plot_pareto(policies: dict[str, dict], path: str | Path) -> Path:
+def plot_pareto(policies: dict[str, dict], path: str | Path,
+                title: str = "KV-cache precision: damage (Δ gold log-lik) and accuracy vs memory",
+                label: Callable[[str], str] = str, log_x: bool = False) -> Path:
     """Δ gold log-lik (the sharp signal) and acc_norm against average bits and KV ratio, 2x2.
 
     Every policy has its own colour and marker (hollow, so coinciding points stay visible) and a
-    text label tied to its point by a leader line; the non-dominated policies are joined.
+    text label (``label(name)``) tied to its point by a leader line; the non-dominated policies are
+    joined. ``log_x`` spreads many low-bit settings apart (memory axes on a log-2 scale).
     """
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -208,6 +214,9 @@ def plot_pareto(policies: dict[str, dict], path: str | Path) -> Path:
                     zorder=0, label="Pareto front")
             if ykey == "loglik_delta":
                 ax.set_yscale("symlog", linthresh=0.1)
+            if log_x:
+                ax.set_xscale("log", base=2)
+                ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.margins(x=0.06, y=0.12)  # room for the labels above the highest points
             ax.grid(alpha=0.3)
             if row == len(_PANELS_Y) - 1:
@@ -216,7 +225,7 @@ def plot_pareto(policies: dict[str, dict], path: str | Path) -> Path:
                 ax.set_ylabel(ylabel)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=9, title="policy")
-    fig.suptitle("KV-cache precision: damage (Δ gold log-lik) and accuracy vs memory")
+    fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.86, 1))
     to_points = 72.0 / fig.dpi
     for row, (ykey, _) in enumerate(_PANELS_Y):
@@ -225,7 +234,7 @@ def plot_pareto(policies: dict[str, dict], path: str | Path) -> Path:
             data = [(policies[n]["summary"][xkey]["mean"], policies[n]["summary"][ykey]["mean"]) for n in names]
             pixels = [tuple(ax.transData.transform(p)) for p in data]
             for n, p, (px, py), (lx, ly) in zip(names, data, pixels, _spread_labels(pixels), strict=True):
-                ax.annotate(n, p, xytext=((lx - px) * to_points + 6, (ly - py) * to_points),
+                ax.annotate(label(n), p, xytext=((lx - px) * to_points + 6, (ly - py) * to_points),
                             textcoords="offset points", fontsize=8, va="bottom", zorder=5,
                             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
                             arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6, "shrinkA": 0, "shrinkB": 4})

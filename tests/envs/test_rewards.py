@@ -180,3 +180,67 @@ def test_custom_term_trains_with_ppo_and_unregisters(tiny_model):
     assert PREFER_LOW not in REWARDS
     with pytest.raises(KeyError, match="known"):
         make_env(tiny_model, rewards={PREFER_LOW: 1.0})
+
+
+def _latency_table(path, costs: dict[str, float]) -> str:
+    """A latency table as experiments.bench_latency writes it (only the fields the term reads)."""
+    import json
+
+    from envs.latency import TABLE_KIND
+
+    path.write_text(json.dumps({"kind": TABLE_KIND, "label": "test-device",
+                                "settings": {k: {"relative_decode_cost": v} for k, v in costs.items()}}))
+    return str(path)
+
+
+def test_latency_table_charges_the_committed_setting_measured_cost(tiny_model, tmp_path):
+    costs = {"2": 1.25, "4": 1.0625, "8": 1.5, "16": 1.125}
+    table = _latency_table(tmp_path / "cpu-test.json", costs)
+    spec = {"latency_table": {"weight": 2.0, "table": table}}
+    assert RewardFunction(spec).platform_dependent and RewardFunction(spec).deterministic
+    env = make_env(tiny_model, rewards=spec)
+    env.reset(seed=3)
+    done, steps = False, 0
+    while not done:
+        action = steps % len(env.bits)
+        _, reward, done, _, info = env.step(action)
+        assert info["rewards"]["latency_table"] == -costs[str(env.bits[action])]
+        assert reward == pytest.approx(2.0 * info["rewards"]["latency_table"])
+        steps += 1
+    env.close()
+
+
+def test_latency_table_errors_name_the_file_and_the_missing_setting(tiny_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="bench_latency"):
+        RewardFunction({"latency_table": {"table": str(tmp_path / "missing.json")}})
+    (tmp_path / "bad.json").write_text('{"settings": {}}')
+    with pytest.raises(ValueError, match="not a latency table"):
+        RewardFunction({"latency_table": {"table": str(tmp_path / "bad.json")}})
+    table = _latency_table(tmp_path / "partial.json", {"4": 1.0})
+    env = make_env(tiny_model, rewards={"latency_table": {"table": table}})
+    env.reset(seed=0)
+    with pytest.raises(KeyError, match=r"no setting '2'.*partial\.json|partial\.json.*no setting '2'"):
+        env.step(env.bits.index(2))
+    env.close()
+
+
+def test_setting_keys():
+    from envs.latency import setting_key
+
+    assert [setting_key(4), setting_key((4, 4)), setting_key([4, 2]), setting_key((4, 2), 4),
+            setting_key(16, 4), setting_key(3, 0)] == ["4", "4", "k4v2", "k4v2+s4", "16", "3"]
+    with pytest.raises(ValueError):
+        setting_key((5, 2))
+
+
+def test_latency_table_reads_pairs_sinks_and_layer_groups(tiny_model, tmp_path):
+    costs = {"2+s4": 1.25, "k4v2+s4": 1.125, "16": 1.0}
+    table = _latency_table(tmp_path / "cpu-pairs.json", costs)
+    env = make_env(tiny_model, bits=[2, [4, 2], 16], sink_tokens=4, layer_groups=2,
+                   rewards={"latency_table": {"table": table}})
+    env.reset(seed=0)
+    _, _, _, _, info = env.step([1, 2])  # group 0 at K4V2, group 1 at fp16; sinks: the first 4 tokens
+    assert info["rewards"]["latency_table"] == pytest.approx(-(1.125 + 1.0) / 2)
+    _, _, _, _, info = env.step([0, 0])
+    assert info["rewards"]["latency_table"] == pytest.approx(-1.25)
+    env.close()

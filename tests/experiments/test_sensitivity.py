@@ -57,3 +57,32 @@ def test_help(capsys):
     with pytest.raises(SystemExit):
         sensitivity.main(["--help"])
     assert "low_bits" in capsys.readouterr().out
+
+
+def test_layers_mode_lowers_one_groups_keys_or_values_for_the_whole_prompt(tmp_path):
+    env_cfg = EnvConfig(**{**ENV.__dict__, "layer_groups": 2})
+    result = sensitivity.run(_cfg(tmp_path, env=env_cfg, mode="layers"))
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["mode"] == "layers" and written["layer_groups"] == 2
+    ms = written["measurements"]
+    assert [(m["group"], m["half"], m["setting"]) for m in ms[:4]] == [
+        (0, "keys", "k2v4"), (0, "values", "k4v2"), (1, "keys", "k2v4"), (1, "values", "k4v2")]
+    assert len(ms) == 2 * 2 * 2  # items x groups x halves
+    assert set(result["damage_by_group"]) == {0, 1} and result["damage_by_group"][1]["layers"] == [1, 2]
+    env = KVPrecisionEnv(EnvConfig(**{**env_cfg.__dict__, "bits": sensitivity.layer_menu(4, 2)}))
+    m = ms[3]
+    base = sensitivity.run_group_settings(env, m["row"], [4, 4])
+    low = sensitivity.run_group_settings(env, m["row"], [4, (4, 2)])
+    env.close()
+    assert m["damage"] == pytest.approx(low["loglik_delta"] - base["loglik_delta"])
+    assert any(abs(m["damage"]) > 1e-6 for m in ms)
+    assert written["damage_by_group"]["0"]["keys"]["mean"] == pytest.approx(
+        sum(m["damage"] for m in ms if m["group"] == 0 and m["half"] == "keys") / 2)
+
+
+def test_layers_mode_with_equal_widths_does_no_damage_and_bad_mode_is_refused(tmp_path):
+    env_cfg = EnvConfig(**{**ENV.__dict__, "layer_groups": 2})
+    result = sensitivity.run(_cfg(tmp_path, env=env_cfg, mode="layers", items=1, low_bits=4))
+    assert all(m["damage"] == 0.0 for m in result["measurements"])
+    with pytest.raises(ValueError, match="mode"):
+        sensitivity.run(_cfg(tmp_path, mode="layer"))
