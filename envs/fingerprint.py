@@ -61,3 +61,15 @@ def fingerprint(device: torch.device | str = "cpu", dtype: torch.dtype | str | N
 def fingerprint_id(fp: dict) -> str:
     """A short stable id: the first 12 hex digits of the SHA-256 of the sorted JSON."""
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_PROCESS_IDS: dict[tuple[str, str], str] = {}
+
+
+def process_fingerprint_id(device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> str:
+    """``fingerprint_id(fingerprint(device, dtype))``, computed once per process and (device, dtype):
+    stored references are looked up with it on every reset, and package metadata is slow to read."""
+    key = (str(torch.device(device)), str(dtype))
+    if key not in _PROCESS_IDS:
+        _PROCESS_IDS[key] = fingerprint_id(fingerprint(device, dtype))
+    return _PROCESS_IDS[key]

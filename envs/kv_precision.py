@@ -34,8 +34,11 @@ import yaml
 from envs import ENV_ID  # noqa: F401  (re-exported)
 from envs.cache_kwarg import with_cache
 from envs.features import DEFAULT_FEATURES, FULL_BITS, BlockContext, FeatureSet
+from envs.fingerprint import process_fingerprint_id
 from envs.hellaswag import HellaSwagItem, build_prompt, item_rng, load_hellaswag, sample_shots, split_items
-from envs.model import load_model
+from envs.episodes import EpisodeSet, episode_set, parse_episode_set
+from envs.model import load_model, resolve_device, resolve_dtype
+from envs.reference_store import ReferenceKey, ReferenceStore, model_digest, tokens_digest
 from envs.observation import BlockObserver
 from envs.quantities import FORWARD_OUTPUTS, StepRecord, StepState, StepView
 from envs.rewards import DEFAULT_REWARDS, RewardFunction
@@ -71,8 +74,16 @@ class EnvConfig:
     weight_quant: str = "none"  # "none", "int8-pertensor", "int8", "int4" (see quant.weights)
     group_size: int = 64  # quantization group of the KV cache
     max_prompt_tokens: int = 1536  # longer prompts drop their earliest shots (documented truncation)
-    dtype: str = "float32"
-    reference_cache_size: int = 4096  # prompts whose full-precision reference is kept
+    # "auto": CUDA when visible, else the CPU; or any torch device string ("cpu", "cuda", "cuda:1")
+    device: str = "auto"
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on the CPU; or "float32", "bfloat16", "float16"
+    reference_cache_size: int = 4096  # prompts whose full-precision reference is kept in memory
+    # full-precision references on disk (envs.reference_store), reused across processes and runs:
+    # True = $KVGYM_CACHE/references (default ~/.cache/kvgym/references), a path = there, False = off
+    reference_store: bool | str = True
+    # a named episode set (envs.episodes: "train-<seed>-<n>", "eval-<n>") that reset() without a row
+    # draws from, so every episode's reference is computed once; None = any item with fresh shots
+    episodes: str | None = None
     # KV cache backend (quant.baselines): "mixed" = our MixedPrecisionKVCache, one width per block from
     # ``bits``; "quanto" = transformers' QuantizedCache (quanto backend) at the one width ``bits`` lists
     # ([2] or [4]: its bits are fixed, so a menu is an error); "dynamic" = a plain DynamicCache, bits [16].
@@ -113,6 +124,9 @@ class EnvConfig:
             raise ValueError(f"interval must be >= 1, got {self.interval}")
         if self.shots < 0:
             raise ValueError(f"shots must be >= 0, got {self.shots}")
+        resolve_dtype(self.dtype, resolve_device(self.device))  # ValueError on an unknown or unusable one
+        if self.episodes is not None and parse_episode_set(self.episodes).split != self.split:
+            raise ValueError(f"episode set {self.episodes!r} is not from the env's split {self.split!r}")
 
 
 class _Loaded:
@@ -127,10 +141,12 @@ _DATA: dict[str, list[HellaSwagItem]] = {}
 
 
 def _shared_model(cfg: EnvConfig) -> _Loaded:
-    key = (cfg.model, cfg.dtype, cfg.weight_quant)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    key = (cfg.model, dtype, device, cfg.weight_quant)
     loaded = _MODELS.get(key)
     if loaded is None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, attn_implementation="eager")
+        model, tokenizer = load_model(cfg.model, dtype=dtype, device=device, attn_implementation="eager")
         quantize_model_weights(model, cfg.weight_quant)
         loaded = _Loaded(model, tokenizer)
         _MODELS[key] = loaded
@@ -239,6 +255,12 @@ class KVPrecisionEnv(gym.Env):
         self._rows = {item.row: item for item in all_items}
         self._pool_rows = frozenset(item.row for item in self.pool)
         self._references: OrderedDict[tuple[int, ...], _Reference] = OrderedDict()
+        #: the named episode set reset() draws from (None: any item of the split, fresh shots)
+        self.episodes: EpisodeSet | None = episode_set(cfg.episodes, self.items) if cfg.episodes else None
+        store = cfg.reference_store
+        self.reference_store: ReferenceStore | None = (
+            None if store is False else ReferenceStore(None if store is True else store)
+        )
         self._new_cache()  # fail here, not in reset, on a cache the model cannot hold (e.g. quanto's group size)
         self._episode: _Episode | None = None
         self._closed = False
@@ -265,14 +287,18 @@ class KVPrecisionEnv(gym.Env):
     # --- episode ------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """Start an episode. ``options={"row": r}`` picks HellaSwag row ``r`` with its fixed shots
-        (the same for every policy: evaluation uses this); otherwise the item and shots are drawn
-        from the env's split with ``self.np_random``."""
+        (the same for every policy: evaluation uses this); otherwise an episode of the env's
+        episode set (``episodes``) is drawn with ``self.np_random``, or, without a set, an item of the
+        env's split with fresh shots."""
         super().reset(seed=seed)
         self._check_open()
         options = options or {}
         t0 = time.perf_counter()
         if "row" in options:
             item, prompt_ids, endings, n_shots = self._row_inputs(int(options["row"]))
+        elif self.episodes is not None:
+            row = self.episodes.rows[int(self.np_random.integers(len(self.episodes.rows)))]
+            item, prompt_ids, endings, n_shots = self._row_inputs(row)
         else:
             item = self.items[int(self.np_random.integers(len(self.items)))]
             shots = sample_shots(self.pool, self.config.shots, self.np_random, exclude_row=item.row)
@@ -471,7 +497,8 @@ class KVPrecisionEnv(gym.Env):
     def _run_block(self, index: int) -> BlockContext:
         ep = self._episode
         start, end = ep.blocks[index]
-        ids = torch.tensor(ep.prompt_ids[start:end]).unsqueeze(0)
+        device = self.model.device
+        ids = torch.tensor(ep.prompt_ids[start:end], device=device).unsqueeze(0)
         saliency = None
         t0 = time.perf_counter()
         if "saliency" in self.forward_needs:
@@ -481,7 +508,9 @@ class KVPrecisionEnv(gym.Env):
         seconds = time.perf_counter() - t0
         logits = out.logits[0]
         ep.last_logits = logits[-1]
-        targets = torch.tensor(ep.prompt_ids[start + 1 : end + 1] + [-1] * (end + 1 - len(ep.prompt_ids)))
+        targets = torch.tensor(
+            ep.prompt_ids[start + 1 : end + 1] + [-1] * (end + 1 - len(ep.prompt_ids)), device=device
+        )
         targets = targets[: end - start]
         return ep.observer.context(
             ids[0], logits, targets, ep.cache,
@@ -533,20 +562,61 @@ class KVPrecisionEnv(gym.Env):
         if ref is not None:
             self._references.move_to_end(key)
             return ref
-        cache = MixedPrecisionKVCache(config=self.model.config, group_size=self.config.group_size)
-        out = self._forward(torch.tensor(prompt_ids).unsqueeze(0), cache, attentions=False)
-        logits = out.logits[0]
-        # gather - logsumexp: a full [P, vocab] log_softmax would be the largest tensor of the episode
-        head = logits[:-1].float()
-        picked = head.gather(-1, torch.tensor(prompt_ids[1:]).unsqueeze(-1)).squeeze(-1)
-        target_lp = picked - torch.logsumexp(head, dim=-1)
-        scores = self._score_endings(cache, prompt_ids, logits[-1], endings)
-        pred, pred_norm = choose(scores.tolist(), item.endings)
-        ref = _Reference(target_lp, scores, int(pred), int(pred_norm))
+        if self.reference_store is None:
+            ref = self._compute_reference(prompt_ids, endings, item)
+        else:
+            store_key = self._store_key(prompt_ids, endings)
+            stored = self.reference_store.load(store_key)
+            if stored is None:
+                ref = self._compute_reference(prompt_ids, endings, item)
+                self.reference_store.save(store_key, _reference_tensors(ref))
+            else:
+                ref = _Reference(
+                    stored["target_logprobs"].to(self.model.device),
+                    stored["ending_scores"].numpy(),
+                    int(stored["preds"][0]),
+                    int(stored["preds"][1]),
+                )
         self._references[key] = ref
         if len(self._references) > self.config.reference_cache_size:
             self._references.popitem(last=False)
         return ref
+
+    def _compute_reference(self, prompt_ids: list[int], endings: list[list[int]], item: HellaSwagItem) -> _Reference:
+        """The full-precision pass of one prompt (one forward + the endings), on the model's device."""
+        device = self.model.device
+        cache = MixedPrecisionKVCache(config=self.model.config, group_size=self.config.group_size)
+        out = self._forward(torch.tensor(prompt_ids, device=device).unsqueeze(0), cache, attentions=False)
+        logits = out.logits[0]
+        # gather - logsumexp: a full [P, vocab] log_softmax would be the largest tensor of the episode
+        head = logits[:-1].float()
+        picked = head.gather(-1, torch.tensor(prompt_ids[1:], device=device).unsqueeze(-1)).squeeze(-1)
+        target_lp = picked - torch.logsumexp(head, dim=-1)
+        scores = self._score_endings(cache, prompt_ids, logits[-1], endings)
+        pred, pred_norm = choose(scores.tolist(), item.endings)
+        return _Reference(target_lp, scores, int(pred), int(pred_norm))
+
+    def _store_key(self, prompt_ids: list[int], endings: list[list[int]]) -> ReferenceKey:
+        """What a stored reference depends on: the model (spec, weight quantization and the weights
+        themselves, since ``lm=`` may pass any model), its dtype and device type, the tokens, and the
+        fingerprint of what computes it (envs.fingerprint)."""
+        model = self.model
+        return ReferenceKey(
+            model=f"{self.config.model}|{self.config.weight_quant}|{model_digest(model)}",
+            dtype=str(model.dtype).removeprefix("torch."),
+            device=model.device.type,
+            tokens=tokens_digest(prompt_ids, endings),
+            fingerprint=process_fingerprint_id(model.device, model.dtype),
+        )
+
+
+def _reference_tensors(ref: _Reference) -> dict[str, torch.Tensor]:
+    """The stored form of a reference: CPU tensors (float64 scores and int64 predictions keep them exact)."""
+    return {
+        "target_logprobs": ref.target_logprobs.detach().cpu(),
+        "ending_scores": torch.from_numpy(np.asarray(ref.ending_scores, dtype=np.float64)),
+        "preds": torch.tensor([ref.pred, ref.pred_norm], dtype=torch.int64),
+    }
 
 
 def _num_layers(model) -> int:

