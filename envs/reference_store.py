@@ -103,7 +103,7 @@ class ReferenceStore:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
+                tensors = {name: f.get_tensor(name).clone() for name in f.keys()}  # no view of the file
         except Exception:  # truncated or garbled: safetensors raises several kinds
             return None
         if meta.get("format") != FORMAT or meta.get("key") != json.dumps(asdict(key), sort_keys=True):
