@@ -33,14 +33,14 @@ import yaml
 
 from envs import ENV_ID  # noqa: F401  (re-exported)
 from envs.cache_kwarg import with_cache
+from envs.episodes import EpisodeSet, episode_set, parse_episode_set
 from envs.features import DEFAULT_FEATURES, FULL_BITS, BlockContext, FeatureSet
 from envs.fingerprint import process_fingerprint_id
 from envs.hellaswag import HellaSwagItem, build_prompt, item_rng, load_hellaswag, sample_shots, split_items
-from envs.episodes import EpisodeSet, episode_set, parse_episode_set
 from envs.model import load_model, resolve_device, resolve_dtype
-from envs.reference_store import ReferenceKey, ReferenceStore, model_digest, tokens_digest
 from envs.observation import BlockObserver
 from envs.quantities import FORWARD_OUTPUTS, StepRecord, StepState, StepView
+from envs.reference_store import ReferenceKey, ReferenceStore, model_digest, tokens_digest
 from envs.rewards import DEFAULT_REWARDS, RewardFunction
 from envs.scoring import choose, continuation_logprobs, encode_pair
 from envs.settings import Setting, normalize_menu, setting_name

@@ -117,13 +117,15 @@ def bare_forward_ms(model, cache, block_ids: Sequence[int], repeats: int = 1) ->
 
     Between repeats the cache is cropped back, so every repeat runs against the same prefix.
     """
-    ids = torch.tensor([list(block_ids)])
+    ids = torch.tensor([list(block_ids)], device=model.device)
     times = []
     for r in range(repeats):
         if r:
             cache.crop(-ids.shape[1])  # negative: drop the block just added
         t0 = time.perf_counter()
         model(input_ids=ids, **with_cache(model, cache), use_cache=True)
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize(ids.device)  # the GPU runs asynchronously: time the work, not the launch
         times.append(1000 * (time.perf_counter() - t0))
     return statistics.median(times)
 
@@ -236,7 +238,7 @@ def run_benchmark(
     if bits not in env.bits:
         raise ValueError(f"--bits {bits} is not in the env's bits {env.bits}")
     policy = FixedBitsPolicy(env.observation_names, env.bits, bits)
-    sdpa, _ = load_model(model_spec, dtype=env.config.dtype, attn_implementation="sdpa")
+    sdpa, _ = load_model(model_spec, dtype=env.model.dtype, device=env.model.device, attn_implementation="sdpa")
     models = {"sdpa": sdpa, "eager": env.model}
     rows = [item.row for item in env.items[: warmup + episodes]]
     if len(rows) < warmup + episodes:

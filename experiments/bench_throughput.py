@@ -58,7 +58,7 @@ def bench_single(args: argparse.Namespace) -> dict[str, Any]:
         rollout(env, policy, options={"row": row})
     wall = time.perf_counter() - t0
 
-    sdpa, _ = load_model(args.model, dtype=env.config.dtype, attn_implementation="sdpa")
+    sdpa, _ = load_model(args.model, dtype=env.model.dtype, device=env.model.device, attn_implementation="sdpa")
     interval, bare_ms = env.config.interval, 0.0
     for row in rows[1:]:
         prompt_ids = env.episode_inputs(row)[1]

@@ -173,7 +173,7 @@ def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> torch.Ten
 def generate_one(model, tokenizer, policy, prompt: str, cfg: GenerateConfig) -> dict[str, Any]:
     """Decode one prompt under ``policy``; the record written to generate.json."""
     bits = tuple(cfg.env.bits)
-    ids = encode_prompt(tokenizer, prompt, cfg.chat_template)
+    ids = encode_prompt(tokenizer, prompt, cfg.chat_template).to(model.device)
     n_blocks = max(1, math.ceil((ids.shape[1] + cfg.max_new_tokens) / cfg.env.interval))
     tracker = FeatureTracker(FeatureSet(cfg.env.features), n_blocks)
     decisions: list[dict[str, Any]] = []
@@ -235,7 +235,9 @@ def run(cfg: GenerateConfig) -> dict[str, Path]:
     out_dir = Path(cfg.out_dir)
     feature_set = FeatureSet(cfg.env.features)
     policy = make_policy(cfg.policy, observation_names=feature_set.observation_names, bits=cfg.env.bits)
-    model, tokenizer = load_model(cfg.env.model, dtype=cfg.env.dtype, attn_implementation="eager")
+    model, tokenizer = load_model(
+        cfg.env.model, dtype=cfg.env.dtype, device=cfg.env.device, attn_implementation="eager"
+    )
     quantize_model_weights(model, cfg.env.weight_quant)
     paths = {"config": save_config(cfg, out_dir / "config.yaml")}
     wb = tracking.init_run(project=cfg.wandb_project, group=cfg.wandb_group, name=f"generate-{policy.name}",
