@@ -11,8 +11,10 @@ scored against the cache (in one batched forward where the cache can branch alon
 episode terminates. The cache is ours by default; ``cache="quanto"`` runs the same episodes on
 transformers' quanto ``QuantizedCache`` (the library baseline), ``cache="dynamic"`` on a plain one.
 
-Rewards compare with a full-precision reference pass of the same prompt (computed once per prompt
-and cached), so the signal is the damage quantization did rather than how hard the item is.
+Rewards compare with a full-precision reference pass of the same prompt (computed once per prompt,
+kept in memory and stored on disk by ``envs.reference_store``), so the signal is the damage
+quantization did rather than how hard the item is. ``device``/``dtype`` ``"auto"`` put the model and
+every tensor the env creates on CUDA in bf16 when a GPU is visible, else on the CPU in float32.
 """
 
 from __future__ import annotations

@@ -306,6 +306,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shots", type=int, default=None, help="override the env's shots (default config: 5)")
     p.add_argument("--interval", type=int, default=None, help="override the env's block length (default 64)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default=None, help="override the env's device (default 'auto': CUDA when visible)")
+    p.add_argument("--reference-store", default=None,
+                   help="'off': compute every reference pass (no store); a folder: that store "
+                        "(default: the env's store, $KVGYM_CACHE/references)")
     p.add_argument("--out", type=Path, default=Path("runs/bench_env.json"))
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -319,7 +323,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     np.random.seed(0)
-    overrides = {k: v for k, v in (("shots", args.shots), ("interval", args.interval)) if v is not None}
+    overrides = {
+        k: v for k, v in (("shots", args.shots), ("interval", args.interval), ("device", args.device)) if v is not None
+    }
+    if args.reference_store is not None:
+        overrides["reference_store"] = False if args.reference_store == "off" else args.reference_store
     result = run_benchmark(args.model, args.episodes, args.warmup, args.repeats, args.bits, overrides,
                            progress=not args.no_progress)
     result["config"]["model"] = args.model
