@@ -30,3 +30,12 @@ def test_cpu_model_read_from_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\n")
     assert _cpu_model(info) == "Intel(R) Xeon(R) CPU @ 2.20GHz"
     assert _cpu_model(tmp_path / "absent") is None
+
+
+def test_process_fingerprint_id_is_the_id_of_this_process_fingerprint():
+    import torch
+
+    from envs.fingerprint import fingerprint, fingerprint_id, process_fingerprint_id
+
+    assert process_fingerprint_id("cpu", torch.float32) == fingerprint_id(fingerprint("cpu", torch.float32))
+    assert process_fingerprint_id("cpu", torch.float32) != process_fingerprint_id("cpu", torch.bfloat16)
