@@ -127,6 +127,8 @@ class EnvConfig:
         if self.shots < 0:
             raise ValueError(f"shots must be >= 0, got {self.shots}")
         resolve_dtype(self.dtype, resolve_device(self.device))  # ValueError on an unknown or unusable one
+        if not isinstance(self.reference_store, (bool, str)) or self.reference_store == "":
+            raise ValueError(f"reference_store must be true, false or a folder, got {self.reference_store!r}")
         if self.episodes is not None and parse_episode_set(self.episodes).split != self.split:
             raise ValueError(f"episode set {self.episodes!r} is not from the env's split {self.split!r}")
 

@@ -151,3 +151,9 @@ def test_concurrent_writers_leave_one_valid_entry_and_a_new_process_loads_it(tin
     fresh = KVPrecisionEnv(items=ITEMS, **TINY_CONFIG, reference_store=False).reference_for(row)
     assert target_lp == fresh.target_logprobs.tolist() and scores == fresh.ending_scores.tolist()
     assert all(r[1:] == (target_lp, scores) for r in results)
+
+
+@pytest.mark.parametrize("bad", [None, 3, ""])
+def test_reference_store_option_must_be_a_switch_or_a_folder(tiny_model, bad):
+    with pytest.raises(ValueError, match="reference_store must be true, false or a folder"):
+        make_env(tiny_model, reference_store=bad)
