@@ -1,0 +1,212 @@
+"""KVPrecisionVectorEnv: N KVPrecision episodes whose blocks run in ONE model forward.
+
+``gym.make_vec("kvgym/KVPrecision-v0", num_envs=N, vectorization_mode="vector_entry_point", **env_kwargs)``
+builds it (Gymnasium's CartPoleVectorEnv pattern: one registered id, a single and a vector class).
+
+Why: a step's own work is small next to the model forward, and a forward of N blocks costs far
+less than N forwards of one. Every row is a full :class:`~envs.kv_precision.KVPrecisionEnv` (the
+rows share the model, the items and the reference passes) and runs exactly the single env's phases
+(start an episode, commit the action, observe the block, compute the reward, score the endings
+against the row's own cache, build the info); only the block forward is shared: the rows' blocks are
+right-padded into one batch over a :class:`~quant.batched_cache.BatchedKVCache`, with each row's
+positions and a mask so no row sees padding or another row. So each row's observation, reward and
+info come from the same code as the single env's; the numbers differ only by float noise of the
+batched matmuls (quantized settings amplify last-bit differences; see tests/envs/test_vector.py).
+
+Autoreset is Gymnasium 1.x's NEXT_STEP mode: the step after a row terminates resets that row (its
+action is ignored; reward 0, not terminated, the reset's observation and info).
+
+Not supported (a ValueError at construction): ``cache`` other than "mixed" (the batched forward
+appends to our mixed-precision layers) and features that need ``saliency`` (an input-gradient
+backward per row).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+
+from envs.cache_kwarg import with_cache
+from envs.features import BlockContext
+from envs.hellaswag import HellaSwagItem
+from envs.kv_precision import EnvConfig, KVPrecisionEnv
+from quant.batched_cache import BatchedKVCache
+
+__all__ = ["KVPrecisionVectorEnv"]
+
+
+class KVPrecisionVectorEnv(gym.vector.VectorEnv):
+    """N KVPrecision episodes stepped together, one batched forward per step (see module docstring)."""
+
+    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        config: EnvConfig | Mapping[str, Any] | str | Path | None = None,
+        *,
+        lm=None,
+        tokenizer=None,
+        items: Sequence[HellaSwagItem] | None = None,
+        render_mode: str | None = None,
+        **overrides: Any,
+    ):
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        first = KVPrecisionEnv(config, lm=lm, tokenizer=tokenizer, items=items, render_mode=render_mode, **overrides)
+        if first.config.cache != "mixed":
+            raise ValueError(
+                f"the batched vector env runs our mixed-precision cache only, got cache={first.config.cache!r}; "
+                'use gym.make_vec(..., vectorization_mode="sync") for the other backends'
+            )
+        if "saliency" in first.forward_needs:
+            raise ValueError(
+                "the batched vector env cannot compute saliency (an input-gradient backward per row); drop the "
+                'saliency features or use gym.make_vec(..., vectorization_mode="sync")'
+            )
+        self.envs: list[KVPrecisionEnv] = [first] + [first.sibling() for _ in range(num_envs - 1)]
+        self.num_envs = num_envs
+        self.config = first.config
+        self.render_mode = None
+        self.single_observation_space = first.observation_space
+        self.single_action_space = first.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation_names = first.observation_names
+        self.timings: dict[str, float] = {}  # wall times of the last call (nondeterministic, so not in infos)
+        self._autoreset = np.zeros(num_envs, dtype=bool)
+        self._started = False
+
+    @property
+    def model(self):
+        return self.envs[0].model
+
+    # --- gymnasium VectorEnv ------------------------------------------------------------------
+    def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
+        """Start an episode in every row. ``seed``: an int seeds row i with ``seed + i`` (Gymnasium's
+        convention), or one seed per row. ``options={"rows": [r0, r1, ...]}`` gives row i HellaSwag row
+        ``ri`` with its fixed shots, as the single env's ``options={"row": ri}``."""
+        seeds = self._seeds(seed)
+        options = dict(options or {})
+        rows = options.pop("rows", None)
+        if rows is not None and len(rows) != self.num_envs:
+            raise ValueError(f"options['rows'] needs one HellaSwag row per env ({self.num_envs}), got {len(rows)}")
+        if rows is not None and "row" in options:
+            raise ValueError("pass options['rows'] (one per env) or options['row'], not both")
+        if seeds is not None:
+            self.action_space.seed(None if seeds[0] is None else seeds[0])
+        starts = []
+        for i, env in enumerate(self.envs):
+            gym.Env.reset(env, seed=None if seeds is None else seeds[i])  # the row's np_random, as env.reset
+            env._check_open()
+            starts.append(env._start_episode(options if rows is None else {**options, "row": rows[i]}))
+        contexts = self._run_blocks([(i, 0) for i in range(self.num_envs)])
+        obs = np.stack([env._first_observation(ctx) for env, ctx in zip(self.envs, contexts, strict=True)])
+        infos: dict[str, Any] = {}
+        for i, info in enumerate(starts):
+            infos = self._add_info(infos, info, i)
+        self._autoreset[:] = False
+        self._started = True
+        return obs, infos
+
+    def step(self, actions):
+        if not self._started:
+            raise RuntimeError("step() before reset()")
+        actions = np.asarray(actions)
+        if actions.shape[:1] != (self.num_envs,):
+            raise ValueError(f"actions need a leading axis of num_envs={self.num_envs}, got shape {actions.shape}")
+        t0 = time.perf_counter()
+        commits: dict[int, Any] = {}
+        starts: dict[int, dict[str, Any]] = {}
+        to_run: list[tuple[int, int]] = []
+        for i, env in enumerate(self.envs):
+            if self._autoreset[i]:  # NEXT_STEP: this step resets the row; its action is ignored
+                starts[i] = env._start_episode({})
+                to_run.append((i, 0))
+            else:
+                commit = env._commit_action(actions[i])
+                commits[i] = commit
+                if not commit.terminal:
+                    to_run.append((i, env._episode.block_index))
+        contexts = dict(zip((i for i, _ in to_run), self._run_blocks(to_run), strict=True))
+        t_forward = time.perf_counter() - t0
+        obs = np.zeros((self.num_envs, *self.single_observation_space.shape), dtype=np.float32)
+        rewards = np.zeros(self.num_envs, dtype=np.float64)
+        terminations = np.zeros(self.num_envs, dtype=bool)
+        truncations = np.zeros(self.num_envs, dtype=bool)
+        infos: dict[str, Any] = {}
+        for i, env in enumerate(self.envs):
+            if i in starts:
+                obs[i] = env._first_observation(contexts[i])
+                infos = self._add_info(infos, starts[i], i)
+                continue
+            commit = commits[i]
+            if commit.terminal:  # the single env's scoring path, against this row's own cache
+                t_score = time.perf_counter()
+                scores = env._score_current()
+                result = env._finish_step(commit, None, scores, time.perf_counter() - t_score)
+            else:
+                result = env._finish_step(commit, contexts[i], None, 0.0)
+            obs[i], rewards[i], terminations[i], truncations[i], info = result
+            infos = self._add_info(infos, info, i)
+        self._autoreset = terminations | truncations
+        self.timings = {"forward_ms": 1000 * t_forward, "step_ms": 1000 * (time.perf_counter() - t0)}
+        return obs, rewards, terminations, truncations, infos
+
+    def close_extras(self, **kwargs: Any) -> None:
+        for env in self.envs:
+            env.close()
+
+    # --- internals ----------------------------------------------------------------------------
+    def _seeds(self, seed) -> list[int | None] | None:
+        if seed is None:
+            return None
+        if isinstance(seed, (int, np.integer)):
+            return [int(seed) + i for i in range(self.num_envs)]
+        seeds = list(seed)
+        if len(seeds) != self.num_envs:
+            raise ValueError(f"need one seed per env ({self.num_envs}), got {len(seeds)}")
+        return seeds
+
+    def _run_blocks(self, blocks: list[tuple[int, int]]) -> list[BlockContext]:
+        """Run block ``index`` of row ``i`` for every ``(i, index)`` in one forward; their contexts, in order.
+
+        Each row's new keys/values go to its own cache (pending, as the single env leaves them); its
+        logits and attention maps are cut back to its own tokens and keys.
+        """
+        if not blocks:
+            return []
+        ids = [self.envs[i]._block_ids(index)[0] for i, index in blocks]
+        width = max(len(x) for x in ids)
+        model = self.model
+        device = model.device
+        batch = torch.zeros((len(ids), width), dtype=torch.long)
+        for r, x in enumerate(ids):
+            batch[r, : len(x)] = x
+        cache = BatchedKVCache([self.envs[i]._episode.cache for i, _ in blocks], [len(x) for x in ids])
+        attentions = "attentions" in self.envs[0].forward_needs
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model(
+                input_ids=batch.to(device),
+                attention_mask=cache.attention_mask(width, model.dtype, device),
+                position_ids=cache.position_ids(width, device),
+                **with_cache(model, cache),
+                use_cache=True,
+                output_attentions=attentions,
+            )
+        seconds = (time.perf_counter() - t0) / len(blocks)  # each row's share of the forward
+        contexts = []
+        for r, ((i, index), x) in enumerate(zip(blocks, ids, strict=True)):
+            n, seen = len(x), cache.past[r] + len(x)
+            maps = tuple(a[r : r + 1, :, :n, :seen] for a in out.attentions) if attentions else None
+            contexts.append(self.envs[i]._block_context(index, out.logits[r, :n], maps, None, seconds))
+        return contexts
