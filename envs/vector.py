@@ -13,8 +13,11 @@ positions and a mask so no row sees padding or another row. So each row's observ
 info come from the same code as the single env's; the numbers differ only by float noise of the
 batched matmuls (quantized settings amplify last-bit differences; see tests/envs/test_vector.py).
 
-Autoreset is Gymnasium 1.x's NEXT_STEP mode: the step after a row terminates resets that row (its
-action is ignored; reward 0, not terminated, the reset's observation and info).
+Autoreset is Gymnasium 1.x's NEXT_STEP mode by default: the step after a row terminates resets that
+row (its action is ignored; reward 0, not terminated, the reset's observation and info).
+``autoreset_mode="same_step"`` resets a row in the step it ends (its block 0 joins that step's
+forward): the reset's observation and info, the ending's in ``infos["final_obs"]`` and
+``infos["final_info"]`` (what SB3's VecEnv convention needs, see ``agents/sb3_vec.py``).
 
 Not supported (a ValueError at construction): ``cache`` other than "mixed" (the batched forward
 appends to our mixed-precision layers) and features that need ``saliency`` (an input-gradient
@@ -57,8 +60,12 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         tokenizer=None,
         items: Sequence[HellaSwagItem] | None = None,
         render_mode: str | None = None,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         **overrides: Any,
     ):
+        autoreset_mode = _autoreset_mode(autoreset_mode)
+        if autoreset_mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP):
+            raise ValueError(f"autoreset_mode must be NEXT_STEP or SAME_STEP, got {autoreset_mode}")
         if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
         first = KVPrecisionEnv(config, lm=lm, tokenizer=tokenizer, items=items, render_mode=render_mode, **overrides)
@@ -76,6 +83,8 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         self.num_envs = num_envs
         self.config = first.config
         self.render_mode = None
+        self.autoreset_mode = autoreset_mode
+        self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
         self.single_observation_space = first.observation_space
         self.single_action_space = first.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -124,6 +133,12 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         if actions.shape[:1] != (self.num_envs,):
             raise ValueError(f"actions need a leading axis of num_envs={self.num_envs}, got shape {actions.shape}")
         t0 = time.perf_counter()
+        n = self.num_envs
+        obs = np.zeros((n, *self.single_observation_space.shape), dtype=np.float32)
+        rewards = np.zeros(n, dtype=np.float64)
+        terminations = np.zeros(n, dtype=bool)
+        truncations = np.zeros(n, dtype=bool)
+        infos: dict[str, Any] = {}
         commits: dict[int, Any] = {}
         starts: dict[int, dict[str, Any]] = {}
         to_run: list[tuple[int, int]] = []
@@ -131,34 +146,37 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             if self._autoreset[i]:  # NEXT_STEP: this step resets the row; its action is ignored
                 starts[i] = env._start_episode({})
                 to_run.append((i, 0))
-            else:
-                commit = env._commit_action(actions[i])
+                continue
+            commit = env._commit_action(actions[i])
+            if not commit.terminal:
                 commits[i] = commit
-                if not commit.terminal:
-                    to_run.append((i, env._episode.block_index))
+                to_run.append((i, env._episode.block_index))
+                continue
+            # the episode ends: the single env's scoring path, against this row's own cache
+            t_score = time.perf_counter()
+            scores = env._score_current()
+            obs[i], rewards[i], terminations[i], truncations[i], info = env._finish_step(
+                commit, None, scores, time.perf_counter() - t_score
+            )
+            if self.autoreset_mode == AutoresetMode.SAME_STEP:  # restart now, in this step's forward
+                infos = self._add_info(infos, {"final_obs": obs[i].copy(), "final_info": info}, i)
+                starts[i] = env._start_episode({})
+                to_run.append((i, 0))
+            else:
+                infos = self._add_info(infos, info, i)
         contexts = dict(zip((i for i, _ in to_run), self._run_blocks(to_run), strict=True))
-        t_forward = time.perf_counter() - t0
-        obs = np.zeros((self.num_envs, *self.single_observation_space.shape), dtype=np.float32)
-        rewards = np.zeros(self.num_envs, dtype=np.float64)
-        terminations = np.zeros(self.num_envs, dtype=bool)
-        truncations = np.zeros(self.num_envs, dtype=bool)
-        infos: dict[str, Any] = {}
         for i, env in enumerate(self.envs):
             if i in starts:
                 obs[i] = env._first_observation(contexts[i])
                 infos = self._add_info(infos, starts[i], i)
-                continue
-            commit = commits[i]
-            if commit.terminal:  # the single env's scoring path, against this row's own cache
-                t_score = time.perf_counter()
-                scores = env._score_current()
-                result = env._finish_step(commit, None, scores, time.perf_counter() - t_score)
-            else:
-                result = env._finish_step(commit, contexts[i], None, 0.0)
-            obs[i], rewards[i], terminations[i], truncations[i], info = result
-            infos = self._add_info(infos, info, i)
-        self._autoreset = terminations | truncations
-        self.timings = {"forward_ms": 1000 * t_forward, "step_ms": 1000 * (time.perf_counter() - t0)}
+            elif i in commits:
+                obs[i], rewards[i], terminations[i], truncations[i], info = env._finish_step(
+                    commits[i], contexts[i], None, 0.0
+                )
+                infos = self._add_info(infos, info, i)
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            self._autoreset = terminations | truncations
+        self.timings = {"step_ms": 1000 * (time.perf_counter() - t0)}
         return obs, rewards, terminations, truncations, infos
 
     def close_extras(self, **kwargs: Any) -> None:
@@ -210,3 +228,14 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             maps = tuple(a[r : r + 1, :, :n, :seen] for a in out.attentions) if attentions else None
             contexts.append(self.envs[i]._block_context(index, out.logits[r, :n], maps, None, seconds))
         return contexts
+
+
+def _autoreset_mode(value: AutoresetMode | str) -> AutoresetMode:
+    """An ``AutoresetMode`` from itself, its value ("SameStep") or its name in any case ("same_step")."""
+    if isinstance(value, AutoresetMode):
+        return value
+    key = str(value).replace("_", "").lower()
+    for mode in AutoresetMode:
+        if key in (mode.value.lower(), mode.name.replace("_", "").lower()):
+            return mode
+    raise ValueError(f"unknown autoreset_mode {value!r}; choose from {[m.value for m in AutoresetMode]}")

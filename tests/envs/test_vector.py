@@ -170,3 +170,19 @@ def test_refuses_what_it_cannot_batch(tiny_model):
         make_vec(tiny_model, features=("saliency",))
     with pytest.raises(ValueError, match="num_envs"):
         KVPrecisionVectorEnv(0)
+
+
+def test_same_step_autoreset(tiny_model):
+    vec = make_vec(tiny_model, num_envs=2, autoreset_mode="same_step")
+    assert vec.metadata["autoreset_mode"] == gym.vector.AutoresetMode.SAME_STEP
+    vec.reset(options={"rows": [100, 101]})
+    for _ in range(50):
+        obs, reward, term, trunc, info = vec.step(np.zeros(2, dtype=np.int64))
+        if term.any():
+            break
+    i = int(np.argmax(term))
+    assert info["_final_obs"][i] and info["_final_info"][i] and "loglik_delta" in info["final_info"]
+    assert info["_blocks"][i]  # the new episode's reset info
+    assert obs[i][vec.observation_names.index("progress")] == pytest.approx(1 / info["blocks"][i])
+    assert not np.array_equal(obs[i], info["final_obs"][i])
+    vec.close()
