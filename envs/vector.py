@@ -27,6 +27,7 @@ backward per row).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,8 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         self.observation_names = first.observation_names
         self.timings: dict[str, float] = {}  # wall times of the last call (nondeterministic, so not in infos)
         self._autoreset = np.zeros(num_envs, dtype=bool)
+        self._idle = np.zeros(num_envs, dtype=bool)
+        self._queue: deque[int] | None = None  # rows still to start (reset's options["rows"] past num_envs)
         self._started = False
 
     @property
@@ -102,12 +105,14 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
     def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
         """Start an episode in every row. ``seed``: an int seeds row i with ``seed + i`` (Gymnasium's
         convention), or one seed per row. ``options={"rows": [r0, r1, ...]}`` gives row i HellaSwag row
-        ``ri`` with its fixed shots, as the single env's ``options={"row": ri}``."""
+        ``ri`` with its fixed shots, as the single env's ``options={"row": ri}``; rows past the first
+        ``num_envs`` are a queue that autoresets take in order, and once it is empty a row that ends
+        goes idle (see :attr:`idle`) until the next reset: a fixed list of episodes, each run once."""
         seeds = self._seeds(seed)
         options = dict(options or {})
         rows = options.pop("rows", None)
-        if rows is not None and len(rows) != self.num_envs:
-            raise ValueError(f"options['rows'] needs one HellaSwag row per env ({self.num_envs}), got {len(rows)}")
+        if rows is not None and len(rows) < self.num_envs:
+            raise ValueError(f"options['rows'] needs at least one HellaSwag row per env ({self.num_envs}), got {len(rows)}")
         if rows is not None and "row" in options:
             raise ValueError("pass options['rows'] (one per env) or options['row'], not both")
         if seeds is not None:
@@ -123,6 +128,8 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         for i, info in enumerate(starts):
             infos = self._add_info(infos, info, i)
         self._autoreset[:] = False
+        self._idle[:] = False
+        self._queue = None if rows is None else deque(int(r) for r in rows[self.num_envs :])
         self._started = True
         return obs, infos
 
@@ -143,8 +150,15 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         starts: dict[int, dict[str, Any]] = {}
         to_run: list[tuple[int, int]] = []
         for i, env in enumerate(self.envs):
+            if self._idle[i]:  # its action is ignored: nothing to run, reward 0, no info
+                obs[i] = env._episode.last_obs
+                continue
             if self._autoreset[i]:  # NEXT_STEP: this step resets the row; its action is ignored
-                starts[i] = env._start_episode({})
+                start = self._next_start(i)
+                if start is None:
+                    obs[i] = env._episode.last_obs
+                    continue
+                starts[i] = start
                 to_run.append((i, 0))
                 continue
             commit = env._commit_action(actions[i])
@@ -158,9 +172,10 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             obs[i], rewards[i], terminations[i], truncations[i], info = env._finish_step(
                 commit, None, scores, time.perf_counter() - t_score
             )
-            if self.autoreset_mode == AutoresetMode.SAME_STEP:  # restart now, in this step's forward
+            start = self._next_start(i) if self.autoreset_mode == AutoresetMode.SAME_STEP else None
+            if start is not None:  # SAME_STEP: restart now, in this step's forward
                 infos = self._add_info(infos, {"final_obs": obs[i].copy(), "final_info": info}, i)
-                starts[i] = env._start_episode({})
+                starts[i] = start
                 to_run.append((i, 0))
             else:
                 infos = self._add_info(infos, info, i)
@@ -178,6 +193,20 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             self._autoreset = terminations | truncations
         self.timings = {"step_ms": 1000 * (time.perf_counter() - t0)}
         return obs, rewards, terminations, truncations, infos
+
+    @property
+    def idle(self) -> np.ndarray:
+        """Rows that ended with reset's queue of rows empty: they sit out every step until the next reset."""
+        return self._idle.copy()
+
+    def _next_start(self, i: int) -> dict[str, Any] | None:
+        """Start row i's next episode (the queue's next row, else drawn); None when it goes idle instead."""
+        if self._queue is None:
+            return self.envs[i]._start_episode({})
+        if not self._queue:
+            self._idle[i] = True
+            return None
+        return self.envs[i]._start_episode({"row": self._queue.popleft()})
 
     def close_extras(self, **kwargs: Any) -> None:
         for env in self.envs:

@@ -11,7 +11,8 @@ the single env's wall time over a bare SDPA forward of the same blocks
 in one run keeps the ratios meaningful on a shared, noisy machine, where absolute numbers are not.
 
 Episodes: the single env, the batched env and Ray run the first ``--episodes`` held-out rows with
-their fixed shots (what ``evaluate`` runs; the batched env N rows at a time); the sync vector env draws held-out items and shots at random (autoreset gives
+their fixed shots (what ``evaluate`` runs; the batched env as reset's queue of rows, each once); the
+sync vector env draws held-out items and shots at random (autoreset gives
 no row), so its episodes are of the same kind, not the same ones. Ray's rate is measured once every
 worker has finished an episode (model loading and Ray's start are reported apart, as startup).
 """
@@ -121,9 +122,9 @@ def bench_ray(args: argparse.Namespace) -> dict[str, Any]:
 
 def bench_batched(args: argparse.Namespace) -> dict[str, Any]:
     """The batched vector env (``vectorization_mode="vector_entry_point"``, one forward per step for all
-    N rows) on the single env's held-out rows, N at a time (``reset(options={"rows": ...})``), each chunk
-    stepped until every row has ended once; rows that end early restart (NEXT_STEP) and their extra
-    episodes are not counted. One warm-up chunk of N steps first (first-call costs, not measured)."""
+    its rows) on the single env's ``episodes`` held-out rows, given as reset's row queue: each row runs
+    once, a row that ends takes the next one, and rows left without one sit out (``idle``). One warm-up
+    step first (first-call costs, not measured)."""
     import gymnasium as gym
 
     from envs import ENV_ID
@@ -131,21 +132,18 @@ def bench_batched(args: argparse.Namespace) -> dict[str, Any]:
     n = args.num_envs
     vec = gym.make_vec(ENV_ID, num_envs=n, vectorization_mode="vector_entry_point", **_env_kwargs(args))
     actions = np.full(n, list(vec.envs[0].bits).index(args.bits))
-    chunks = -(-args.episodes // n)
-    rows = [item.row for item in vec.envs[0].items[: 1 + chunks * n]]
-    rows += rows[-1:] * (1 + chunks * n - len(rows))  # a split smaller than the run repeats its last row
+    items = vec.envs[0].items
+    rows = [items[min(i, len(items) - 1)].row for i in range(1 + max(args.episodes, n))]
     vec.reset(options={"rows": [rows[0]] * n})  # warm-up
     vec.step(actions)
-    t0 = time.perf_counter()
-    for c in range(chunks):
-        vec.reset(options={"rows": rows[1 + c * n : 1 + (c + 1) * n]})
-        ended = np.zeros(n, dtype=bool)
-        while not ended.all():
-            _, _, terminated, truncated, _ = vec.step(actions)
-            ended |= terminated | truncated
+    t0, finished = time.perf_counter(), 0
+    vec.reset(options={"rows": rows[1:]})
+    while not vec.idle.all():
+        _, _, terminated, truncated, _ = vec.step(actions)
+        finished += int(np.sum(terminated | truncated))
     wall = time.perf_counter() - t0
     vec.close()
-    return {"episodes": chunks * n, "seconds": wall, "episodes_per_s": chunks * n / wall,
+    return {"episodes": finished, "seconds": wall, "episodes_per_s": finished / wall,
             "num_envs": n, "threads": torch.get_num_threads()}
 
 

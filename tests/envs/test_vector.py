@@ -125,7 +125,7 @@ def test_quantized_paired_difference_ci_contains_zero(tiny_model, bits, action):
 def test_next_step_autoreset(tiny_model):
     vec = make_vec(tiny_model, num_envs=2)
     assert vec.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP
-    vec.reset(options={"rows": [100, 101]})
+    vec.reset(seed=0)  # no rows list: ended rows restart on drawn items
     ended = None
     for _ in range(50):
         obs, reward, term, trunc, info = vec.step(np.zeros(2, dtype=np.int64))
@@ -175,7 +175,7 @@ def test_refuses_what_it_cannot_batch(tiny_model):
 def test_same_step_autoreset(tiny_model):
     vec = make_vec(tiny_model, num_envs=2, autoreset_mode="same_step")
     assert vec.metadata["autoreset_mode"] == gym.vector.AutoresetMode.SAME_STEP
-    vec.reset(options={"rows": [100, 101]})
+    vec.reset(seed=0)  # no rows list: ended rows restart on drawn items
     for _ in range(50):
         obs, reward, term, trunc, info = vec.step(np.zeros(2, dtype=np.int64))
         if term.any():
@@ -185,4 +185,26 @@ def test_same_step_autoreset(tiny_model):
     assert info["_blocks"][i]  # the new episode's reset info
     assert obs[i][vec.observation_names.index("progress")] == pytest.approx(1 / info["blocks"][i])
     assert not np.array_equal(obs[i], info["final_obs"][i])
+    vec.close()
+
+
+@pytest.mark.parametrize("mode", ["next_step", "same_step"])
+def test_rows_queue_runs_each_row_once_then_idles(tiny_model, mode):
+    vec, single = make_vec(tiny_model, num_envs=2, autoreset_mode=mode), make_env(tiny_model)
+    rows = [100, 101, 103, 105, 107]
+    vec.reset(options={"rows": rows})
+    ended: dict[int, dict] = {}
+    for _ in range(200):
+        obs, reward, term, trunc, info = vec.step(np.full(2, 3))
+        for i in np.nonzero(term)[0]:
+            final = info["final_info"] if mode == "same_step" and info.get("_final_info", [False] * 2)[i] else info
+            ended[int(final["row"][i])] = final["scores"][i]
+        if vec.idle.all():
+            break
+    assert sorted(ended) == rows and vec.idle.all()
+    for row in rows[2:]:
+        ref = single_episode(single, 3, options={"row": row})
+        np.testing.assert_allclose(ended[row], ref["scores"], atol=1e-3)
+    obs, reward, term, trunc, info = vec.step(np.full(2, 3))  # idle rows sit out
+    assert not term.any() and (reward == 0).all() and not info
     vec.close()
