@@ -14,6 +14,7 @@ import torch
 from _tiny_env import ITEMS, TINY_CONFIG, make_env
 
 import envs
+from envs.kv_precision import KVPrecisionEnv
 from envs.vector import KVPrecisionVectorEnv
 from experiments.stats import paired_diff_ci
 from quant.batched_cache import BatchedKVCache
@@ -207,4 +208,31 @@ def test_rows_queue_runs_each_row_once_then_idles(tiny_model, mode):
         np.testing.assert_allclose(ended[row], ref["scores"], atol=1e-3)
     obs, reward, term, trunc, info = vec.step(np.full(2, 3))  # idle rows sit out
     assert not term.any() and (reward == 0).all() and not info
+    vec.close()
+
+
+def test_kv_error_features_and_layer_groups_match_single_env():
+    from _tiny_env import tiny_model_with_layers
+
+    model, tok = tiny_model_with_layers(4)
+    kw = dict(lm=model, tokenizer=tok, items=ITEMS, **TINY_CONFIG, layer_groups=2,
+              features=("kv_error", "entropy", "attn_var", "last_bits"))
+    vec = gym.make_vec(envs.ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", **kw)
+    single = KVPrecisionEnv(**kw)
+    assert vec.action_space.shape == (2, 2)
+    rows, action = [101, 104], np.array([3, 1])  # 16 bits in the first layer group, 4 in the second
+    obs, _ = vec.reset(options={"rows": rows})
+    traces = [[obs[0]], [obs[1]]]
+    while not vec.idle.all():
+        obs, _, term, _, _ = vec.step(np.stack([action, action]))
+        for i in range(2):
+            if not vec.idle[i] or term[i]:
+                traces[i].append(obs[i])
+    for i, row in enumerate(rows):
+        obs, _ = single.reset(options={"row": row})
+        ref, done = [obs], False
+        while not done:
+            obs, _, done, _, _ = single.step(action)
+            ref.append(obs)
+        np.testing.assert_allclose(np.stack(traces[i]), np.stack(ref), atol=1e-4)
     vec.close()
