@@ -13,6 +13,7 @@ _LAZY = {
     "train_controller": "agents.mlp",
     "CompositeLoss": "agents.mlp",
     "SB3Policy": "agents.sb3",
+    "SB3VecEnv": "agents.sb3_vec",
 }
 
 __all__ = [

@@ -16,7 +16,13 @@ import gymnasium as gym
 ENV_ID = "kvgym/KVPrecision-v0"
 
 if ENV_ID not in gym.registry:
-    gym.register(id=ENV_ID, entry_point="envs.kv_precision:KVPrecisionEnv", nondeterministic=False)
+    gym.register(
+        id=ENV_ID,
+        entry_point="envs.kv_precision:KVPrecisionEnv",
+        # gym.make_vec(ENV_ID, num_envs=N, vectorization_mode="vector_entry_point"): N episodes per forward
+        vector_entry_point="envs.vector:KVPrecisionVectorEnv",
+        nondeterministic=False,
+    )
 
 
 def _one_torch_thread_after_fork() -> None:

@@ -182,6 +182,20 @@ class _Episode:
 
 
 @dataclass
+class _Commit:
+    """A step's action, committed: what ``_finish_step`` needs to report it."""
+
+    settings: list[Setting]
+    t0: float  # when the step started (perf_counter)
+    before: int  # committed bytes before the commit
+    before_fp16: int
+    after: int  # committed bytes right after the commit
+    after_fp16: int
+    block_tokens: int  # tokens of the block just committed
+    terminal: bool
+
+
+@dataclass
 class _Reference:
     """Full-precision pass of one prompt: per-position target log-probs and the ending scores."""
 
@@ -296,7 +310,13 @@ class KVPrecisionEnv(gym.Env):
         env's split with fresh shots."""
         super().reset(seed=seed)
         self._check_open()
-        options = options or {}
+        info = self._start_episode(options or {})
+        return self._first_observation(self._run_block(0)), info
+
+    # reset and step in phases: the batched vector env (envs.vector) runs the same phases per row,
+    # with the model forward of every row's block done in one batch between them
+    def _start_episode(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Pick the item (``options["row"]`` or drawn), fetch its reference, set up a new episode; its info."""
         t0 = time.perf_counter()
         if "row" in options:
             item, prompt_ids, endings, n_shots = self._row_inputs(int(options["row"]))
@@ -313,12 +333,14 @@ class KVPrecisionEnv(gym.Env):
         blocks = [(s, min(s + interval, len(prompt_ids))) for s in range(0, len(prompt_ids), interval)]
         observer = BlockObserver(self.feature_set, len(blocks))
         self._episode = _Episode(item, prompt_ids, endings, blocks, reference, self._new_cache(), observer)
-        ctx = self._run_block(0)
+        return {"row": item.row, "blocks": len(blocks), "prompt_tokens": len(prompt_ids), "shots": n_shots}
+
+    def _first_observation(self, ctx: BlockContext) -> np.ndarray:
+        """The observation of block 0 (just run); starts the reward's episode."""
         obs = self._observe(ctx)
         self.reward_fn.reset(self._step_view(None, ctx))
         self.timings["forward_ms"] = 1000 * ctx.forward_seconds
-        info = {"row": item.row, "blocks": len(blocks), "prompt_tokens": len(prompt_ids), "shots": n_shots}
-        return obs, info
+        return obs
 
     def episode_inputs(self, row: int) -> tuple[HellaSwagItem, list[int], list[list[int]]]:
         """Item, prompt ids and ending ids of HellaSwag row ``row`` with its fixed shots, exactly as
@@ -348,6 +370,16 @@ class KVPrecisionEnv(gym.Env):
         return self._reference(prompt_ids, endings, item)
 
     def step(self, action):
+        commit = self._commit_action(action)
+        ctx, scores, t_fwd = None, None, time.perf_counter()
+        if not commit.terminal:
+            ctx = self._run_block(self._episode.block_index)
+        else:
+            scores = self._score_current()
+        return self._finish_step(commit, ctx, scores, time.perf_counter() - t_fwd)
+
+    def _commit_action(self, action) -> _Commit:
+        """Check the action and commit the pending block at its setting(s) (the first phase of a step)."""
         ep = self._episode
         self._check_open()
         if ep is None:
@@ -365,6 +397,22 @@ class KVPrecisionEnv(gym.Env):
         after, after_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
         ep.block_index += 1
         terminal = ep.block_index >= len(ep.blocks)
+        return _Commit(settings, t0, before, before_fp16, after, after_fp16, block_tokens, terminal)
+
+    def _score_current(self) -> np.ndarray:
+        """The terminal phase: score the endings against the episode's (now fully committed) cache."""
+        ep = self._episode
+        scores = self._score_endings(ep.cache, ep.prompt_ids, ep.last_logits, ep.endings)
+        ep.done = True
+        return scores
+
+    def _finish_step(
+        self, commit: _Commit, ctx: BlockContext | None, scores: np.ndarray | None, forward_seconds: float
+    ):
+        """Observation, reward and info of a step whose block was run (``ctx``) or endings scored (``scores``)."""
+        ep = self._episode
+        settings, terminal = commit.settings, commit.terminal
+        after, after_fp16 = commit.after, commit.after_fp16
         names = [setting_name(s) for s in settings]
         pairs = [s if isinstance(s, tuple) else (s, s) for s in settings]
         info: dict[str, Any] = {
@@ -374,29 +422,24 @@ class KVPrecisionEnv(gym.Env):
             "value_bits": [v for _, v in pairs],
             "row": ep.item.row,
         }
-        ctx, scores = None, None
         if not terminal:
-            ctx = self._run_block(ep.block_index)
             obs = self._observe(ctx)
             start, end = ep.blocks[ep.block_index]
             info["tokens"] = end - start
             forward_ms = 1000 * ctx.forward_seconds
         else:
             obs = ep.last_obs.copy()  # a new array: the passive checker flags a reused one
-            t_fwd = time.perf_counter()
-            scores = self._score_endings(ep.cache, ep.prompt_ids, ep.last_logits, ep.endings)
-            ep.done = True
-            forward_ms = 1000 * (time.perf_counter() - t_fwd)
+            forward_ms = 1000 * forward_seconds
         record = StepRecord(
             bits=ep.cache.block_bits[-1][0],
             max_bits=FULL_BITS,
-            block_tokens=block_tokens,
-            block_nbytes=after - before,
-            block_fp16_nbytes=after_fp16 - before_fp16,
+            block_tokens=commit.block_tokens,
+            block_nbytes=after - commit.before,
+            block_fp16_nbytes=after_fp16 - commit.before_fp16,
             cache_nbytes=after,
             cache_fp16_nbytes=after_fp16,
             avg_bits=ep.cache.average_bits(),
-            step_seconds=time.perf_counter() - t0,
+            step_seconds=time.perf_counter() - commit.t0,
             terminal=terminal,
         )
         step = self._step_view(record, ctx, scores)
@@ -499,26 +542,36 @@ class KVPrecisionEnv(gym.Env):
             )
 
     def _run_block(self, index: int) -> BlockContext:
-        ep = self._episode
-        start, end = ep.blocks[index]
-        device = self.model.device
-        ids = torch.tensor(ep.prompt_ids[start:end], device=device).unsqueeze(0)
+        ids = self._block_ids(index)
         saliency = None
         t0 = time.perf_counter()
         if "saliency" in self.forward_needs:
-            out, saliency = self._forward_with_saliency(ids, ep.cache)
+            out, saliency = self._forward_with_saliency(ids, self._episode.cache)
         else:
-            out = self._forward(ids, ep.cache, "attentions" in self.forward_needs)
+            out = self._forward(ids, self._episode.cache, "attentions" in self.forward_needs)
         seconds = time.perf_counter() - t0
-        logits = out.logits[0]
+        return self._block_context(index, out.logits[0], getattr(out, "attentions", None), saliency, seconds)
+
+    def _block_ids(self, index: int) -> torch.Tensor:
+        """[1, T] token ids of block ``index`` of the episode."""
+        start, end = self._episode.blocks[index]
+        return torch.tensor(self._episode.prompt_ids[start:end], device=self.model.device).unsqueeze(0)
+
+    def _block_context(
+        self, index: int, logits: torch.Tensor, attentions, saliency: torch.Tensor | None, seconds: float
+    ) -> BlockContext:
+        """The context of block ``index`` once the model has run it: ``logits`` [T, V], per-layer
+        ``attentions`` [1, heads, T, S] (or None), with its keys/values pending in the episode's cache."""
+        ep = self._episode
+        start, end = ep.blocks[index]
         ep.last_logits = logits[-1]
         targets = torch.tensor(
-            ep.prompt_ids[start + 1 : end + 1] + [-1] * (end + 1 - len(ep.prompt_ids)), device=device
+            ep.prompt_ids[start + 1 : end + 1] + [-1] * (end + 1 - len(ep.prompt_ids)), device=logits.device
         )
         targets = targets[: end - start]
         return ep.observer.context(
-            ids[0], logits, targets, ep.cache,
-            attentions=getattr(out, "attentions", None), saliency=saliency, forward_seconds=seconds,
+            self._block_ids(index)[0], logits, targets, ep.cache,
+            attentions=attentions, saliency=saliency, forward_seconds=seconds,
         )
 
     def _forward_with_saliency(self, ids: torch.Tensor, cache: MixedPrecisionKVCache):

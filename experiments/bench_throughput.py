@@ -4,13 +4,15 @@
 
 Rows, each at fixed bits on the held-out split: the single env (one process, torch's threads);
 Gymnasium's ``SyncVectorEnv`` of N envs (``gym.make_vec(..., vectorization_mode="sync")``); the
-Ray backend of ``evaluate`` with N workers (``--threads`` torch threads each, default 1). Plus whole env / bare forward:
+batched vector env of N rows, one forward per step for all of them (``vectorization_mode=
+"vector_entry_point"``, envs/vector.py); the Ray backend of ``evaluate`` with N workers (``--threads`` torch threads each, default 1). Plus whole env / bare forward:
 the single env's wall time over a bare SDPA forward of the same blocks
 (``experiments.bench_env.bare_forward_ms``, ``model(block, cache=DynamicCache())``). Measuring them
 in one run keeps the ratios meaningful on a shared, noisy machine, where absolute numbers are not.
 
-Episodes: the single env and Ray run the first ``--episodes`` held-out rows with their fixed shots
-(what ``evaluate`` runs); the vector env draws held-out items and shots at random (autoreset gives
+Episodes: the single env, the batched env and Ray run the first ``--episodes`` held-out rows with
+their fixed shots (what ``evaluate`` runs; the batched env as reset's queue of rows, each once); the
+sync vector env draws held-out items and shots at random (autoreset gives
 no row), so its episodes are of the same kind, not the same ones. Ray's rate is measured once every
 worker has finished an episode (model loading and Ray's start are reported apart, as startup).
 """
@@ -32,7 +34,7 @@ from agents.rollout import rollout
 from experiments.bench_env import bare_forward_ms
 from experiments.io import write_json
 
-ROWS = ("single", "sync", "ray")  # the batched vector env (issue 14, item 3) adds "batched" here
+ROWS = ("single", "sync", "batched", "ray")
 
 
 def _env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,13 +120,41 @@ def bench_ray(args: argparse.Namespace) -> dict[str, Any]:
             "startup_seconds": done_at[n - 1], "workers": n, "threads": cfg.threads}
 
 
+def bench_batched(args: argparse.Namespace) -> dict[str, Any]:
+    """The batched vector env (``vectorization_mode="vector_entry_point"``, one forward per step for all
+    its rows) on the single env's ``episodes`` held-out rows, given as reset's row queue: each row runs
+    once, a row that ends takes the next one, and rows left without one sit out (``idle``). One warm-up
+    step first (first-call costs, not measured)."""
+    import gymnasium as gym
+
+    from envs import ENV_ID
+
+    n = args.num_envs
+    vec = gym.make_vec(ENV_ID, num_envs=n, vectorization_mode="vector_entry_point", **_env_kwargs(args))
+    actions = np.full(n, list(vec.envs[0].bits).index(args.bits))
+    items = vec.envs[0].items
+    rows = [items[min(i, len(items) - 1)].row for i in range(1 + max(args.episodes, n))]
+    vec.reset(options={"rows": [rows[0]] * n})  # warm-up
+    vec.step(actions)
+    t0, finished = time.perf_counter(), 0
+    vec.reset(options={"rows": rows[1:]})
+    while not vec.idle.all():
+        _, _, terminated, truncated, _ = vec.step(actions)
+        finished += int(np.sum(terminated | truncated))
+    wall = time.perf_counter() - t0
+    vec.close()
+    return {"episodes": finished, "seconds": wall, "episodes_per_s": finished / wall,
+            "num_envs": n, "threads": torch.get_num_threads()}
+
+
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "single": bench_single, "sync": bench_sync, "ray": bench_ray,
+    "single": bench_single, "sync": bench_sync, "batched": bench_batched, "ray": bench_ray,
 }
 
 
 def format_table(results: dict[str, dict[str, Any]], n: int) -> str:
-    labels = {"single": "single env", "sync": f"SyncVectorEnv({n})", "ray": f"Ray ({n} workers)"}
+    labels = {"single": "single env", "sync": f"SyncVectorEnv({n})", "batched": f"batched vector env ({n})",
+              "ray": f"Ray ({n} workers)"}
     base = results.get("single", {}).get("episodes_per_s")
     lines = [f"{'runner':<24} {'episodes':>8} {'episodes/s':>11} {'x single':>9} {'threads':>8}"]
     for name, r in results.items():

@@ -22,10 +22,17 @@ def test_smoke_on_the_tiny_model(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
     results = bench_throughput.main(["--model", "tiny-random-llama", "--episodes", "3", "--num-envs", "2",
                                      "--shots", "0", "--out", str(out)])
-    assert set(results) == {"single", "sync", "ray"}
+    assert set(results) == {"single", "sync", "batched", "ray"}
     for name, r in results.items():
         assert r["episodes_per_s"] > 0, name
     assert results["single"]["episodes"] == 3 and results["sync"]["episodes"] >= 3
     assert results["single"]["whole_env_over_bare_sdpa"] > 1  # the env does more than the bare forward
     assert "SyncVectorEnv(2)" in capsys.readouterr().out
     assert json.loads(out.read_text())["results"]["ray"]["workers"] == 2
+
+
+def test_batched_row_runs_the_single_envs_rows(tmp_path, capsys):
+    results = bench_throughput.main(["--model", "tiny-random-llama", "--episodes", "3", "--num-envs", "2",
+                                     "--shots", "0", "--rows", "single", "batched", "--out", str(tmp_path / "b.json")])
+    assert results["batched"]["episodes"] == 3 and results["batched"]["episodes_per_s"] > 0  # each row once
+    assert "batched vector env (2)" in capsys.readouterr().out

@@ -1,0 +1,270 @@
+"""KVPrecisionVectorEnv: N KVPrecision episodes whose blocks run in ONE model forward.
+
+``gym.make_vec("kvgym/KVPrecision-v0", num_envs=N, vectorization_mode="vector_entry_point", **env_kwargs)``
+builds it (Gymnasium's CartPoleVectorEnv pattern: one registered id, a single and a vector class).
+
+Why: a step's own work is small next to the model forward, and a forward of N blocks costs far
+less than N forwards of one. Every row is a full :class:`~envs.kv_precision.KVPrecisionEnv` (the
+rows share the model, the items and the reference passes) and runs exactly the single env's phases
+(start an episode, commit the action, observe the block, compute the reward, score the endings
+against the row's own cache, build the info); only the block forward is shared: the rows' blocks are
+right-padded into one batch over a :class:`~quant.batched_cache.BatchedKVCache`, with each row's
+positions and a mask so no row sees padding or another row. So each row's observation, reward and
+info come from the same code as the single env's; the numbers differ only by float noise of the
+batched matmuls (quantized settings amplify last-bit differences; see tests/envs/test_vector.py).
+
+Autoreset is Gymnasium 1.x's NEXT_STEP mode by default: the step after a row terminates resets that
+row (its action is ignored; reward 0, not terminated, the reset's observation and info).
+``autoreset_mode="same_step"`` resets a row in the step it ends (its block 0 joins that step's
+forward): the reset's observation and info, the ending's in ``infos["final_obs"]`` and
+``infos["final_info"]`` (what SB3's VecEnv convention needs, see ``agents/sb3_vec.py``).
+
+Not supported (a ValueError at construction): ``cache`` other than "mixed" (the batched forward
+appends to our mixed-precision layers) and features that need ``saliency`` (an input-gradient
+backward per row).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+
+from envs.cache_kwarg import with_cache
+from envs.features import BlockContext
+from envs.hellaswag import HellaSwagItem
+from envs.kv_precision import EnvConfig, KVPrecisionEnv
+from quant.batched_cache import BatchedKVCache
+
+__all__ = ["KVPrecisionVectorEnv"]
+
+
+class KVPrecisionVectorEnv(gym.vector.VectorEnv):
+    """N KVPrecision episodes stepped together, one batched forward per step (see module docstring)."""
+
+    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        config: EnvConfig | Mapping[str, Any] | str | Path | None = None,
+        *,
+        lm=None,
+        tokenizer=None,
+        items: Sequence[HellaSwagItem] | None = None,
+        render_mode: str | None = None,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        **overrides: Any,
+    ):
+        autoreset_mode = _autoreset_mode(autoreset_mode)
+        if autoreset_mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP):
+            raise ValueError(f"autoreset_mode must be NEXT_STEP or SAME_STEP, got {autoreset_mode}")
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        first = KVPrecisionEnv(config, lm=lm, tokenizer=tokenizer, items=items, render_mode=render_mode, **overrides)
+        if first.config.cache != "mixed":
+            raise ValueError(
+                f"the batched vector env runs our mixed-precision cache only, got cache={first.config.cache!r}; "
+                'use gym.make_vec(..., vectorization_mode="sync") for the other backends'
+            )
+        if "saliency" in first.forward_needs:
+            raise ValueError(
+                "the batched vector env cannot compute saliency (an input-gradient backward per row); drop the "
+                'saliency features or use gym.make_vec(..., vectorization_mode="sync")'
+            )
+        self.envs: list[KVPrecisionEnv] = [first] + [first.sibling() for _ in range(num_envs - 1)]
+        self.num_envs = num_envs
+        self.config = first.config
+        self.render_mode = None
+        self.autoreset_mode = autoreset_mode
+        self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
+        self.single_observation_space = first.observation_space
+        self.single_action_space = first.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation_names = first.observation_names
+        self.timings: dict[str, float] = {}  # wall times of the last call (nondeterministic, so not in infos)
+        self._autoreset = np.zeros(num_envs, dtype=bool)
+        self._idle = np.zeros(num_envs, dtype=bool)
+        self._queue: deque[int] | None = None  # rows still to start (reset's options["rows"] past num_envs)
+        self._started = False
+
+    @property
+    def model(self):
+        return self.envs[0].model
+
+    # --- gymnasium VectorEnv ------------------------------------------------------------------
+    def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
+        """Start an episode in every row. ``seed``: an int seeds row i with ``seed + i`` (Gymnasium's
+        convention), or one seed per row. ``options={"rows": [r0, r1, ...]}`` gives row i HellaSwag row
+        ``ri`` with its fixed shots, as the single env's ``options={"row": ri}``; rows past the first
+        ``num_envs`` are a queue that autoresets take in order, and once it is empty a row that ends
+        goes idle (see :attr:`idle`) until the next reset: a fixed list of episodes, each run once."""
+        seeds = self._seeds(seed)
+        options = dict(options or {})
+        rows = options.pop("rows", None)
+        if rows is not None and len(rows) < self.num_envs:
+            raise ValueError(f"options['rows'] needs at least one HellaSwag row per env ({self.num_envs}), got {len(rows)}")
+        if rows is not None and "row" in options:
+            raise ValueError("pass options['rows'] (one per env) or options['row'], not both")
+        if seeds is not None:
+            self.action_space.seed(None if seeds[0] is None else seeds[0])
+        starts = []
+        for i, env in enumerate(self.envs):
+            gym.Env.reset(env, seed=None if seeds is None else seeds[i])  # the row's np_random, as env.reset
+            env._check_open()
+            starts.append(env._start_episode(options if rows is None else {**options, "row": rows[i]}))
+        contexts = self._run_blocks([(i, 0) for i in range(self.num_envs)])
+        obs = np.stack([env._first_observation(ctx) for env, ctx in zip(self.envs, contexts, strict=True)])
+        infos: dict[str, Any] = {}
+        for i, info in enumerate(starts):
+            infos = self._add_info(infos, info, i)
+        self._autoreset[:] = False
+        self._idle[:] = False
+        self._queue = None if rows is None else deque(int(r) for r in rows[self.num_envs :])
+        self._started = True
+        return obs, infos
+
+    def step(self, actions):
+        if not self._started:
+            raise RuntimeError("step() before reset()")
+        actions = np.asarray(actions)
+        if actions.shape[:1] != (self.num_envs,):
+            raise ValueError(f"actions need a leading axis of num_envs={self.num_envs}, got shape {actions.shape}")
+        t0 = time.perf_counter()
+        n = self.num_envs
+        obs = np.zeros((n, *self.single_observation_space.shape), dtype=np.float32)
+        rewards = np.zeros(n, dtype=np.float64)
+        terminations = np.zeros(n, dtype=bool)
+        truncations = np.zeros(n, dtype=bool)
+        infos: dict[str, Any] = {}
+        commits: dict[int, Any] = {}
+        starts: dict[int, dict[str, Any]] = {}
+        to_run: list[tuple[int, int]] = []
+        for i, env in enumerate(self.envs):
+            if self._idle[i]:  # its action is ignored: nothing to run, reward 0, no info
+                obs[i] = env._episode.last_obs
+                continue
+            if self._autoreset[i]:  # NEXT_STEP: this step resets the row; its action is ignored
+                start = self._next_start(i)
+                if start is None:
+                    obs[i] = env._episode.last_obs
+                    continue
+                starts[i] = start
+                to_run.append((i, 0))
+                continue
+            commit = env._commit_action(actions[i])
+            if not commit.terminal:
+                commits[i] = commit
+                to_run.append((i, env._episode.block_index))
+                continue
+            # the episode ends: the single env's scoring path, against this row's own cache
+            t_score = time.perf_counter()
+            scores = env._score_current()
+            obs[i], rewards[i], terminations[i], truncations[i], info = env._finish_step(
+                commit, None, scores, time.perf_counter() - t_score
+            )
+            start = self._next_start(i) if self.autoreset_mode == AutoresetMode.SAME_STEP else None
+            if start is not None:  # SAME_STEP: restart now, in this step's forward
+                infos = self._add_info(infos, {"final_obs": obs[i].copy(), "final_info": info}, i)
+                starts[i] = start
+                to_run.append((i, 0))
+            else:
+                infos = self._add_info(infos, info, i)
+        contexts = dict(zip((i for i, _ in to_run), self._run_blocks(to_run), strict=True))
+        for i, env in enumerate(self.envs):
+            if i in starts:
+                obs[i] = env._first_observation(contexts[i])
+                infos = self._add_info(infos, starts[i], i)
+            elif i in commits:
+                obs[i], rewards[i], terminations[i], truncations[i], info = env._finish_step(
+                    commits[i], contexts[i], None, 0.0
+                )
+                infos = self._add_info(infos, info, i)
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            self._autoreset = terminations | truncations
+        self.timings = {"step_ms": 1000 * (time.perf_counter() - t0)}
+        return obs, rewards, terminations, truncations, infos
+
+    @property
+    def idle(self) -> np.ndarray:
+        """Rows that ended with reset's queue of rows empty: they sit out every step until the next reset."""
+        return self._idle.copy()
+
+    def _next_start(self, i: int) -> dict[str, Any] | None:
+        """Start row i's next episode (the queue's next row, else drawn); None when it goes idle instead."""
+        if self._queue is None:
+            return self.envs[i]._start_episode({})
+        if not self._queue:
+            self._idle[i] = True
+            return None
+        return self.envs[i]._start_episode({"row": self._queue.popleft()})
+
+    def close_extras(self, **kwargs: Any) -> None:
+        for env in self.envs:
+            env.close()
+
+    # --- internals ----------------------------------------------------------------------------
+    def _seeds(self, seed) -> list[int | None] | None:
+        if seed is None:
+            return None
+        if isinstance(seed, (int, np.integer)):
+            return [int(seed) + i for i in range(self.num_envs)]
+        seeds = list(seed)
+        if len(seeds) != self.num_envs:
+            raise ValueError(f"need one seed per env ({self.num_envs}), got {len(seeds)}")
+        return seeds
+
+    def _run_blocks(self, blocks: list[tuple[int, int]]) -> list[BlockContext]:
+        """Run block ``index`` of row ``i`` for every ``(i, index)`` in one forward; their contexts, in order.
+
+        Each row's new keys/values go to its own cache (pending, as the single env leaves them); its
+        logits and attention maps are cut back to its own tokens and keys.
+        """
+        if not blocks:
+            return []
+        ids = [self.envs[i]._block_ids(index)[0] for i, index in blocks]
+        width = max(len(x) for x in ids)
+        model = self.model
+        device = model.device
+        batch = torch.zeros((len(ids), width), dtype=torch.long)
+        for r, x in enumerate(ids):
+            batch[r, : len(x)] = x
+        cache = BatchedKVCache([self.envs[i]._episode.cache for i, _ in blocks], [len(x) for x in ids])
+        attentions = "attentions" in self.envs[0].forward_needs
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model(
+                input_ids=batch.to(device),
+                attention_mask=cache.attention_mask(width, model.dtype, device),
+                position_ids=cache.position_ids(width, device),
+                **with_cache(model, cache),
+                use_cache=True,
+                output_attentions=attentions,
+            )
+        seconds = (time.perf_counter() - t0) / len(blocks)  # each row's share of the forward
+        contexts = []
+        for r, ((i, index), x) in enumerate(zip(blocks, ids, strict=True)):
+            n, seen = len(x), cache.past[r] + len(x)
+            maps = tuple(a[r : r + 1, :, :n, :seen] for a in out.attentions) if attentions else None
+            contexts.append(self.envs[i]._block_context(index, out.logits[r, :n], maps, None, seconds))
+        return contexts
+
+
+def _autoreset_mode(value: AutoresetMode | str) -> AutoresetMode:
+    """An ``AutoresetMode`` from itself, its value ("SameStep") or its name in any case ("same_step")."""
+    if isinstance(value, AutoresetMode):
+        return value
+    key = str(value).replace("_", "").lower()
+    for mode in AutoresetMode:
+        if key in (mode.value.lower(), mode.name.replace("_", "").lower()):
+            return mode
+    raise ValueError(f"unknown autoreset_mode {value!r}; choose from {[m.value for m in AutoresetMode]}")
