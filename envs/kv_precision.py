@@ -13,7 +13,8 @@ transformers' quanto ``QuantizedCache`` (the library baseline), ``cache="dynamic
 
 Rewards compare with a full-precision reference pass of the same prompt (computed once per prompt,
 kept in memory and stored on disk by ``envs.reference_store``), so the signal is the damage
-quantization did rather than how hard the item is. ``device``/``dtype`` ``"auto"`` put the model and
+quantization did rather than how hard the item is; ``baseline_scores(setting)`` is the same for a
+fixed setting's pass (the ``baseline_improvement`` reward's baseline). ``device``/``dtype`` ``"auto"`` put the model and
 every tensor the env creates on CUDA in bf16 when a GPU is visible, else on the CPU in float32.
 """
 
@@ -45,9 +46,9 @@ from envs.quantities import FORWARD_OUTPUTS, StepRecord, StepState, StepView
 from envs.reference_store import ReferenceKey, ReferenceStore, model_digest, tokens_digest
 from envs.rewards import DEFAULT_REWARDS, RewardFunction
 from envs.scoring import choose, continuation_logprobs, encode_pair
-from envs.settings import Setting, normalize_menu, setting_name
+from envs.settings import Setting, normalize_menu, normalize_setting, setting_name
 from quant.baselines import CACHE_KINDS, EpisodeCache, check_cache_bits, episode_cache
-from quant.kv_cache import MixedPrecisionKVCache, layer_groups
+from quant.kv_cache import BlockBits, MixedPrecisionKVCache, layer_groups
 from quant.weights import quantize_model_weights
 
 
@@ -273,6 +274,8 @@ class KVPrecisionEnv(gym.Env):
         self._rows = {item.row: item for item in all_items}
         self._pool_rows = frozenset(item.row for item in self.pool)
         self._references: OrderedDict[tuple[int, ...], _Reference] = OrderedDict()
+        #: baseline passes (baseline_scores) by (variant, prompt and ending tokens); siblings share it
+        self._baselines: OrderedDict[tuple, np.ndarray] = OrderedDict()
         #: the named episode set reset() draws from (None: any item of the split, fresh shots)
         self.episodes: EpisodeSet | None = episode_set(cfg.episodes, self.items) if cfg.episodes else None
         store = cfg.reference_store
@@ -362,6 +365,7 @@ class KVPrecisionEnv(gym.Env):
         cfg = EnvConfig.from_dict({**dataclasses.asdict(self.config), **overrides})
         env = KVPrecisionEnv(cfg, lm=self.model, tokenizer=self.tokenizer, items=list(self._rows.values()))
         env._references = self._references  # the reference pass does not depend on the cache backend
+        env._baselines = self._baselines  # keyed by every option a baseline pass depends on
         return env
 
     def reference_for(self, row: int) -> _Reference:
@@ -471,6 +475,7 @@ class KVPrecisionEnv(gym.Env):
         """Drop the model and the episode; safe to call twice."""
         self._episode = None
         self._references = OrderedDict()  # rebound, not cleared: a sibling may share it
+        self._baselines = OrderedDict()
         self._loaded = None
         self._closed = True
 
@@ -488,6 +493,7 @@ class KVPrecisionEnv(gym.Env):
             next_block=block,
             next_span=ep.blocks[ep.block_index] if block is not None else None,
             ending_scores=ending_scores,
+            baseline_scores=self.baseline_scores,
         )
         return StepView(record, state)
 
@@ -652,6 +658,72 @@ class KVPrecisionEnv(gym.Env):
         scores = self._score_endings(cache, prompt_ids, logits[-1], endings)
         pred, pred_norm = choose(scores.tolist(), item.endings)
         return _Reference(target_lp, scores, int(pred), int(pred_norm))
+
+    # --- baseline passes: every block at one fixed setting --------------------------------------
+    def baseline_scores(self, setting: BlockBits | str) -> np.ndarray:
+        """[n_endings] summed log-probs of the current episode's endings when every block of its prompt
+        is committed at ``setting`` (an int, a (key_bits, value_bits) pair or a name such as "k4v2";
+        it need not be on the menu), with every layer group alike.
+
+        It runs what a fixed policy's episode runs: the episode's blocks, a fresh cache of the env's
+        kind with its sink tokens and group size, and the same scoring (``_score_endings``); so the
+        fixed policy scores exactly these numbers and its ``baseline_improvement`` is exactly 0. An
+        env's ``bit_budget`` plays no part (the baseline is the named setting as is). Computed once per
+        prompt, setting and those options, kept in memory (shared with siblings) and stored with the
+        full-precision references under the same fingerprint.
+        """
+        self._check_open()
+        ep = self._episode
+        if ep is None:
+            raise RuntimeError("baseline_scores() before reset(): the baseline is of the current episode's prompt")
+        setting = normalize_setting(setting)
+        check_cache_bits(self.config.cache, (setting,), self.config.sink_tokens, self.layer_groups)
+        variant = self._baseline_variant(setting)
+        key = (variant, *ep.prompt_ids, -1, *[t for e in ep.endings for t in (*e, -2)])
+        scores = self._baselines.get(key)
+        if scores is not None:
+            self._baselines.move_to_end(key)
+            return scores.copy()
+        store_key = None
+        if self.reference_store is not None:
+            store_key = dataclasses.replace(self._store_key(ep.prompt_ids, ep.endings), variant=variant)
+            stored = self.reference_store.load(store_key)
+            if stored is not None:
+                scores = stored["ending_scores"].numpy()
+        if scores is None:
+            scores = self._compute_baseline(setting, ep.prompt_ids, ep.blocks, ep.endings)
+            if store_key is not None:
+                self.reference_store.save(store_key, {"ending_scores": torch.from_numpy(scores)})
+        self._baselines[key] = scores
+        if len(self._baselines) > self.config.reference_cache_size:
+            self._baselines.popitem(last=False)
+        return scores.copy()
+
+    def _baseline_variant(self, setting: Setting) -> str:
+        """What a baseline pass depends on beyond the model and the tokens (the store key's ``variant``):
+        the setting, the cache backend, the fp16 sink tokens, the block boundaries and the quantization
+        group. Layer groups are not in it: every group takes the setting, which is the one-group commit."""
+        cfg = self.config
+        return (
+            f"baseline|setting={setting_name(setting)}|cache={cfg.cache}|sink_tokens={cfg.sink_tokens}"
+            f"|interval={cfg.interval}|group_size={cfg.group_size}"
+        )
+
+    def _compute_baseline(
+        self, setting: Setting, prompt_ids: list[int], blocks: list[tuple[int, int]], endings: list[list[int]]
+    ) -> np.ndarray:
+        """One fixed-setting pass: run each block, commit it at ``setting``, then score the endings.
+
+        The forward is the policy's (``_forward``) without attention maps: eager attention computes the
+        same numbers whether or not it returns them (tests/envs/test_baseline_reward.py checks that the
+        baseline policy's own improvement is exactly 0 with the default, attention-reading features)."""
+        cache = episode_cache(self.config.cache, self.model, (setting,), self.config.group_size, self.config.sink_tokens)
+        last_logits = None
+        for start, end in blocks:
+            ids = torch.tensor(prompt_ids[start:end], device=self.model.device).unsqueeze(0)
+            last_logits = self._forward(ids, cache, attentions=False).logits[0, -1]
+            cache.commit(setting)
+        return self._score_endings(cache, prompt_ids, last_logits, endings)
 
     def _store_key(self, prompt_ids: list[int], endings: list[list[int]]) -> ReferenceKey:
         """What a stored reference depends on: the model (spec, weight quantization and the weights

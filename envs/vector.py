@@ -19,6 +19,11 @@ row (its action is ignored; reward 0, not terminated, the reset's observation an
 forward): the reset's observation and info, the ending's in ``infos["final_obs"]`` and
 ``infos["final_info"]`` (what SB3's VecEnv convention needs, see ``agents/sb3_vec.py``).
 
+Reward terms that compare with a fixed setting's pass (``baseline_improvement``) get it from the
+row's env, unbatched and computed once per prompt (shared by the rows, stored with the references):
+the same numbers as the single env's, so a row running that fixed setting scores 0 up to the float
+noise of the batched forward.
+
 Not supported (a ValueError at construction): ``cache`` other than "mixed" (the batched forward
 appends to our mixed-precision layers) and features that need ``saliency`` (an input-gradient
 backward per row).
