@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 from sb3_contrib import MaskablePPO
-from sb3_contrib.common.wrappers import ActionMasker
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from agents import make_policy
 from agents.sb3 import known_algorithms, resolve_algorithm
 from envs.features import FeatureSet
-from envs.kv_precision import EnvConfig
+from envs.kv_precision import EnvConfig, KVPrecisionEnv
 from experiments import train_ppo
 from experiments.learning_curve import COLUMNS, read_curve
 
@@ -63,26 +62,21 @@ def recorded(monkeypatch):
 
 @pytest.fixture
 def masked_env(monkeypatch):
-    """Until the env has budgets, its masks come from sb3-contrib's ActionMasker: settings 0 and 1 only.
+    """The env's own ``action_masks`` allows settings 0 and 1 only; the actions the env receives are recorded.
 
-    The wrapper provides ``action_masks`` the way the budgeted env does, so the script's own path (reading the
-    env's method) is what runs; the actions the env receives are recorded.
+    The method is set on the env class (as the budgeted env defines it), so MaskablePPO must find it behind
+    gym.make's and Monitor's wrappers, the way the script's envs expose it.
     """
     taken: list[int] = []
     allowed = np.array([True, True, False, False])
+    monkeypatch.setattr(KVPrecisionEnv, "action_masks", lambda self: allowed.copy(), raising=False)
+    real_step = KVPrecisionEnv.step
 
-    def make(config):
-        env = ActionMasker(train_ppo.gym.make(train_ppo.ENV_ID, config=config), lambda e: allowed.copy())
-        step = env.step
+    def recording_step(self, action):
+        taken.append(int(action))
+        return real_step(self, action)
 
-        def recording_step(action):
-            taken.append(int(action))
-            return step(action)
-
-        env.step = recording_step
-        return env
-
-    monkeypatch.setattr(train_ppo, "make_env", make)
+    monkeypatch.setattr(KVPrecisionEnv, "step", recording_step)
     return taken
 
 
@@ -95,23 +89,23 @@ def test_resolve_algorithm_knows_sb3_contrib():
 
 
 def test_maskable_ppo_acts_within_env_masks_and_logs_its_learning_curve(tmp_path, masked_env, recorded):
-    cfg = train_ppo.TrainPPOConfig(env=TINY, algo="MaskablePPO", algo_kwargs=FAST, total_timesteps=64,
-                                   checkpoint_every=32, eval_freq=32, eval_episodes=1, threads=1,
+    cfg = train_ppo.TrainPPOConfig(env=TINY, algo="MaskablePPO", algo_kwargs=FAST, total_timesteps=128,
+                                   checkpoint_every=64, eval_freq=64, eval_episodes=1, threads=1,
                                    out_dir=str(tmp_path), progress=False)
     paths = train_ppo.run(cfg)
     assert masked_env and set(masked_env) <= {0, 1}  # sampled within the masks: never 8 or 16 bits
     assert paths["model"].name == "maskableppo.zip"
-    assert (tmp_path / "checkpoints" / "maskableppo_vecnormalize_32_steps.pkl").is_file()
+    assert (tmp_path / "checkpoints" / "maskableppo_vecnormalize_64_steps.pkl").is_file()
     policy = make_policy(f"sb3:MaskablePPO:{paths['model']}", NAMES, BITS)
-    assert isinstance(policy.model, MaskablePPO) and policy.model.num_timesteps == 64
+    assert isinstance(policy.model, MaskablePPO) and policy.model.num_timesteps == 128
 
     with open(paths["learning_curve"]) as f:
         assert f.readline().strip().split(",") == list(COLUMNS)
     rows = read_curve(paths["learning_curve"])
-    assert [r["timesteps"] for r in rows] == [16, 32, 48, 64]  # one row per rollout of n_steps
+    assert [r["timesteps"] for r in rows] == list(range(16, 129, 16))  # one row per rollout of n_steps
     assert all(math.isfinite(r["explained_variance"]) and r["value_loss"] >= 0 for r in rows)
     finished = [r for r in rows if r["episodes"] > 0]
-    assert finished and sum(r["episodes"] for r in rows) <= 64
+    assert finished and sum(r["episodes"] for r in rows) <= 128
     assert all(math.isfinite(r["episode_return"]) and math.isfinite(r["damage"]) for r in finished)
     assert all(2 <= r["avg_bits"] <= 16 for r in finished)
     assert all(math.isnan(r["budget_enforced_rate"]) for r in rows)  # this env does not report enforcement yet
@@ -119,7 +113,7 @@ def test_maskable_ppo_acts_within_env_masks_and_logs_its_learning_curve(tmp_path
     # the same curve in the wandb run, plotted against env steps
     assert recorded.metrics["curve/*"] == "curve/timesteps"
     curve = [row for row in recorded.logged if "curve/timesteps" in row]
-    assert [row["curve/timesteps"] for row in curve] == [16, 32, 48, 64]
+    assert [row["curve/timesteps"] for row in curve] == list(range(16, 129, 16))
     assert all("curve/explained_variance" in row for row in curve)
     assert [row["curve/explained_variance"] for row in curve] == pytest.approx([r["explained_variance"] for r in rows])
 
