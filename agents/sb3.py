@@ -21,25 +21,38 @@ DEFAULT_ALGO = "PPO"
 
 
 def known_algorithms() -> dict[str, type]:
-    """Algorithm classes exported by ``stable_baselines3`` (PPO, A2C, DQN, SAC, TD3, DDPG, ...)."""
+    """Algorithm classes exported by ``stable_baselines3`` (PPO, A2C, DQN, SAC, ...) and by ``sb3_contrib``
+    (MaskablePPO, RecurrentPPO, QRDQN, TRPO, ...), by class name.
+
+    sb3-contrib is where MaskablePPO lives (the learner of budgeted control: the env's ``action_masks``);
+    it is optional, so without it only stable-baselines3's algorithms are known.
+    """
     import stable_baselines3
     from stable_baselines3.common.base_class import BaseAlgorithm
 
+    modules = [stable_baselines3]
+    try:
+        import sb3_contrib
+    except ImportError:
+        pass
+    else:
+        modules.append(sb3_contrib)
     out = {}
-    for name in dir(stable_baselines3):
-        obj = getattr(stable_baselines3, name)
-        if isinstance(obj, type) and issubclass(obj, BaseAlgorithm):
-            out[name] = obj
+    for module in modules:
+        for name in dir(module):
+            obj = getattr(module, name)
+            if isinstance(obj, type) and issubclass(obj, BaseAlgorithm):
+                out.setdefault(name, obj)  # stable-baselines3's class wins a (so far hypothetical) name clash
     return out
 
 
 def resolve_algorithm(name: str) -> type:
-    """The SB3 class called ``name`` (case-insensitive)."""
+    """The stable-baselines3 or sb3-contrib class called ``name`` (case-insensitive)."""
     algos = known_algorithms()
     for key, cls in algos.items():
         if key.lower() == name.lower():
             return cls
-    raise ValueError(f"unknown stable-baselines3 algorithm {name!r}; known: {sorted(algos)}")
+    raise ValueError(f"unknown stable-baselines3 / sb3-contrib algorithm {name!r}; known: {sorted(algos)}")
 
 
 def _describe(space: gym.Space) -> str:
