@@ -389,10 +389,14 @@ class KVPrecisionEnv(gym.Env):
         setting at every block, and replaying the prefix for each would cost a quadratic number of
         block forwards. The full-precision reference, the item and its tokens are never modified, so
         they are shared, not copied. A snapshot can be restored any number of times, on this env only.
+        The quanto cache cannot be copied (its quantized tensors refuse a deep copy): a clear error.
         """
         self._check_open()
         if self._episode is None:
             raise RuntimeError("snapshot() before reset(): there is no episode to snapshot")
+        if self.config.cache == "quanto":
+            raise ValueError("snapshot() cannot copy transformers' quanto cache (cache='quanto'); use cache='mixed' "
+                             "(or 'dynamic') to branch episodes")
         return EnvSnapshot(id(self), self._copy_episode(self._episode), copy.deepcopy(self.reward_fn.terms))
 
     def restore(self, snapshot: EnvSnapshot) -> None:

@@ -86,6 +86,24 @@ def test_snapshot_errors(env, tiny_model):
     with pytest.raises(TypeError, match="snapshot"):
         env.restore({"episode": None})
     fresh.close()
+    quanto = make_env(tiny_model, cache="quanto", bits=(4,))
+    quanto.reset(options={"row": ROW})
+    with pytest.raises(ValueError, match="quanto"):
+        quanto.snapshot()
+    quanto.close()
+
+
+@pytest.mark.parametrize("overrides", [{"cache": "dynamic", "bits": (16,)}, {"sink_tokens": 4, "bits": (2, 4)},
+                                       {"features": ("entropy", "kv_error", "saliency", "progress")}])
+def test_snapshot_with_other_caches_sinks_and_features(tiny_model, overrides):
+    env = make_env(tiny_model, **overrides)
+    env.reset(options={"row": ROW})
+    env.step(0)
+    snap = env.snapshot()
+    original = _continue(env, [env.action_space.n - 1, 0] * 10)
+    env.restore(snap)
+    _same(_continue(env, [env.action_space.n - 1, 0] * 10), original)
+    env.close()
 
 
 def test_snapshot_with_layer_groups(tiny_model):
