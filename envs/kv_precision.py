@@ -20,6 +20,7 @@ every tensor the env creates on CUDA in bf16 when a GPU is visible, else on the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import weakref
@@ -180,6 +181,15 @@ class _Episode:
     last_logits: torch.Tensor | None = None
     last_obs: np.ndarray | None = None
     done: bool = False
+
+
+@dataclass(frozen=True)
+class EnvSnapshot:
+    """What :meth:`KVPrecisionEnv.snapshot` returns: a private copy of one episode's state (opaque)."""
+
+    env_id: int  # id() of the env that took it
+    episode: _Episode
+    reward_terms: dict[str, Any]
 
 
 @dataclass
@@ -372,6 +382,46 @@ class KVPrecisionEnv(gym.Env):
         """The full-precision reference (ending scores, predictions) of row ``row`` with its fixed shots."""
         item, prompt_ids, endings = self.episode_inputs(row)
         return self._reference(prompt_ids, endings, item)
+
+    # --- snapshot / restore: search policies (agents.oracle) branch an episode at a block -----------
+    def snapshot(self) -> EnvSnapshot:
+        """The episode's state now (cache, observer, block index, last logits and observation, done,
+        and the reward terms' per-episode state), deep-copied: continuing from :meth:`restore` of it
+        gives bit-identical observations, rewards and info to the continuation from here.
+
+        Why a copy of the state rather than a replay of the actions: a per-item search tries every
+        setting at every block, and replaying the prefix for each would cost a quadratic number of
+        block forwards. The full-precision reference, the item and its tokens are never modified, so
+        they are shared, not copied. A snapshot can be restored any number of times, on this env only.
+        The quanto cache cannot be copied (its quantized tensors refuse a deep copy): a clear error.
+        """
+        self._check_open()
+        if self._episode is None:
+            raise RuntimeError("snapshot() before reset(): there is no episode to snapshot")
+        if self.config.cache == "quanto":
+            raise ValueError("snapshot() cannot copy transformers' quanto cache (cache='quanto'); use cache='mixed' "
+                             "(or 'dynamic') to branch episodes")
+        return EnvSnapshot(id(self), self._copy_episode(self._episode), copy.deepcopy(self.reward_fn.terms))
+
+    def restore(self, snapshot: EnvSnapshot) -> None:
+        """Put the episode back to ``snapshot`` (from :meth:`snapshot` of this env); the snapshot stays
+        usable, so one block can be branched several times."""
+        self._check_open()
+        if not isinstance(snapshot, EnvSnapshot):
+            raise TypeError(f"restore() takes what snapshot() returned, got {type(snapshot).__name__}")
+        if snapshot.env_id != id(self):
+            raise ValueError("this snapshot was taken on another env; restore it on the env that took it")
+        self._episode = self._copy_episode(snapshot.episode)
+        self.reward_fn.terms = copy.deepcopy(snapshot.reward_terms)
+
+    def _copy_episode(self, ep: _Episode) -> _Episode:
+        """A deep copy of ``ep`` that shares what no step modifies (reference, item, tokens, the model's
+        config, the env's feature set); tensors are cloned in inference mode, as the env made them."""
+        shared = (ep.reference, ep.item, ep.prompt_ids, ep.endings, ep.blocks, self.feature_set, self.model,
+                  self.model.config)
+        memo: dict[int, Any] = {id(obj): obj for obj in shared}
+        with torch.inference_mode():
+            return copy.deepcopy(ep, memo)
 
     def step(self, action):
         commit = self._commit_action(action)

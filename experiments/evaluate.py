@@ -20,12 +20,16 @@ the same episodes on an env whose cache is transformers' ``QuantizedCache`` with
 ``EnvConfig(cache="quanto")``). A spec with env settings runs on a sibling env that has them: a fixed
 setting missing from the env's menu, or sink tokens other than the env's (``fixed:k4v2+s4`` beside
 ``fixed:4`` on an env without sinks), so settings with and without sinks compare on the same items.
-Records are keyed by the policy's canonical name (``agents.registry.canonical_name``).
+Records are keyed by the policy's canonical name (``agents.registry.canonical_name``). A planning
+policy (``oracle``, ``oracle:k4v2``: evaluation only, it searches with each item's own passes) plans
+each item's actions, which are then replayed like any schedule; its ``ms`` includes the planning.
+``static:<schedule.json>`` is a static schedule from ``experiments.search_static``.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +37,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from agents.oracle import PlanningPolicy
 from agents.registry import canonical_name, env_overrides, make_policy, parse_spec
-from agents.rollout import rollout
+from agents.rollout import Schedule, rollout
 from envs.fingerprint import fingerprint, fingerprint_id
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
 from experiments import tracking
@@ -89,6 +94,8 @@ def _policy_runner(spec: str, env: KVPrecisionEnv) -> Runner:
         overrides = env_overrides(spec, env.config)
     run_env = env.sibling(**overrides) if overrides else env  # a sibling fails early on bad settings
     policy = make_policy(spec, env=run_env)
+    if isinstance(policy, PlanningPolicy):
+        return lambda e, row: _run_planned(run_env, row, policy)
     return lambda e, row: _run_policy(run_env, row, policy)
 
 
@@ -109,6 +116,18 @@ def _run_policy(env: KVPrecisionEnv, row: int, policy) -> dict:
         "ms": episode.ms,
         "tokens": episode.reset_info["prompt_tokens"] + info["tokens"],  # the terminal step's tokens are the endings
     }
+
+
+def _run_planned(env: KVPrecisionEnv, row: int, policy: PlanningPolicy) -> dict:
+    """A planning policy (``oracle``): ``plan(env, row)``, then the plan replayed through ``rollout`` as
+    a :class:`~agents.rollout.Schedule`, so its record is like every other policy's; ``ms`` includes the
+    planning, which is the policy's cost."""
+    t0 = time.perf_counter()
+    actions = policy.plan(env, row)
+    plan_ms = 1000 * (time.perf_counter() - t0)
+    record = _run_policy(env, row, Schedule(actions))
+    record["ms"] += plan_ms
+    return record
 
 
 def _policy_name(spec: str) -> str:
