@@ -7,6 +7,7 @@ set or bit set would otherwise act on misread observations without complaint.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ import gymnasium as gym
 import numpy as np
 
 from agents.base import Policy
+from envs.budget import masked_actions
 
 DEFAULT_ALGO = "PPO"
 
@@ -167,8 +169,29 @@ class SB3Policy(Policy):
         actions, _ = self.model.predict(obs2d, deterministic=deterministic)
         return np.asarray(actions, dtype=np.int64).reshape(len(obs2d), *self.model.action_space.shape)
 
+    @property
+    def reads_masks(self) -> bool:
+        """Whether the model's own ``predict`` takes ``action_masks`` (sb3-contrib's MaskablePPO does)."""
+        return "action_masks" in inspect.signature(self.model.predict).parameters
+
     def predict(
-        self, obs: Any, state: Any = None, episode_start: Any = None, deterministic: bool = True
+        self,
+        obs: Any,
+        state: Any = None,
+        episode_start: Any = None,
+        deterministic: bool = True,
+        action_masks: Any = None,
     ) -> tuple[np.ndarray, Any]:
-        """Delegates to the SB3 model (recurrent state and episode starts pass straight through)."""
-        return self.model.predict(obs, state=state, episode_start=episode_start, deterministic=deterministic)
+        """Delegates to the SB3 model (recurrent state and episode starts pass straight through).
+
+        ``action_masks``: a maskable model (MaskablePPO) samples among the allowed actions itself; any
+        other model's action is pushed under the mask afterwards with the env's fallback
+        (``envs.budget.fallback_action``: the most precise allowed setting below it)."""
+        if action_masks is not None and self.reads_masks:
+            return self.model.predict(
+                obs, state=state, episode_start=episode_start, deterministic=deterministic, action_masks=action_masks
+            )
+        actions, state = self.model.predict(obs, state=state, episode_start=episode_start, deterministic=deterministic)
+        if action_masks is not None:
+            actions = masked_actions(self.bits, actions, action_masks)
+        return actions, state

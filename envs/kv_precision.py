@@ -11,6 +11,11 @@ scored against the cache (in one batched forward where the cache can branch alon
 episode terminates. The cache is ours by default; ``cache="quanto"`` runs the same episodes on
 transformers' quanto ``QuantizedCache`` (the library baseline), ``cache="dynamic"`` on a plain one.
 
+With ``bit_budget`` the episode's average bits can never exceed the budget (``envs.budget``):
+``action_masks()`` marks the settings that keep it reachable, and a masked action is replaced by the
+most precise feasible setting below it, with ``info["budget_enforced"]`` and
+``info["requested_setting"]`` saying so (HAQ's enforcement: random actions and the env checkers work).
+
 Rewards compare with a full-precision reference pass of the same prompt (computed once per prompt,
 kept in memory and stored on disk by ``envs.reference_store``), so the signal is the damage
 quantization did rather than how hard the item is; ``baseline_scores(setting)`` is the same for a
@@ -36,6 +41,7 @@ import torch
 import yaml
 
 from envs import ENV_ID  # noqa: F401  (re-exported)
+from envs.budget import block_bit_sum, check_budget, check_reachable, fallback_action, feasible_mask
 from envs.cache_kwarg import with_cache
 from envs.episodes import EpisodeSet, episode_set, parse_episode_set
 from envs.features import DEFAULT_FEATURES, FULL_BITS, BlockContext, FeatureSet
@@ -73,6 +79,11 @@ class EnvConfig:
     # one setting per group of consecutive layers (must divide the layer count): the action becomes
     # MultiDiscrete([len(bits)] * layer_groups); 1 keeps Discrete(len(bits))
     layer_groups: int = 1
+    # the episode's average bits (token-weighted (key_bits + value_bits) / 2, sink tokens at 16) can never
+    # exceed this (envs.budget): action_masks() marks the settings that keep it reachable and a masked
+    # action is replaced by the most precise feasible setting below it (info["budget_enforced"]).
+    # None: no budget. Needs layer_groups: 1 (per-group masks cannot express a budget on their sum).
+    bit_budget: float | None = None
     features: tuple[str, ...] = DEFAULT_FEATURES
     rewards: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_REWARDS))
     weight_quant: str = "none"  # "none", "int8-pertensor", "int8", "int4" (see quant.weights)
@@ -124,6 +135,7 @@ class EnvConfig:
         if self.layer_groups < 1:
             raise ValueError(f"layer_groups must be >= 1 (1: one setting for all layers), got {self.layer_groups}")
         check_cache_bits(self.cache, menu, self.sink_tokens, self.layer_groups)
+        check_budget(self.bit_budget, menu, self.layer_groups)
         if self.interval < 1:
             raise ValueError(f"interval must be >= 1, got {self.interval}")
         if self.shots < 0:
@@ -181,6 +193,8 @@ class _Episode:
     last_logits: torch.Tensor | None = None
     last_obs: np.ndarray | None = None
     done: bool = False
+    #: nominal bits of the committed tokens (envs.budget.block_bit_sum summed): the budget's ledger
+    committed_bit_sum: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -204,6 +218,8 @@ class _Commit:
     after_fp16: int
     block_tokens: int  # tokens of the block just committed
     terminal: bool
+    requested: list[Setting] = field(default_factory=list)  # what the action asked for (before the budget)
+    budget_enforced: bool = False  # the budget replaced the requested setting(s)
 
 
 @dataclass
@@ -344,6 +360,10 @@ class KVPrecisionEnv(gym.Env):
         self.timings = {"reference_ms": 1000 * (time.perf_counter() - t0)}
         interval = self.config.interval
         blocks = [(s, min(s + interval, len(prompt_ids))) for s in range(0, len(prompt_ids), interval)]
+        if self.config.bit_budget is not None:
+            check_reachable(
+                self.config.bit_budget, self.bits, len(prompt_ids), self.config.sink_tokens, f"row {item.row}"
+            )
         observer = BlockObserver(self.feature_set, len(blocks))
         self._episode = _Episode(item, prompt_ids, endings, blocks, reference, self._new_cache(), observer)
         return {"row": item.row, "blocks": len(blocks), "prompt_tokens": len(prompt_ids), "shots": n_shots}
@@ -440,7 +460,14 @@ class KVPrecisionEnv(gym.Env):
             raise RuntimeError("step() before reset()")
         if ep.done:
             raise RuntimeError("step() after the episode terminated: call reset()")
-        settings = [self.bits[a] for a in self._check_action(action)]
+        indices = self._check_action(action)
+        requested = [self.bits[a] for a in indices]
+        enforced = False
+        if self.config.bit_budget is not None:  # layer_groups is 1 (EnvConfig.validate)
+            allowed = fallback_action(self.bits, indices[0], self.action_masks())
+            enforced = allowed != indices[0]
+            indices = [allowed]
+        settings = [self.bits[a] for a in indices]
         t0 = time.perf_counter()
         before, before_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
         block_tokens = ep.cache.pending_length
@@ -449,9 +476,31 @@ class KVPrecisionEnv(gym.Env):
         else:
             ep.cache.commit_groups(settings)
         after, after_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
+        start, end = ep.blocks[ep.block_index]
+        ep.committed_bit_sum += sum(block_bit_sum(s, start, end, self.config.sink_tokens) for s in settings) / len(
+            settings
+        )  # layer groups are equal-sized, so a block's bits are the mean over groups
         ep.block_index += 1
         terminal = ep.block_index >= len(ep.blocks)
-        return _Commit(settings, t0, before, before_fp16, after, after_fp16, block_tokens, terminal)
+        return _Commit(
+            settings, t0, before, before_fp16, after, after_fp16, block_tokens, terminal, requested, enforced
+        )
+
+    def action_masks(self) -> np.ndarray:
+        """Bool mask over the actions (sb3-contrib's MaskablePPO convention): True for every setting that,
+        committed for the pending block, keeps ``bit_budget`` reachable with the cheapest setting for every
+        later block (``envs.budget.feasible_mask``). All True without a budget, before reset and after the
+        episode ended; never all False. With ``layer_groups > 1`` (never with a budget): the per-group
+        masks concatenated, ``len(bits) * layer_groups`` entries."""
+        ep = self._episode
+        budget = self.config.bit_budget
+        if budget is None or ep is None or ep.done:
+            return np.ones(len(self.bits) * self.layer_groups, dtype=bool)
+        start, end = ep.blocks[ep.block_index]
+        return feasible_mask(
+            self.bits, budget, start, ep.committed_bit_sum, end - start, len(ep.prompt_ids) - end,
+            self.config.sink_tokens,
+        )
 
     def _score_current(self) -> np.ndarray:
         """The terminal phase: score the endings against the episode's (now fully committed) cache."""
@@ -472,6 +521,12 @@ class KVPrecisionEnv(gym.Env):
         info: dict[str, Any] = {
             "bits": settings[0] if self.layer_groups == 1 else settings,  # int or (key_bits, value_bits)
             "setting": names[0] if self.layer_groups == 1 else names,  # canonical names: "4", "k4v2"
+            # bit_budget (envs.budget): whether the setting asked for was replaced, and what it was
+            "budget_enforced": commit.budget_enforced,
+            "requested_setting": (
+                setting_name(commit.requested[0]) if self.layer_groups == 1
+                else [setting_name(s) for s in commit.requested]
+            ),
             "key_bits": [k for k, _ in pairs],
             "value_bits": [v for _, v in pairs],
             "row": ep.item.row,
