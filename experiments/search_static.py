@@ -16,8 +16,9 @@ the explicit ``rows``, never on held-out items:
 
 Objective: the mean over the rows of the terminal gold-ending log-likelihood change against full
 precision (``info["loglik_delta"]``, nats; higher is better). Feasible: every episode's final
-``info["avg_bits"]`` <= ``bit_budget`` (+1e-9), and the env never had to replace a setting to keep
-its budget (``info["budget_enforced"]``), so the schedule plays as written. Every episode runs through
+``info["avg_bits"]`` <= ``bit_budget`` (+1e-9), and no setting was replaced to keep the budget (by the
+env, ``info["budget_enforced"]``, or by the policy's mask fallback before it), so the schedule plays
+as written. Every episode runs through
 ``agents.rollout.rollout`` with the schedule's policy; results are cached per (row, actions), so a
 change in a bin a short prompt never reaches costs nothing on it. Deterministic: the same config
 gives the same schedule. Noise: per-item damage at low bits is chaotic across machines (the
@@ -106,11 +107,13 @@ class ScheduleScorer:
         key = (row, repr(actions))
         if key not in self.cache:
             episode = rollout(self.env, policy, options={"row": row})
-            if episode.actions != actions:
-                raise RuntimeError(f"row {row}: the static policy played {episode.actions}, the search expected "
-                                   f"{actions}; the episode cache would be wrong")
+            if len(episode.actions) != len(actions):
+                raise RuntimeError(f"row {row}: the static policy played {len(episode.actions)} blocks, the search "
+                                   f"expected {len(actions)}; the episode cache would be wrong")
             info = episode.final_info
-            enforced = any(bool(i.get("budget_enforced", False)) for i in episode.infos)
+            # a setting replaced to keep the budget, by the env or by the policy's own mask fallback
+            # (rollout passes env.action_masks() to predict): the schedule did not play as written
+            enforced = episode.actions != actions or any(bool(i.get("budget_enforced", False)) for i in episode.infos)
             self.cache[key] = (float(info["loglik_delta"]), float(info["avg_bits"]), enforced)
             self.episodes_run += 1
             if self.bar is not None:

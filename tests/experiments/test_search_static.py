@@ -51,3 +51,16 @@ def test_search_on_explicit_rows_and_bad_config(tmp_path):
         search_static.run(_cfg(tmp_path, "g.json", bit_budget=1.5))
     with pytest.raises(ValueError, match="train-split rows"):
         search_static.run(_cfg(tmp_path, "h.json", rows=[-1]))
+
+
+def test_with_sink_tokens_a_schedule_the_budget_cuts_short_is_infeasible_not_an_error(tmp_path):
+    """4 fp16 sinks lift K4V2 everywhere over 3.0 bits: the policy's own mask fallback replaces its last
+    blocks (the env then has nothing to enforce), and the search must count that schedule infeasible."""
+    env = EnvConfig(model="tiny-random-llama", shots=0, interval=16, group_size=16, eval_size=20, split="train",
+                    bits=(2, (4, 2), 4, 8), sink_tokens=4, bit_budget=BUDGET)
+    result = search_static.run(_cfg(tmp_path, "s.json", env=env, max_passes=1))
+    assert result["start"]["setting"] == "2"  # K4V2 fits 3.0 by its mean bits, not with the sinks
+    doc = json.loads((tmp_path / "s.json").read_text())
+    k4v2 = next(e for e in doc["log"] if e["stage"] == "start" and e["setting"] == "k4v2")
+    assert not k4v2["feasible"]
+    assert result["max_avg_bits"] <= BUDGET + 1e-9
