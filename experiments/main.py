@@ -222,7 +222,10 @@ def run(cfg: MainConfig) -> dict[str, str]:
     elif stage("search_static", schedule):
         schedule.parent.mkdir(parents=True, exist_ok=True)
         save_config(cfg.search_static, schedule.parent / "config.yaml")  # as the other stages record theirs
-        search_static.run(cfg.search_static)
+        found = search_static.run(cfg.search_static)
+        print(f"[main] static schedule {found['schedule']} (from fixed:{found['start']['setting']}): mean Δ gold "
+              f"log-lik {found['start']['objective']:+.3f} -> {found['objective']:+.3f} nats on "
+              f"{len(found['rows'])} pool items, max avg bits {found['max_avg_bits']:.3f}")
     paths["schedule"] = str(schedule)
 
     summary = Path(cfg.evaluate.out_dir) / "summary.json"
