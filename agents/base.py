@@ -1,6 +1,7 @@
 """The one interface every KV-precision policy answers.
 
-Policies mimic a stable-baselines3 model (``predict(obs, state, episode_start, deterministic)``) so that
+Policies mimic a stable-baselines3 model (``predict(obs, state, episode_start, deterministic,
+action_masks)``, the last as sb3-contrib's MaskablePPO takes it) so that
 evaluation code runs a hand-made rule, a supervised MLP and a PPO agent through the same loop.
 They are built from the env's ``observation_names`` and ``bits`` rather than from a positional layout,
 so a feature is read by name and a policy built for one observation layout fails loudly on another.
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from envs.budget import masked_actions
 from envs.settings import Setting, mean_bits, normalize_setting, settings_by_cost
 
 
@@ -118,8 +120,14 @@ class Policy(ABC):
         state: Any = None,
         episode_start: Any = None,
         deterministic: bool = True,
+        action_masks: Any = None,
     ) -> tuple[np.ndarray, Any]:
-        """SB3-compatible: a 1-D ``obs`` gives a 0-d action array, a 2-D batch a 1-D one; ``state`` passes through."""
+        """SB3-compatible: a 1-D ``obs`` gives a 0-d action array, a 2-D batch a 1-D one; ``state`` passes through.
+
+        ``action_masks`` (sb3-contrib's MaskablePPO convention; the env's ``action_masks()``: one bool per
+        setting, ``[n, n_actions]`` for a batch, layer groups' masks concatenated): an action it forbids
+        is replaced by the most precise allowed setting below it, the env's own fallback
+        (``envs.budget.fallback_action``), so the policy's actions are exactly what the env commits."""
         arr = np.asarray(obs, dtype=np.float32)
         if arr.ndim not in (1, 2):
             raise ValueError(f"obs must be 1-D (one observation) or 2-D (a batch), got shape {arr.shape}")
@@ -135,7 +143,10 @@ class Policy(ABC):
             actions = actions.reshape(-1)
         elif actions.ndim == 1:  # one choice per block: every layer group gets it
             actions = np.repeat(actions[:, None], self.layer_groups, axis=1)
-        return (actions[0] if single else actions), state
+        actions = actions[0] if single else actions
+        if action_masks is not None:
+            actions = masked_actions(self.bits, actions, action_masks)
+        return actions, state
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, bits={self.bits})"

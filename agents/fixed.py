@@ -76,14 +76,18 @@ def fixed_name(value: Any, sink_tokens: int = 0) -> str:
 def fixed_env_overrides(fixed: FixedSetting, config: Any) -> dict[str, Any]:
     """Env config keys to change so an env with ``config`` runs ``fixed`` as its name says.
 
-    ``sink_tokens`` when the env's differ (16 bits ignores sinks), and ``bits: [setting]`` when the
-    setting is not in the env's menu; empty when the env already fits.
+    ``sink_tokens`` when the env's differ (16 bits ignores sinks), ``bits: [setting]`` when the
+    setting is not in the env's menu, and ``bit_budget: None`` when the env has a budget: a fixed
+    setting plays everywhere as its name says (its average bits show where it sits against the
+    budget), never pushed under it. Empty when the env already fits.
     """
     overrides: dict[str, Any] = {}
     if fixed.setting != FULL and fixed.sink_tokens != config.sink_tokens:
         overrides["sink_tokens"] = fixed.sink_tokens
     if fixed.setting not in {normalize_setting(b) for b in config.bits}:
         overrides["bits"] = (fixed.setting,)
+    if getattr(config, "bit_budget", None) is not None:  # a budget would replace the setting on some blocks
+        overrides["bit_budget"] = None
     return overrides
 
 

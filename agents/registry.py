@@ -12,6 +12,10 @@ A spec is ``[alias=]what``, where ``what`` is one of::
     mlp:controller.pt     MLPPolicy                                       name "mlp"
     sb3:model.zip         SB3Policy (PPO)                                 name "ppo"
     sb3:A2C:model.zip     any other SB3 algorithm                         name "a2c"
+    static:schedule.json  StaticSchedulePolicy (experiments.search_static) name "static"
+    oracle                per-item greedy oracle, completing at the dearest
+                          setting within the budget (evaluation only)     name "oracle"
+    oracle:k4v2           ... completing every branch at K4V2             name "oracle:k4v2"
     runs/x/mlp.pt         a bare file: its kind is read from what the file is (mlp, sb3 or rule)
     pkg.module:Class      a plug-in class imported from a dotted path (``pkg.module:Class:arg``)
     my_policies:Class     ... also from a top-level module on ``sys.path`` (one file)
@@ -61,7 +65,7 @@ POLICIES: Registry[Builder | type[Policy]] = Registry("policy kind", entry_point
 
 _ALIAS = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.+-]*)=(.+)$")
 #: File suffix -> kind, when a bare file's content does not say what it is.
-_KIND_BY_SUFFIX = {".pt": "mlp", ".pth": "mlp", ".zip": "sb3", ".yaml": "rule", ".yml": "rule"}
+_KIND_BY_SUFFIX = {".pt": "mlp", ".pth": "mlp", ".zip": "sb3", ".yaml": "rule", ".yml": "rule", ".json": "static"}
 _SNIFF_MAX_BYTES = 1 << 20  # YAML larger than this is not a thresholds file; don't parse it
 
 
@@ -127,7 +131,7 @@ def kind_of_file(path: str | Path) -> str:
     """The policy kind a file holds: read from its content where that is cheap, else from its suffix.
 
     A torch archive is an MLP controller, an SB3 archive (zip with ``data`` and ``policy.pth``) is an
-    SB3 agent, a YAML mapping with ``thresholds`` is a rule.
+    SB3 agent, a YAML mapping with ``thresholds`` is a rule, a ``.json`` file a static schedule.
     """
     path = Path(path)
     if not path.is_file():
@@ -150,7 +154,8 @@ def kind_of_file(path: str | Path) -> str:
         return _KIND_BY_SUFFIX[path.suffix.lower()]
     raise ValueError(
         f"cannot tell which policy {path} holds: expected an MLP controller (torch file, .pt), an SB3 "
-        f"archive (.zip) or rule thresholds (YAML with 'thresholds'); or prefix the kind, e.g. 'mlp:{path}'"
+        f"archive (.zip), rule thresholds (YAML with 'thresholds') or a static schedule (.json); or prefix "
+        f"the kind, e.g. 'mlp:{path}'"
     )
 
 
@@ -302,3 +307,23 @@ def _sb3(arg, observation_names, bits, env) -> Policy:
 
     algo, path = _sb3_algo(arg)
     return SB3Policy(path, env, algo, observation_names=observation_names, bits=bits)
+
+
+@register_policy("static", name=lambda arg: "static")
+def _static(arg, observation_names, bits, env) -> Policy:
+    from agents.static import StaticSchedulePolicy
+
+    return StaticSchedulePolicy.load(_need(arg, "static", "static:runs/search/schedule.json"), observation_names, bits)
+
+
+def _oracle_name(arg: str | None) -> str:
+    from envs.settings import parse_setting, setting_name
+
+    return "oracle" if not arg else f"oracle:{setting_name(parse_setting(arg))}"
+
+
+@register_policy("oracle", name=_oracle_name)
+def _oracle(arg, observation_names, bits, env) -> Policy:
+    from agents.oracle import OraclePolicy
+
+    return OraclePolicy(observation_names, bits, completion=arg or None)

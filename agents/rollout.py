@@ -8,11 +8,15 @@ per-step timings), so the loop records everything they read once, in an :class:`
 A policy is anything with stable-baselines3's ``predict(obs, state=None, episode_start=None,
 deterministic=True) -> (action, state)``: our policies, SB3 models, or :class:`Schedule` (actions
 given in advance, one per block). ``episode_start`` is ``[True]`` on the first decision of the
-episode, as SB3's recurrent policies expect.
+episode, as SB3's recurrent policies expect. Where the env has ``action_masks()`` (kvgym's env, with or
+without a ``bit_budget``) and the policy's ``predict`` takes ``action_masks`` (our policies,
+sb3-contrib's MaskablePPO), the loop passes the env's current mask every step, so the policy falls back
+under the budget itself; a policy that does not take it (a plain SB3 model) is pushed back by the env.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,7 +75,11 @@ class Schedule:
         self.actions = [np.asarray(a, dtype=np.int64) if np.ndim(a) else np.int64(a) for a in actions]
         self._next = 0
 
-    def predict(self, obs: Any, state: Any = None, episode_start: Any = None, deterministic: bool = True):
+    def predict(
+        self, obs: Any, state: Any = None, episode_start: Any = None, deterministic: bool = True, action_masks: Any = None
+    ):
+        """The next planned action. ``action_masks`` is accepted and not applied: a schedule does not know the
+        menu's costs, and the env pushes an infeasible planned action under its budget (``info`` says so)."""
         if episode_start is not None and bool(np.asarray(episode_start).reshape(-1)[0]):
             self._next = 0
         if self._next >= len(self.actions):
@@ -85,6 +93,15 @@ def _plain_action(action: Any) -> int | list[int]:
     """An int (Discrete), or one int per layer group (MultiDiscrete)."""
     arr = np.asarray(action)
     return int(arr.reshape(())) if arr.size == 1 else [int(a) for a in arr.reshape(-1)]
+
+
+def _takes_masks(policy) -> bool:
+    """Whether ``policy.predict`` accepts ``action_masks`` (by name, or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(policy.predict).parameters
+    except (TypeError, ValueError):
+        return False
+    return "action_masks" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _timings(env: gym.Env) -> dict[str, float] | None:
@@ -125,9 +142,11 @@ def rollout(
     record(timings)
     callback_s += call_back()
     state = None
+    masks_of = getattr(env.unwrapped, "action_masks", None) if _takes_masks(policy) else None
     while not episode.done:
+        masks = {} if masks_of is None else {"action_masks": masks_of()}
         action, state = policy.predict(
-            obs, state=state, episode_start=np.array([not episode.actions]), deterministic=deterministic
+            obs, state=state, episode_start=np.array([not episode.actions]), deterministic=deterministic, **masks
         )
         t0 = time.perf_counter()
         next_obs, reward, terminated, truncated, info = env.step(action)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -44,14 +45,17 @@ def _check_thresholds(thresholds: Sequence[float], n_bits: int) -> tuple[float, 
     return ts
 
 
-def max_entropy_fractions(bits: Sequence[int], target_avg_bits: float) -> np.ndarray:
-    """Class fractions over ascending ``bits`` with mean exactly ``target_avg_bits``.
+def max_entropy_fractions(bits: Sequence[Any], target_avg_bits: float) -> np.ndarray:
+    """Class fractions over ``bits`` by ascending cost with mean exactly ``target_avg_bits``.
+
+    A ``(key_bits, value_bits)`` pair counts its mean bits (``envs.settings.mean_bits``: K4V2 is 3), the
+    order of :func:`envs.settings.settings_by_cost`, so a pair menu calibrates like a width menu.
 
     Of all such mixes this is the maximum-entropy one, ``p_k ∝ exp(θ·b_k)`` (the least committal: no
     width is starved unless the target forces it). The mean is strictly increasing in θ, so θ is found
     by bisection; the endpoints (target = min or max bits) are the one-hot mixes.
     """
-    b = np.sort(np.asarray(bits, dtype=np.float64))
+    b = np.sort(np.asarray([mean_bits(s) for s in bits], dtype=np.float64))
     lo_b, hi_b = float(b[0]), float(b[-1])
     if not lo_b <= target_avg_bits <= hi_b:
         raise ValueError(f"target_avg_bits={target_avg_bits} must lie in [{lo_b:g}, {hi_b:g}]")
@@ -77,7 +81,7 @@ def max_entropy_fractions(bits: Sequence[int], target_avg_bits: float) -> np.nda
 
 def calibrate_thresholds(
     entropies: np.ndarray,
-    bits: Sequence[int],
+    bits: Sequence[Any],
     target_avg_bits: float,
 ) -> tuple[float, ...]:
     """Thresholds under which the rule spends ``target_avg_bits`` on average over ``entropies``.

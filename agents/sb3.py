@@ -7,6 +7,7 @@ set or bit set would otherwise act on misread observations without complaint.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,30 +17,44 @@ import gymnasium as gym
 import numpy as np
 
 from agents.base import Policy
+from envs.budget import masked_actions
 
 DEFAULT_ALGO = "PPO"
 
 
 def known_algorithms() -> dict[str, type]:
-    """Algorithm classes exported by ``stable_baselines3`` (PPO, A2C, DQN, SAC, TD3, DDPG, ...)."""
+    """Algorithm classes exported by ``stable_baselines3`` (PPO, A2C, DQN, SAC, ...) and by ``sb3_contrib``
+    (MaskablePPO, RecurrentPPO, QRDQN, TRPO, ...), by class name.
+
+    sb3-contrib is where MaskablePPO lives (the learner of budgeted control: the env's ``action_masks``);
+    it is optional, so without it only stable-baselines3's algorithms are known.
+    """
     import stable_baselines3
     from stable_baselines3.common.base_class import BaseAlgorithm
 
+    modules = [stable_baselines3]
+    try:
+        import sb3_contrib
+    except ImportError:
+        pass
+    else:
+        modules.append(sb3_contrib)
     out = {}
-    for name in dir(stable_baselines3):
-        obj = getattr(stable_baselines3, name)
-        if isinstance(obj, type) and issubclass(obj, BaseAlgorithm):
-            out[name] = obj
+    for module in modules:
+        for name in dir(module):
+            obj = getattr(module, name)
+            if isinstance(obj, type) and issubclass(obj, BaseAlgorithm):
+                out.setdefault(name, obj)  # stable-baselines3's class wins a (so far hypothetical) name clash
     return out
 
 
 def resolve_algorithm(name: str) -> type:
-    """The SB3 class called ``name`` (case-insensitive)."""
+    """The stable-baselines3 or sb3-contrib class called ``name`` (case-insensitive)."""
     algos = known_algorithms()
     for key, cls in algos.items():
         if key.lower() == name.lower():
             return cls
-    raise ValueError(f"unknown stable-baselines3 algorithm {name!r}; known: {sorted(algos)}")
+    raise ValueError(f"unknown stable-baselines3 / sb3-contrib algorithm {name!r}; known: {sorted(algos)}")
 
 
 def _describe(space: gym.Space) -> str:
@@ -154,8 +169,29 @@ class SB3Policy(Policy):
         actions, _ = self.model.predict(obs2d, deterministic=deterministic)
         return np.asarray(actions, dtype=np.int64).reshape(len(obs2d), *self.model.action_space.shape)
 
+    @property
+    def reads_masks(self) -> bool:
+        """Whether the model's own ``predict`` takes ``action_masks`` (sb3-contrib's MaskablePPO does)."""
+        return "action_masks" in inspect.signature(self.model.predict).parameters
+
     def predict(
-        self, obs: Any, state: Any = None, episode_start: Any = None, deterministic: bool = True
+        self,
+        obs: Any,
+        state: Any = None,
+        episode_start: Any = None,
+        deterministic: bool = True,
+        action_masks: Any = None,
     ) -> tuple[np.ndarray, Any]:
-        """Delegates to the SB3 model (recurrent state and episode starts pass straight through)."""
-        return self.model.predict(obs, state=state, episode_start=episode_start, deterministic=deterministic)
+        """Delegates to the SB3 model (recurrent state and episode starts pass straight through).
+
+        ``action_masks``: a maskable model (MaskablePPO) samples among the allowed actions itself; any
+        other model's action is pushed under the mask afterwards with the env's fallback
+        (``envs.budget.fallback_action``: the most precise allowed setting below it)."""
+        if action_masks is not None and self.reads_masks:
+            return self.model.predict(
+                obs, state=state, episode_start=episode_start, deterministic=deterministic, action_masks=action_masks
+            )
+        actions, state = self.model.predict(obs, state=state, episode_start=episode_start, deterministic=deterministic)
+        if action_masks is not None:
+            actions = masked_actions(self.bits, actions, action_masks)
+        return actions, state

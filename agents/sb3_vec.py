@@ -5,6 +5,10 @@ dicts, a row reset in the step it ends with ``terminal_observation`` in its info
 1.x vector env returns infos as a dict of arrays with ``_key`` masks. The adapter asks the vector env
 for SAME_STEP autoreset (``gym.make_vec(..., autoreset_mode="same_step")``; a NEXT_STEP env is
 refused, as SB3 would learn from the ignored actions of reset steps) and converts each step.
+
+Action masks: sb3-contrib's MaskablePPO reads them with ``env_method("action_masks")``, which reaches
+the vector env's rows (each a ``KVPrecisionEnv`` with ``action_masks()``); :meth:`SB3VecEnv.action_masks`
+is the same ``[num_envs, n_actions]`` array from the vector env in one call.
 """
 
 from __future__ import annotations
@@ -76,6 +80,13 @@ class SB3VecEnv(VecEnv):
 
     def close(self) -> None:
         self.vector_env.close()
+
+    def action_masks(self) -> np.ndarray:
+        """``[num_envs, n_actions]`` bool: the vector env's masks (what ``get_action_masks`` stacks row by row)."""
+        masks = getattr(self.vector_env, "action_masks", None)
+        if masks is None:
+            return np.stack(self.env_method("action_masks"))
+        return np.asarray(masks())
 
     # --- attribute access: the rows are the vector env's single envs ------------------------------
     def _rows(self, indices: VecEnvIndices) -> list[Any]:

@@ -11,14 +11,21 @@ scored against the cache (in one batched forward where the cache can branch alon
 episode terminates. The cache is ours by default; ``cache="quanto"`` runs the same episodes on
 transformers' quanto ``QuantizedCache`` (the library baseline), ``cache="dynamic"`` on a plain one.
 
+With ``bit_budget`` the episode's average bits can never exceed the budget (``envs.budget``):
+``action_masks()`` marks the settings that keep it reachable, and a masked action is replaced by the
+most precise feasible setting below it, with ``info["budget_enforced"]`` and
+``info["requested_setting"]`` saying so (HAQ's enforcement: random actions and the env checkers work).
+
 Rewards compare with a full-precision reference pass of the same prompt (computed once per prompt,
 kept in memory and stored on disk by ``envs.reference_store``), so the signal is the damage
-quantization did rather than how hard the item is. ``device``/``dtype`` ``"auto"`` put the model and
+quantization did rather than how hard the item is; ``baseline_scores(setting)`` is the same for a
+fixed setting's pass (the ``baseline_improvement`` reward's baseline). ``device``/``dtype`` ``"auto"`` put the model and
 every tensor the env creates on CUDA in bf16 when a GPU is visible, else on the CPU in float32.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import weakref
@@ -34,6 +41,7 @@ import torch
 import yaml
 
 from envs import ENV_ID  # noqa: F401  (re-exported)
+from envs.budget import block_bit_sum, check_budget, check_reachable, fallback_action, feasible_mask
 from envs.cache_kwarg import with_cache
 from envs.episodes import EpisodeSet, episode_set, parse_episode_set
 from envs.features import DEFAULT_FEATURES, FULL_BITS, BlockContext, FeatureSet
@@ -45,9 +53,9 @@ from envs.quantities import FORWARD_OUTPUTS, StepRecord, StepState, StepView
 from envs.reference_store import ReferenceKey, ReferenceStore, model_digest, tokens_digest
 from envs.rewards import DEFAULT_REWARDS, RewardFunction
 from envs.scoring import choose, continuation_logprobs, encode_pair
-from envs.settings import Setting, normalize_menu, setting_name
+from envs.settings import Setting, normalize_menu, normalize_setting, setting_name
 from quant.baselines import CACHE_KINDS, EpisodeCache, check_cache_bits, episode_cache
-from quant.kv_cache import MixedPrecisionKVCache, layer_groups
+from quant.kv_cache import BlockBits, MixedPrecisionKVCache, layer_groups
 from quant.weights import quantize_model_weights
 
 
@@ -71,6 +79,11 @@ class EnvConfig:
     # one setting per group of consecutive layers (must divide the layer count): the action becomes
     # MultiDiscrete([len(bits)] * layer_groups); 1 keeps Discrete(len(bits))
     layer_groups: int = 1
+    # the episode's average bits (token-weighted (key_bits + value_bits) / 2, sink tokens at 16) can never
+    # exceed this (envs.budget): action_masks() marks the settings that keep it reachable and a masked
+    # action is replaced by the most precise feasible setting below it (info["budget_enforced"]).
+    # None: no budget. Needs layer_groups: 1 (per-group masks cannot express a budget on their sum).
+    bit_budget: float | None = None
     features: tuple[str, ...] = DEFAULT_FEATURES
     rewards: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_REWARDS))
     weight_quant: str = "none"  # "none", "int8-pertensor", "int8", "int4" (see quant.weights)
@@ -122,6 +135,7 @@ class EnvConfig:
         if self.layer_groups < 1:
             raise ValueError(f"layer_groups must be >= 1 (1: one setting for all layers), got {self.layer_groups}")
         check_cache_bits(self.cache, menu, self.sink_tokens, self.layer_groups)
+        check_budget(self.bit_budget, menu, self.layer_groups)
         if self.interval < 1:
             raise ValueError(f"interval must be >= 1, got {self.interval}")
         if self.shots < 0:
@@ -179,6 +193,17 @@ class _Episode:
     last_logits: torch.Tensor | None = None
     last_obs: np.ndarray | None = None
     done: bool = False
+    #: nominal bits of the committed tokens (envs.budget.block_bit_sum summed): the budget's ledger
+    committed_bit_sum: float = 0.0
+
+
+@dataclass(frozen=True)
+class EnvSnapshot:
+    """What :meth:`KVPrecisionEnv.snapshot` returns: a private copy of one episode's state (opaque)."""
+
+    env_id: int  # id() of the env that took it
+    episode: _Episode
+    reward_terms: dict[str, Any]
 
 
 @dataclass
@@ -193,6 +218,8 @@ class _Commit:
     after_fp16: int
     block_tokens: int  # tokens of the block just committed
     terminal: bool
+    requested: list[Setting] = field(default_factory=list)  # what the action asked for (before the budget)
+    budget_enforced: bool = False  # the budget replaced the requested setting(s)
 
 
 @dataclass
@@ -273,6 +300,8 @@ class KVPrecisionEnv(gym.Env):
         self._rows = {item.row: item for item in all_items}
         self._pool_rows = frozenset(item.row for item in self.pool)
         self._references: OrderedDict[tuple[int, ...], _Reference] = OrderedDict()
+        #: baseline passes (baseline_scores) by (variant, prompt and ending tokens); siblings share it
+        self._baselines: OrderedDict[tuple, np.ndarray] = OrderedDict()
         #: the named episode set reset() draws from (None: any item of the split, fresh shots)
         self.episodes: EpisodeSet | None = episode_set(cfg.episodes, self.items) if cfg.episodes else None
         store = cfg.reference_store
@@ -331,6 +360,10 @@ class KVPrecisionEnv(gym.Env):
         self.timings = {"reference_ms": 1000 * (time.perf_counter() - t0)}
         interval = self.config.interval
         blocks = [(s, min(s + interval, len(prompt_ids))) for s in range(0, len(prompt_ids), interval)]
+        if self.config.bit_budget is not None:
+            check_reachable(
+                self.config.bit_budget, self.bits, len(prompt_ids), self.config.sink_tokens, f"row {item.row}"
+            )
         observer = BlockObserver(self.feature_set, len(blocks))
         self._episode = _Episode(item, prompt_ids, endings, blocks, reference, self._new_cache(), observer)
         return {"row": item.row, "blocks": len(blocks), "prompt_tokens": len(prompt_ids), "shots": n_shots}
@@ -362,12 +395,53 @@ class KVPrecisionEnv(gym.Env):
         cfg = EnvConfig.from_dict({**dataclasses.asdict(self.config), **overrides})
         env = KVPrecisionEnv(cfg, lm=self.model, tokenizer=self.tokenizer, items=list(self._rows.values()))
         env._references = self._references  # the reference pass does not depend on the cache backend
+        env._baselines = self._baselines  # keyed by every option a baseline pass depends on
         return env
 
     def reference_for(self, row: int) -> _Reference:
         """The full-precision reference (ending scores, predictions) of row ``row`` with its fixed shots."""
         item, prompt_ids, endings = self.episode_inputs(row)
         return self._reference(prompt_ids, endings, item)
+
+    # --- snapshot / restore: search policies (agents.oracle) branch an episode at a block -----------
+    def snapshot(self) -> EnvSnapshot:
+        """The episode's state now (cache, observer, block index, last logits and observation, done,
+        and the reward terms' per-episode state), deep-copied: continuing from :meth:`restore` of it
+        gives bit-identical observations, rewards and info to the continuation from here.
+
+        Why a copy of the state rather than a replay of the actions: a per-item search tries every
+        setting at every block, and replaying the prefix for each would cost a quadratic number of
+        block forwards. The full-precision reference, the item and its tokens are never modified, so
+        they are shared, not copied. A snapshot can be restored any number of times, on this env only.
+        The quanto cache cannot be copied (its quantized tensors refuse a deep copy): a clear error.
+        """
+        self._check_open()
+        if self._episode is None:
+            raise RuntimeError("snapshot() before reset(): there is no episode to snapshot")
+        if self.config.cache == "quanto":
+            raise ValueError("snapshot() cannot copy transformers' quanto cache (cache='quanto'); use cache='mixed' "
+                             "(or 'dynamic') to branch episodes")
+        return EnvSnapshot(id(self), self._copy_episode(self._episode), copy.deepcopy(self.reward_fn.terms))
+
+    def restore(self, snapshot: EnvSnapshot) -> None:
+        """Put the episode back to ``snapshot`` (from :meth:`snapshot` of this env); the snapshot stays
+        usable, so one block can be branched several times."""
+        self._check_open()
+        if not isinstance(snapshot, EnvSnapshot):
+            raise TypeError(f"restore() takes what snapshot() returned, got {type(snapshot).__name__}")
+        if snapshot.env_id != id(self):
+            raise ValueError("this snapshot was taken on another env; restore it on the env that took it")
+        self._episode = self._copy_episode(snapshot.episode)
+        self.reward_fn.terms = copy.deepcopy(snapshot.reward_terms)
+
+    def _copy_episode(self, ep: _Episode) -> _Episode:
+        """A deep copy of ``ep`` that shares what no step modifies (reference, item, tokens, the model's
+        config, the env's feature set); tensors are cloned in inference mode, as the env made them."""
+        shared = (ep.reference, ep.item, ep.prompt_ids, ep.endings, ep.blocks, self.feature_set, self.model,
+                  self.model.config)
+        memo: dict[int, Any] = {id(obj): obj for obj in shared}
+        with torch.inference_mode():
+            return copy.deepcopy(ep, memo)
 
     def step(self, action):
         commit = self._commit_action(action)
@@ -386,7 +460,14 @@ class KVPrecisionEnv(gym.Env):
             raise RuntimeError("step() before reset()")
         if ep.done:
             raise RuntimeError("step() after the episode terminated: call reset()")
-        settings = [self.bits[a] for a in self._check_action(action)]
+        indices = self._check_action(action)
+        requested = [self.bits[a] for a in indices]
+        enforced = False
+        if self.config.bit_budget is not None:  # layer_groups is 1 (EnvConfig.validate)
+            allowed = fallback_action(self.bits, indices[0], self.action_masks())
+            enforced = allowed != indices[0]
+            indices = [allowed]
+        settings = [self.bits[a] for a in indices]
         t0 = time.perf_counter()
         before, before_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
         block_tokens = ep.cache.pending_length
@@ -395,9 +476,31 @@ class KVPrecisionEnv(gym.Env):
         else:
             ep.cache.commit_groups(settings)
         after, after_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
+        start, end = ep.blocks[ep.block_index]
+        ep.committed_bit_sum += sum(block_bit_sum(s, start, end, self.config.sink_tokens) for s in settings) / len(
+            settings
+        )  # layer groups are equal-sized, so a block's bits are the mean over groups
         ep.block_index += 1
         terminal = ep.block_index >= len(ep.blocks)
-        return _Commit(settings, t0, before, before_fp16, after, after_fp16, block_tokens, terminal)
+        return _Commit(
+            settings, t0, before, before_fp16, after, after_fp16, block_tokens, terminal, requested, enforced
+        )
+
+    def action_masks(self) -> np.ndarray:
+        """Bool mask over the actions (sb3-contrib's MaskablePPO convention): True for every setting that,
+        committed for the pending block, keeps ``bit_budget`` reachable with the cheapest setting for every
+        later block (``envs.budget.feasible_mask``). All True without a budget, before reset and after the
+        episode ended; never all False. With ``layer_groups > 1`` (never with a budget): the per-group
+        masks concatenated, ``len(bits) * layer_groups`` entries."""
+        ep = self._episode
+        budget = self.config.bit_budget
+        if budget is None or ep is None or ep.done:
+            return np.ones(len(self.bits) * self.layer_groups, dtype=bool)
+        start, end = ep.blocks[ep.block_index]
+        return feasible_mask(
+            self.bits, budget, start, ep.committed_bit_sum, end - start, len(ep.prompt_ids) - end,
+            self.config.sink_tokens,
+        )
 
     def _score_current(self) -> np.ndarray:
         """The terminal phase: score the endings against the episode's (now fully committed) cache."""
@@ -418,6 +521,12 @@ class KVPrecisionEnv(gym.Env):
         info: dict[str, Any] = {
             "bits": settings[0] if self.layer_groups == 1 else settings,  # int or (key_bits, value_bits)
             "setting": names[0] if self.layer_groups == 1 else names,  # canonical names: "4", "k4v2"
+            # bit_budget (envs.budget): whether the setting asked for was replaced, and what it was
+            "budget_enforced": commit.budget_enforced,
+            "requested_setting": (
+                setting_name(commit.requested[0]) if self.layer_groups == 1
+                else [setting_name(s) for s in commit.requested]
+            ),
             "key_bits": [k for k, _ in pairs],
             "value_bits": [v for _, v in pairs],
             "row": ep.item.row,
@@ -471,6 +580,7 @@ class KVPrecisionEnv(gym.Env):
         """Drop the model and the episode; safe to call twice."""
         self._episode = None
         self._references = OrderedDict()  # rebound, not cleared: a sibling may share it
+        self._baselines = OrderedDict()
         self._loaded = None
         self._closed = True
 
@@ -488,6 +598,7 @@ class KVPrecisionEnv(gym.Env):
             next_block=block,
             next_span=ep.blocks[ep.block_index] if block is not None else None,
             ending_scores=ending_scores,
+            baseline_scores=self.baseline_scores,
         )
         return StepView(record, state)
 
@@ -652,6 +763,72 @@ class KVPrecisionEnv(gym.Env):
         scores = self._score_endings(cache, prompt_ids, logits[-1], endings)
         pred, pred_norm = choose(scores.tolist(), item.endings)
         return _Reference(target_lp, scores, int(pred), int(pred_norm))
+
+    # --- baseline passes: every block at one fixed setting --------------------------------------
+    def baseline_scores(self, setting: BlockBits | str) -> np.ndarray:
+        """[n_endings] summed log-probs of the current episode's endings when every block of its prompt
+        is committed at ``setting`` (an int, a (key_bits, value_bits) pair or a name such as "k4v2";
+        it need not be on the menu), with every layer group alike.
+
+        It runs what a fixed policy's episode runs: the episode's blocks, a fresh cache of the env's
+        kind with its sink tokens and group size, and the same scoring (``_score_endings``); so the
+        fixed policy scores exactly these numbers and its ``baseline_improvement`` is exactly 0. An
+        env's ``bit_budget`` plays no part (the baseline is the named setting as is). Computed once per
+        prompt, setting and those options, kept in memory (shared with siblings) and stored with the
+        full-precision references under the same fingerprint.
+        """
+        self._check_open()
+        ep = self._episode
+        if ep is None:
+            raise RuntimeError("baseline_scores() before reset(): the baseline is of the current episode's prompt")
+        setting = normalize_setting(setting)
+        check_cache_bits(self.config.cache, (setting,), self.config.sink_tokens, self.layer_groups)
+        variant = self._baseline_variant(setting)
+        key = (variant, *ep.prompt_ids, -1, *[t for e in ep.endings for t in (*e, -2)])
+        scores = self._baselines.get(key)
+        if scores is not None:
+            self._baselines.move_to_end(key)
+            return scores.copy()
+        store_key = None
+        if self.reference_store is not None:
+            store_key = dataclasses.replace(self._store_key(ep.prompt_ids, ep.endings), variant=variant)
+            stored = self.reference_store.load(store_key)
+            if stored is not None:
+                scores = stored["ending_scores"].numpy()
+        if scores is None:
+            scores = self._compute_baseline(setting, ep.prompt_ids, ep.blocks, ep.endings)
+            if store_key is not None:
+                self.reference_store.save(store_key, {"ending_scores": torch.from_numpy(scores)})
+        self._baselines[key] = scores
+        if len(self._baselines) > self.config.reference_cache_size:
+            self._baselines.popitem(last=False)
+        return scores.copy()
+
+    def _baseline_variant(self, setting: Setting) -> str:
+        """What a baseline pass depends on beyond the model and the tokens (the store key's ``variant``):
+        the setting, the cache backend, the fp16 sink tokens, the block boundaries and the quantization
+        group. Layer groups are not in it: every group takes the setting, which is the one-group commit."""
+        cfg = self.config
+        return (
+            f"baseline|setting={setting_name(setting)}|cache={cfg.cache}|sink_tokens={cfg.sink_tokens}"
+            f"|interval={cfg.interval}|group_size={cfg.group_size}"
+        )
+
+    def _compute_baseline(
+        self, setting: Setting, prompt_ids: list[int], blocks: list[tuple[int, int]], endings: list[list[int]]
+    ) -> np.ndarray:
+        """One fixed-setting pass: run each block, commit it at ``setting``, then score the endings.
+
+        The forward is the policy's (``_forward``) without attention maps: eager attention computes the
+        same numbers whether or not it returns them (tests/envs/test_baseline_reward.py checks that the
+        baseline policy's own improvement is exactly 0 with the default, attention-reading features)."""
+        cache = episode_cache(self.config.cache, self.model, (setting,), self.config.group_size, self.config.sink_tokens)
+        last_logits = None
+        for start, end in blocks:
+            ids = torch.tensor(prompt_ids[start:end], device=self.model.device).unsqueeze(0)
+            last_logits = self._forward(ids, cache, attentions=False).logits[0, -1]
+            cache.commit(setting)
+        return self._score_endings(cache, prompt_ids, last_logits, endings)
 
     def _store_key(self, prompt_ids: list[int], endings: list[list[int]]) -> ReferenceKey:
         """What a stored reference depends on: the model (spec, weight quantization and the weights

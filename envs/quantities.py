@@ -62,6 +62,9 @@ class StepState:
     next_block: Any  # BlockContext of the block just run (block 0 at reset); None at the terminal step
     next_span: tuple[int, int] | None  # [start, end) prompt positions of next_block
     ending_scores: Any  # terminal only: [n_endings] summed log-probs under the policy's cache
+    # ``setting -> [n_endings]`` ending scores of the episode's prompt with every block committed at
+    # that setting (the env's baseline pass, computed once per prompt and setting); None: not offered
+    baseline_scores: Callable[[Any], Any] | None = None
 
 
 @dataclass
@@ -176,6 +179,23 @@ def _ending_logprob_delta(step: StepView) -> float:
     """Terminal: the gold ending's log-likelihood under the policy's cache minus under full precision."""
     gold = step["item"].label
     return float(step["ending_scores"][gold] - step["reference"].ending_scores[gold])
+
+
+@register_quantity("baseline_ending_logprob_delta", needs={"baseline_scores", "reference", "item"})
+def _baseline_ending_logprob_delta(step: StepView) -> Callable[[Any], float]:
+    """A function of a setting (an int, a pair or a name such as ``"k4v2"``): the gold ending's
+    log-likelihood when every block of the episode's prompt is committed at that setting, minus under
+    full precision. A function because a quantity has no parameters and each term names its own
+    baseline; the env computes each baseline pass once per prompt (and stores it), not per call."""
+    scores = step["baseline_scores"]
+    if scores is None:
+        raise RuntimeError("this step offers no baseline pass (StepState.baseline_scores is None)")
+    reference, gold = step["reference"], step["item"].label
+
+    def delta(setting: Any) -> float:
+        return float(scores(setting)[gold] - reference.ending_scores[gold])
+
+    return delta
 
 
 @register_quantity("choice", needs={"ending_scores", "item"})

@@ -8,6 +8,11 @@ key, written atomically (``envs.io.atomic_write``: concurrent writers of the sam
 whole file). Its header holds the full key and a checksum of the tensors, so a truncated or garbled
 file, or a file whose key differs (another model, dtype, device or fingerprint that happens to sit
 under the name), is never used: ``load`` returns None and the caller recomputes and rewrites it.
+
+The same store holds other passes of an episode's tokens that are worth computing once, told apart
+by the key's ``variant``: ``""`` is the full-precision reference (its key, and so every entry written
+before variants existed, is unchanged), and e.g. the env's baseline passes (every block at one fixed
+setting, ``KVPrecisionEnv.baseline_scores``) name the setting and every env option that changes them.
 """
 
 from __future__ import annotations
@@ -43,9 +48,23 @@ class ReferenceKey:
     device: str  # device type ("cpu", "cuda"): results differ between them, not between two GPUs' indices
     tokens: str  # tokens_digest of the prompt and endings
     fingerprint: str  # envs.fingerprint id of the process computing it
+    # which pass of these tokens: "" = the full-precision reference; else e.g. a baseline pass's
+    # "baseline|setting=k4v2|cache=mixed|..." (everything the pass depends on beyond the fields above)
+    variant: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        """The key's fields; an empty ``variant`` is left out, so reference keys (and their stored
+        entries) are the same as before variants existed."""
+        fields = asdict(self)
+        if not fields["variant"]:
+            del fields["variant"]
+        return fields
+
+    def as_json(self) -> str:
+        return json.dumps(self.as_dict(), sort_keys=True)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+        return hashlib.sha256(self.as_json().encode()).hexdigest()[:32]
 
 
 def tokens_digest(prompt_ids: list[int], endings: list[list[int]]) -> str:
@@ -106,7 +125,7 @@ class ReferenceStore:
                 tensors = {name: f.get_tensor(name).clone() for name in f.keys()}  # no view of the file
         except Exception:  # truncated or garbled: safetensors raises several kinds
             return None
-        if meta.get("format") != FORMAT or meta.get("key") != json.dumps(asdict(key), sort_keys=True):
+        if meta.get("format") != FORMAT or meta.get("key") != key.as_json():
             return None
         if meta.get("checksum") != _checksum(tensors):
             return None
@@ -117,5 +136,5 @@ class ReferenceStore:
         from safetensors.torch import save_file
 
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        meta = {"format": FORMAT, "key": json.dumps(asdict(key), sort_keys=True), "checksum": _checksum(tensors)}
+        meta = {"format": FORMAT, "key": key.as_json(), "checksum": _checksum(tensors)}
         return atomic_write(self.path(key), lambda tmp: save_file(tensors, tmp, metadata=meta))

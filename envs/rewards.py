@@ -12,6 +12,7 @@ Higher is better for every built-in term, so weights are positive. YAML picks te
       loglik: 1.0
       memory: 0.5
       budget: {weight: 1.0, target_bits: 3.0}
+      baseline_improvement: {weight: 1.0, baseline: k4v2}   # terminal: beat fixed K4V2 on the gold ending
 
 Adding a term::
 
@@ -30,6 +31,7 @@ from typing import Any
 
 from envs.latency import load_latency_table, setting_key
 from envs.quantities import StepView, required
+from envs.settings import Setting, normalize_setting
 from quant.registry import Registry
 
 REWARDS: Registry[RewardTerm] = Registry("reward term")
@@ -78,6 +80,43 @@ class LogLikelihood(EndingLogLikelihood):
 
     def __call__(self, step: StepView) -> float:
         return step["logprob_delta"] + super().__call__(step)
+
+
+@register_reward("baseline_improvement")
+class BaselineImprovement(RewardTerm):
+    """Terminal only: the policy's gold-ending log-lik change vs fp16 minus that of the fixed setting
+    ``baseline`` on the same item (nats) = the baseline's damage minus the policy's damage.
+
+    CompilerGym's baseline-improvement reward: the fixed policy ``baseline`` scores exactly 0 on every
+    item (its pass runs the same blocks, cache and scoring as the episode, see
+    ``KVPrecisionEnv.baseline_scores``), so anything above 0 beats it on that item. The baseline pass
+    is computed once per prompt and stored with the full-precision references. It is the named
+    setting on every block as is: an env's ``bit_budget`` does not push it down. In the batched vector
+    env the pass runs unbatched (the single env's path), so there a baseline policy's own value is 0
+    up to the float noise of the batched forward. ``loglik`` and ``ending_loglik`` are unchanged.
+    """
+
+    platform_dependent = True
+    needs = frozenset({"ending_logprob_delta", "baseline_ending_logprob_delta"})
+
+    def __init__(self, baseline: str | int | Setting | None = None):
+        if baseline is None:
+            raise ValueError(
+                "reward term 'baseline_improvement' needs the fixed setting to measure against, e.g. "
+                "rewards: {baseline_improvement: {weight: 1.0, baseline: k4v2}}"
+            )
+        try:
+            self.baseline: Setting = normalize_setting(baseline)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"reward term 'baseline_improvement': baseline {baseline!r} is not a setting ({err}); "
+                "write it as a width ('4') or key and value bits ('k4v2')"
+            ) from None
+
+    def __call__(self, step: StepView) -> float:
+        if not step.record.terminal:
+            return 0.0
+        return step["ending_logprob_delta"] - step["baseline_ending_logprob_delta"](self.baseline)
 
 
 @register_reward("accuracy")

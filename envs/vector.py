@@ -13,11 +13,19 @@ positions and a mask so no row sees padding or another row. So each row's observ
 info come from the same code as the single env's; the numbers differ only by float noise of the
 batched matmuls (quantized settings amplify last-bit differences; see tests/envs/test_vector.py).
 
+With ``bit_budget``, :meth:`KVPrecisionVectorEnv.action_masks` stacks the rows' masks and each row's
+commit phase enforces its budget as the single env does.
+
 Autoreset is Gymnasium 1.x's NEXT_STEP mode by default: the step after a row terminates resets that
 row (its action is ignored; reward 0, not terminated, the reset's observation and info).
 ``autoreset_mode="same_step"`` resets a row in the step it ends (its block 0 joins that step's
 forward): the reset's observation and info, the ending's in ``infos["final_obs"]`` and
 ``infos["final_info"]`` (what SB3's VecEnv convention needs, see ``agents/sb3_vec.py``).
+
+Reward terms that compare with a fixed setting's pass (``baseline_improvement``) get it from the
+row's env, unbatched and computed once per prompt (shared by the rows, stored with the references):
+the same numbers as the single env's, so a row running that fixed setting scores 0 up to the float
+noise of the batched forward.
 
 Not supported (a ValueError at construction): ``cache`` other than "mixed" (the batched forward
 appends to our mixed-precision layers) and features that need ``saliency`` (an input-gradient
@@ -193,6 +201,13 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             self._autoreset = terminations | truncations
         self.timings = {"step_ms": 1000 * (time.perf_counter() - t0)}
         return obs, rewards, terminations, truncations, infos
+
+    def action_masks(self) -> np.ndarray:
+        """``[num_envs, n_actions]`` bool: row i is ``envs[i].action_masks()`` (sb3-contrib's layout). Each
+        row's ``step`` enforces its own budget through the single env's commit phase, so an infeasible
+        action is replaced there exactly as in the single env. A row whose next step resets it (NEXT_STEP)
+        or that sits idle ignores its action, and its mask is all True."""
+        return np.stack([env.action_masks() for env in self.envs])
 
     @property
     def idle(self) -> np.ndarray:

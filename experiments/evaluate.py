@@ -20,12 +20,16 @@ the same episodes on an env whose cache is transformers' ``QuantizedCache`` with
 ``EnvConfig(cache="quanto")``). A spec with env settings runs on a sibling env that has them: a fixed
 setting missing from the env's menu, or sink tokens other than the env's (``fixed:k4v2+s4`` beside
 ``fixed:4`` on an env without sinks), so settings with and without sinks compare on the same items.
-Records are keyed by the policy's canonical name (``agents.registry.canonical_name``).
+Records are keyed by the policy's canonical name (``agents.registry.canonical_name``). A planning
+policy (``oracle``, ``oracle:k4v2``: evaluation only, it searches with each item's own passes) plans
+each item's actions, which are then replayed like any schedule; its ``ms`` includes the planning.
+``static:<schedule.json>`` is a static schedule from ``experiments.search_static``.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +37,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from agents.oracle import PlanningPolicy
 from agents.registry import canonical_name, env_overrides, make_policy, parse_spec
-from agents.rollout import rollout
+from agents.rollout import Schedule, rollout
 from envs.fingerprint import fingerprint, fingerprint_id
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
 from experiments import tracking
@@ -50,6 +55,9 @@ class EvaluateConfig:
     # the first N items of env.split: "eval" = the held-out items (what policies are compared on);
     # "train" = pool items, for measurements that must not touch the held-out set (experiments.frontier)
     items: int = 50
+    # per policy (by its name, as records spell it): evaluate it on only the first N of those items,
+    # for a costly policy (the oracle); paired differences then use the items both policies ran
+    policy_items: dict[str, int] = field(default_factory=dict)
     out_dir: str = "runs/evaluate"
     resume: bool = True  # skip (policy, row) pairs already in records.jsonl
     # paired differences against these policies (their names, as records and the report spell them)
@@ -85,10 +93,15 @@ def _policy_runner(spec: str, env: KVPrecisionEnv) -> Runner:
     if parsed.kind == "quanto":
         nbits = _quanto_bits(parsed.arg)
         overrides, spec = {"cache": "quanto", "bits": (nbits,)}, f"fixed:{nbits}"
+        # the library's cache as it is: no fp16 sink tokens, and (a fixed width) no budget to enforce
+        overrides |= {key: off for key, off in (("sink_tokens", 0), ("bit_budget", None))
+                      if getattr(env.config, key) != off}
     else:
         overrides = env_overrides(spec, env.config)
     run_env = env.sibling(**overrides) if overrides else env  # a sibling fails early on bad settings
     policy = make_policy(spec, env=run_env)
+    if isinstance(policy, PlanningPolicy):
+        return lambda e, row: _run_planned(run_env, row, policy)
     return lambda e, row: _run_policy(run_env, row, policy)
 
 
@@ -108,7 +121,21 @@ def _run_policy(env: KVPrecisionEnv, row: int, policy) -> dict:
         "correct_norm": int(info["correct_norm"]),
         "ms": episode.ms,
         "tokens": episode.reset_info["prompt_tokens"] + info["tokens"],  # the terminal step's tokens are the endings
+        # steps whose setting the env replaced to keep its bit budget (0 without a budget)
+        "budget_enforced": sum(bool(i.get("budget_enforced", False)) for i in episode.infos),
     }
+
+
+def _run_planned(env: KVPrecisionEnv, row: int, policy: PlanningPolicy) -> dict:
+    """A planning policy (``oracle``): ``plan(env, row)``, then the plan replayed through ``rollout`` as
+    a :class:`~agents.rollout.Schedule`, so its record is like every other policy's; ``ms`` includes the
+    planning, which is the policy's cost."""
+    t0 = time.perf_counter()
+    actions = policy.plan(env, row)
+    plan_ms = 1000 * (time.perf_counter() - t0)
+    record = _run_policy(env, row, Schedule(actions))
+    record["ms"] += plan_ms
+    return record
 
 
 def _policy_name(spec: str) -> str:
@@ -126,11 +153,23 @@ def _policy_names(cfg: EvaluateConfig) -> list[str]:
     if twice:
         raise ValueError(f"several policies are named {twice} (policies: {list(cfg.policies)}); "
                          "each policy's records need a name of their own")
+    limited = sorted(set(cfg.policy_items) - set(names))
+    if limited:
+        raise ValueError(f"policy_items names {limited}, which no evaluated policy is named; the policies are "
+                         f"named {names}")
+    bad = {name: n for name, n in cfg.policy_items.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+    if bad:
+        raise ValueError(f"policy_items must map policy names to item counts >= 1, got {bad}")
     unknown = [ref for ref in cfg.references if ref not in names]
     if unknown:
         raise ValueError(f"references {unknown} name no evaluated policy; the policies are named {names} "
                          "(set references to some of these, or add the policy)")
     return names
+
+
+def _wanted_rows(cfg: EvaluateConfig, rows: list[int], names: list[str]) -> dict[str, set[int]]:
+    """Each policy's items: all ``rows``, or the first ``policy_items[name]`` of them."""
+    return {name: set(rows[: cfg.policy_items.get(name, len(rows))]) for name in names}
 
 
 def _load_done(path: Path) -> tuple[list[dict], set[tuple[str, int]]]:
@@ -225,13 +264,14 @@ def run(cfg: EvaluateConfig) -> dict:
         if not rows:
             raise ValueError(f"the {cfg.env.split!r} item set is empty")
         runners = _runners(cfg, names, env)
+        wanted = _wanted_rows(cfg, rows, names)
         details = fingerprint(env.model.device, env.model.dtype)
         current = fingerprint_id(details)
         if not cfg.resume and records_path.exists():
             records_path.unlink()
         records, done = _load_done(records_path)
         mine = rows[cfg.shard :: cfg.shards]
-        todo = [(name, row) for row in mine for name in runners if (name, row) not in done]
+        todo = [(name, row) for row in mine for name in runners if (name, row) not in done and row in wanted[name]]
         if todo:
             _check_fingerprints(records, current, cfg, records_path)
             known = _load_fingerprints(fingerprints_path)
@@ -248,13 +288,12 @@ def run(cfg: EvaluateConfig) -> dict:
         env.close()
     if cfg.shards > 1:
         records, done = _load_done(records_path)  # the other shards' episodes too
-        missing = sum((name, row) not in done for row in rows for name in runners)
+        missing = sum((name, row) not in done for name in runners for row in wanted[name])
         if missing:
             print(f"evaluate: shard {cfg.shard}/{cfg.shards} done; {missing} episodes of other shards still to come. "
                   "The last shard to finish (or the same command without shards) writes the summary.")
             return {"records": str(records_path), "summary": None, "policies": None}
-    wanted = set(rows)
-    records = [r for r in records if r["row"] in wanted and r["policy"] in runners]
+    records = [r for r in records if r["policy"] in runners and r["row"] in wanted[r["policy"]]]
     policies = summarize_all(records, references=cfg.references)
     known = _load_fingerprints(fingerprints_path)
     fingerprints = {fp: {"records": n, "fingerprint": known.get(fp)} for fp, n in fingerprint_counts(records).items()}

@@ -1,4 +1,4 @@
-"""The main job: collect -> train MLP -> train PPO -> evaluate -> report, on one shared env config.
+"""The main job: collect -> train MLP -> train PPO -> search static -> evaluate -> report, on one shared env config.
 
     python -m experiments.main --config experiments/configs/main.yaml          # `make main`
     python -m experiments.main --config experiments/configs/study.yaml         # the real study
@@ -14,9 +14,16 @@ else (PPO's reward, say) names only the keys it changes under its own ``env:``, 
     train_ppo:
       env: {rewards: {ending_loglik: 1.0, final_budget: {weight: 40.0, target_bits: 2.9}}}
 
+With ``env.bit_budget`` set, every stage runs under that budget: collect's rule, the MLP, PPO, the
+static schedule search (``experiments.search_static`` on pool items; its schedule is evaluated as the
+``static`` policy) and the evaluation of the learned policies (fixed-setting baselines run as their
+names say, without the budget: see ``agents.fixed.fixed_env_overrides``).
+
 Keys the job itself derives (each stage's ``out_dir``, ``wandb_group``, ``resume``, ``env.split``,
-``train_mlp.csv``/``bits``, ``evaluate.policies``) cannot be set in a stage: that is an error naming
-where the setting belongs, never a value silently replaced. The job saves the fully resolved config
+``train_mlp.csv``/``bits``, ``search_static.out``, ``evaluate.policies``) cannot be set in a stage: that is
+an error naming where the setting belongs, never a value silently replaced. Without a budget (neither
+``env.bit_budget`` nor ``search_static.bit_budget``) there is no static schedule to search: that stage
+is skipped. The job saves the fully resolved config
 (every stage as it ran, identical to the ``config.yaml`` each stage writes) as ``config.yaml``; a run
 of some stages only writes ``config.<stages>.yaml`` beside it instead of overwriting the full record.
 """
@@ -31,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from envs.kv_precision import EnvConfig
-from experiments import collect, evaluate, report, train_mlp, train_ppo
+from experiments import collect, evaluate, report, search_static, train_mlp, train_ppo
 from experiments.config import ConfigError, parse_config, save_config
 
-STAGES = ("collect", "train_mlp", "train_ppo", "evaluate", "report")
+STAGES = ("collect", "train_mlp", "train_ppo", "search_static", "evaluate", "report")
 #: Stages whose config has an ``env`` (an overlay of the top-level one) and the split each runs on.
-ENV_SPLITS = {"collect": "train", "train_ppo": "train", "evaluate": "eval"}
+ENV_SPLITS = {"collect": "train", "train_ppo": "train", "search_static": "train", "evaluate": "eval"}
 #: Per stage: the keys the job derives, and where a user sets what they stand for instead.
 OWNED: dict[str, dict[str, str]] = {
     "collect": {"out_dir": "out_dir (top level)", "wandb_group": "wandb_group (top level)",
@@ -45,8 +52,9 @@ OWNED: dict[str, dict[str, str]] = {
                   "csv": "the collect stage (its output is the training data)", "bits": "env.bits (top level)"},
     "train_ppo": {"out_dir": "out_dir (top level)", "wandb_group": "wandb_group (top level)",
                   "resume": "redo (top level): the job always resumes unless redo=true"},
+    "search_static": {"out": "out_dir (top level)"},
     "evaluate": {"out_dir": "out_dir (top level)", "wandb_group": "wandb_group (top level)",
-                 "policies": "baselines (top level); the job adds the rule, MLP and PPO it trained"},
+                 "policies": "baselines (top level); the job adds the rule, MLP, PPO and static schedule it made"},
 }
 
 
@@ -57,6 +65,7 @@ class MainConfig:
     collect: collect.CollectConfig = field(default_factory=collect.CollectConfig)
     train_mlp: train_mlp.TrainMLPConfig = field(default_factory=train_mlp.TrainMLPConfig)
     train_ppo: train_ppo.TrainPPOConfig = field(default_factory=train_ppo.TrainPPOConfig)
+    search_static: search_static.SearchStaticConfig = field(default_factory=search_static.SearchStaticConfig)
     evaluate: evaluate.EvaluateConfig = field(default_factory=evaluate.EvaluateConfig)
     baselines: list[str] = field(default_factory=lambda: ["fp16", "fixed:2", "fixed:4", "fixed:8", "quanto:4"])
     stages: tuple[str, ...] = STAGES
@@ -75,8 +84,8 @@ class _StageOverlay:
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         top_env = data.get("env") or {}
         if isinstance(top_env, dict) and str(top_env.get("split", "train")) != "train":  # "train": a saved record
-            raise ConfigError("env.split is set by the job per stage (train for collect and train_ppo, eval for "
-                              "evaluate); remove it")
+            raise ConfigError("env.split is set by the job per stage (train for collect, train_ppo and "
+                              "search_static, eval for evaluate); remove it")
         for stage in STAGES:
             section = data.setdefault(stage, {}) if stage in ENV_SPLITS else data.get(stage)
             if section is None:
@@ -135,6 +144,8 @@ def resolve(cfg: MainConfig) -> MainConfig:
                               wandb_group=group)
     ppo = dataclasses.replace(cfg.train_ppo, env=_stage_env(cfg, "train_ppo"), out_dir=str(out / "train_ppo"),
                               wandb_group=group, resume=not cfg.redo)
+    static = dataclasses.replace(cfg.search_static, env=_stage_env(cfg, "search_static"),
+                                 out=str(out / "search_static" / SCHEDULE_NAME))
 
     def planned(stage: str, path: Path) -> bool:
         return stage in cfg.stages or path.exists()
@@ -147,9 +158,21 @@ def resolve(cfg: MainConfig) -> MainConfig:
         policies.append(f"mlp:{mlp_path(mlp)}")
     if planned("train_ppo", ppo_path(ppo)):
         policies.append(f"sb3:{ppo.algo}:{ppo_path(ppo)}")
+    if planned("search_static", Path(static.out)) and has_budget(static):
+        policies.append(f"static:{static.out}")
     ev = dataclasses.replace(cfg.evaluate, env=_stage_env(cfg, "evaluate"), policies=policies,
                              out_dir=str(out / "evaluate"), wandb_group=group)
-    return dataclasses.replace(cfg, collect=col, train_mlp=mlp, train_ppo=ppo, evaluate=ev, wandb_group=group)
+    return dataclasses.replace(cfg, collect=col, train_mlp=mlp, train_ppo=ppo, search_static=static, evaluate=ev,
+                               wandb_group=group)
+
+
+#: The static schedule's file under ``out_dir/search_static/`` (evaluated as ``static:<it>``).
+SCHEDULE_NAME = "schedule.json"
+
+
+def has_budget(cfg: search_static.SearchStaticConfig) -> bool:
+    """Whether the static schedule search has a budget to search under (it needs one)."""
+    return cfg.bit_budget is not None or cfg.env.bit_budget is not None
 
 
 def mlp_path(cfg: train_mlp.TrainMLPConfig) -> Path:
@@ -193,6 +216,17 @@ def run(cfg: MainConfig) -> dict[str, str]:
     if stage("train_ppo", ppo_path(cfg.train_ppo)):
         train_ppo.run(cfg.train_ppo)
     paths["ppo"] = str(ppo_path(cfg.train_ppo))
+    schedule = Path(cfg.search_static.out)
+    if not has_budget(cfg.search_static) and "search_static" in cfg.stages:
+        print("[main] search_static: no bit budget (env.bit_budget), so no static schedule to search; skipping")
+    elif stage("search_static", schedule):
+        schedule.parent.mkdir(parents=True, exist_ok=True)
+        save_config(cfg.search_static, schedule.parent / "config.yaml")  # as the other stages record theirs
+        found = search_static.run(cfg.search_static)
+        print(f"[main] static schedule {found['schedule']} (from fixed:{found['start']['setting']}): mean Δ gold "
+              f"log-lik {found['start']['objective']:+.3f} -> {found['objective']:+.3f} nats on "
+              f"{len(found['rows'])} pool items, max avg bits {found['max_avg_bits']:.3f}")
+    paths["schedule"] = str(schedule)
 
     summary = Path(cfg.evaluate.out_dir) / "summary.json"
     if "evaluate" in cfg.stages:  # always called: it resumes by itself and skips finished episodes

@@ -71,6 +71,14 @@ def _delta(ref: str) -> Callable[[dict], dict | None]:
     return lambda entry: entry.get("paired", {}).get(ref, {}).get("acc_norm")
 
 
+def budget_column(policies: dict[str, dict]) -> list[Column]:
+    """``enforced/ep`` (steps per episode whose setting the env replaced to keep its bit budget), when
+    some policy had any: without a budget the table stays as it was."""
+    if not any(e["summary"].get("budget_enforced", {}).get("mean", 0) for e in policies.values()):
+        return []
+    return [Column("budget_enforced", "enforced/ep", lambda e: e["summary"].get("budget_enforced"), ".2f")]
+
+
 def columns(references: Sequence[str]) -> list[Column]:
     """The comparison's columns: one Δacc_norm per reference, in the order the references are given."""
     return [
@@ -121,7 +129,7 @@ def _rows(policies: dict[str, dict], cols: Sequence[Column]) -> list[list[str]]:
 
 
 def markdown_table(policies: dict[str, dict], references: Sequence[str]) -> str:
-    cols = columns(references)
+    cols = [*columns(references), *budget_column(policies)]
     titles = ["policy", *(c.title for c in cols)]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(policies, cols)]
@@ -141,7 +149,7 @@ def print_table(policies: dict[str, dict], references: Sequence[str], console: C
                 extra: Sequence[Column] = ()) -> None:
     """Same rows as the Markdown table, plus the ``extra`` columns; intervals go on a dim second line
     so it fits ~100 columns."""
-    cols = [*columns(references), *extra]
+    cols = [*columns(references), *budget_column(policies), *extra]
     table = Table(title="KV-precision policies on HellaSwag (95% CIs; Δ = paired difference per item)")
     table.add_column("policy", no_wrap=True, min_width=max(map(len, policies), default=6))
     for c in cols:

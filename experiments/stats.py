@@ -130,7 +130,16 @@ def fingerprint_counts(records: Iterable[dict]) -> dict[str, int]:
 
 
 def _paired(records: Sequence[dict], ref_records: Sequence[dict], own: str, ref: str, level: float) -> dict:
-    """This policy minus ``ref`` on the items both computed under one fingerprint (see the module doc)."""
+    """This policy minus ``ref`` on the items both computed under one fingerprint (see the module doc).
+
+    A policy evaluated on a subset of the other's items (``experiments.evaluate``'s ``policy_items``:
+    the costly oracle on the first few) is paired on that subset; item sets that are not nested are
+    an error (:func:`align`)."""
+    rows_a, rows_b = {r.get("row") for r in records}, {r.get("row") for r in ref_records}
+    if rows_a < rows_b or rows_b < rows_a:
+        common = rows_a & rows_b
+        records = [r for r in records if r.get("row") in common]
+        ref_records = [r for r in ref_records if r.get("row") in common]
     pairs = [(a, b) for a, b in align(records, ref_records) if record_fingerprint(a) == record_fingerprint(b)]
     if not pairs:
         raise ValueError(f"no item of {own!r} shares a fingerprint with {ref!r} ({own}: "
@@ -167,6 +176,8 @@ def summarize_policy(records: list[dict], by_policy: dict[str, list[dict]], refe
     summary["kv_ratio"] = mean_ci(_ratio(records, "kv_bytes", "fp16_kv_bytes"), level).as_dict()
     summary["ms_per_item"] = mean_ci(_column(records, "ms"), level).as_dict()
     summary["ms_per_token"] = mean_ci(_ratio(records, "ms", "tokens"), level).as_dict()
+    if all("budget_enforced" in r for r in records):  # records from before budgets lack it
+        summary["budget_enforced"] = mean_ci(_column(records, "budget_enforced"), level).as_dict()
     summary["items"] = n
     own = names.pop()
     paired = {ref: _paired(records, by_policy[ref], own, ref, level)

@@ -8,8 +8,9 @@ Experiments run on machines without network or a wandb account, so a run is writ
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,19 @@ def log_summary_table(run: Any, policies: dict[str, dict], references: Sequence[
         run.summary.update({f"{name}/{k}": v for k, v in scalars.items()})
         if len(policies) == 1:
             run.summary.update(scalars)
+
+
+def define_curve(run: Any, prefix: str, step: str) -> None:
+    """Plot every ``<prefix>/*`` metric against ``<prefix>/<step>`` (e.g. env steps) rather than wandb's own
+    step counter, which other writers to the run (SB3's synced TensorBoard scalars) advance too."""
+    run.define_metric(f"{prefix}/{step}")
+    run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/{step}")
+
+
+def log_curve(run: Any, prefix: str, row: Mapping[str, float | int | None]) -> None:
+    """One point of a curve declared by :func:`define_curve`; missing (None) and NaN values are left out,
+    so a metric that was not measured in an interval leaves a gap rather than a fake zero."""
+    run.log({f"{prefix}/{k}": v for k, v in row.items() if v is not None and not (isinstance(v, float) and math.isnan(v))})
 
 
 def sync_hint(run: Any) -> str | None:

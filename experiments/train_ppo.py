@@ -1,23 +1,41 @@
-"""Train PPO (or any stable-baselines3 algorithm, by name) on KVPrecision-v0's train split.
+"""Train PPO, MaskablePPO (or any stable-baselines3 / sb3-contrib algorithm, by name) on KVPrecision-v0's train split.
 
     python -m experiments.train_ppo --config experiments/configs/train_ppo.yaml
     python -m experiments.train_ppo --config experiments/configs/train_ppo.yaml --set resume=true
 
-Writes ``<out_dir>/<algo>.zip`` (``ppo.zip`` by default; load it with ``sb3:<out_dir>/ppo.zip``),
-checkpoints ``<out_dir>/checkpoints/<algo>_<steps>_steps.zip`` every ``checkpoint_every`` steps (and on
-Ctrl-C), TensorBoard logs in ``<out_dir>/tb`` (synced into the wandb run) and ``config.yaml``.
+Writes ``<out_dir>/<algo>.zip`` (``ppo.zip`` by default; load it with ``sb3:<out_dir>/ppo.zip``, or
+``sb3:MaskablePPO:<out_dir>/maskableppo.zip``), checkpoints ``<out_dir>/checkpoints/<algo>_<steps>_steps.zip``
+every ``checkpoint_every`` steps (and on Ctrl-C), the learning curve ``<out_dir>/learning_curve.csv`` (and in
+the wandb run; see ``experiments.learning_curve``), TensorBoard logs in ``<out_dir>/tb`` (synced into the wandb
+run) and ``config.yaml``.
 
 Choices:
-- No VecNormalize: observations are unit-scaled by construction (entropy/rarity in nats, the rest in
-  [0, 1]), and a normaliser would be one more artifact that evaluation must load and apply.
-- ``resume=true`` loads the newest checkpoint and continues to ``total_timesteps`` (the step counter and
-  the TensorBoard curve continue too); hyperparameters come from the checkpoint, and resuming with a
-  different env or algorithm is refused. ``resume=false`` starts over: checkpoints of the earlier run in
-  this ``out_dir`` are deleted first, so a later resume never picks them up. Off-policy algorithms resume
-  with an empty replay buffer.
-- ``eval_freq > 0`` adds an EvalCallback on a separate env over the *train* split, re-seeded with
-  ``eval_seed`` before every evaluation, so each evaluation sees the same few items: a comparable training
-  curve, not a held-out score (``experiments.evaluate`` measures that on the eval split).
+- ``algo: MaskablePPO`` (sb3-contrib) acts under the env's bit budget: at every step it reads the env's
+  ``action_masks()`` (sb3-contrib's convention, through the vector env's ``env_method``) and samples only
+  settings that keep the budget reachable, so it never has to learn the budget from the env's fallback.
+- ``normalize_reward`` (default on): rewards reach the learner through SB3's ``VecNormalize(norm_obs=False,
+  norm_reward=True)``, i.e. divided by a running std of the discounted return, clipped at ±10. Why: the
+  last PPO run's critic never learned a return scale of ~190 (value loss 17,885, explained variance ~0), and
+  since SB3 clips the gradient norm of the *summed* policy + value loss (max_grad_norm 0.5), a huge value
+  loss also shrinks the policy's step to almost nothing. PPO normalises advantages per batch but not the
+  critic's targets. A fixed ``reward_scale`` was the alternative; it was rejected because the right constant
+  depends on the reward terms, the budget, the baseline setting and the model (per-item damage spreads from
+  ~0.2 nats at 4 bits to ~1.6 at 2 bits), so it would need re-tuning with every config, while the running
+  std adapts to each. Training only: observations are not normalised, so evaluation loads the bare model
+  and needs no normaliser. The statistics are saved next to each checkpoint
+  (``<algo>_vecnormalize_<steps>_steps.pkl``) so a resumed run continues on the same scale. The learning
+  curve reports raw (unnormalised) returns; SB3's ``train/value_loss`` is on the normalised scale.
+- No observation normaliser: observations are unit-scaled by construction (entropy/rarity in nats, the rest
+  in [0, 1]), and a normaliser would be one more artifact that evaluation must load and apply.
+- ``resume=true`` loads the newest checkpoint and continues to ``total_timesteps`` (the step counter, the
+  TensorBoard curve and the learning-curve CSV continue too); hyperparameters come from the checkpoint, and
+  resuming with a different env, algorithm or reward normalisation is refused. ``resume=false`` starts over:
+  checkpoints of the earlier run in this ``out_dir`` are deleted first, so a later resume never picks them
+  up. Off-policy algorithms resume with an empty replay buffer.
+- ``eval_freq > 0`` adds an EvalCallback (MaskableEvalCallback for MaskablePPO) on a separate env over the
+  *train* split, re-seeded with ``eval_seed`` before every evaluation, so each evaluation sees the same few
+  items: a comparable training curve, not a held-out score (``experiments.evaluate`` measures that on the
+  eval split).
 """
 
 from __future__ import annotations
@@ -36,6 +54,7 @@ import wandb
 import yaml
 from stable_baselines3.common.callbacks import CheckpointCallback, EvalCallback
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 from agents.sb3 import resolve_algorithm
 from envs import ENV_ID
@@ -43,20 +62,46 @@ from envs.io import atomic_write
 from envs.kv_precision import EnvConfig
 from experiments import tracking
 from experiments.config import config_to_dict, parse_config, save_config
+from experiments.learning_curve import CURVE_NAME, LearningCurveCallback, start_curve
 
 CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT_RE = re.compile(r"_(\d+)_steps\.zip$")
 #: Keys a resumed run must share with the run that wrote the checkpoints.
-_RESUME_KEYS = ("env", "algo", "policy")
+_RESUME_KEYS = ("env", "algo", "policy", "normalize_reward")
+
+
+def _default_algo_kwargs() -> dict[str, Any]:
+    """PPO/MaskablePPO defaults for short episodes (~9 blocks of 64 tokens) whose reward comes at the end."""
+    return {
+        # ~28 episodes per update: a terminal-only reward gives one learning signal per episode, so an
+        # update needs many episodes for its advantage estimates (and their per-batch normalisation).
+        "n_steps": 256,
+        "batch_size": 64,  # 4 minibatches per epoch
+        "n_epochs": 10,
+        "learning_rate": 3.0e-4,
+        # Undiscounted: the episode is short and finite and the reward is terminal; gamma < 1 would only
+        # shrink the credit of the early blocks (0.99^9 ~ 0.91) that shape the whole cache.
+        "gamma": 1.0,
+        # Mostly Monte Carlo: the terminal reward reaches block 0 with weight 0.95^8 ~ 0.66, so an untrained
+        # critic biases the advantages little, while the critic still cuts some of the return's noise (the
+        # same item's damage differs across machines by 0.17-1.6 nats).
+        "gae_lambda": 0.95,
+        # Keeps exploring settings (the last run collapsed to "always 4 bits"); relative to per-batch
+        # normalised advantages, so independent of the reward's scale.
+        "ent_coef": 0.01,
+    }
 
 
 @dataclass
 class TrainPPOConfig:
     env: EnvConfig = field(default_factory=EnvConfig)  # split must stay "train"
-    algo: str = "PPO"  # any stable-baselines3 algorithm with a Discrete action space (PPO, A2C, DQN)
+    # Any stable-baselines3 / sb3-contrib algorithm by name: PPO, MaskablePPO (reads env.action_masks()), A2C, DQN
+    algo: str = "PPO"
     policy: str = "MlpPolicy"
-    # Constructor kwargs of the algorithm (replace them wholesale in YAML when changing algo).
-    algo_kwargs: dict[str, Any] = field(default_factory=lambda: {"n_steps": 256, "batch_size": 64})
+    # Constructor kwargs of the algorithm (replace them wholesale in YAML when changing to a non-PPO algo).
+    algo_kwargs: dict[str, Any] = field(default_factory=_default_algo_kwargs)
+    # Rewards reach the learner divided by a running std of the return (training only; see the module doc).
+    normalize_reward: bool = True
     total_timesteps: int = 20_000  # env steps (one per KV block)
     n_envs: int = 1  # DummyVecEnv copies; they share one loaded model in-process
     checkpoint_every: int = 1_000  # env steps between checkpoints (0 disables)
@@ -73,20 +118,39 @@ class TrainPPOConfig:
     progress: bool = True
 
 
+def make_env(config: EnvConfig) -> gym.Env:
+    """One training env (a factory rather than the id: make_vec_env would pass render_mode="rgb_array")."""
+    return gym.make(ENV_ID, config=config)
+
+
+def vecnormalize_path(checkpoint: Path) -> Path:
+    """Where the reward normaliser's statistics of ``<algo>_<steps>_steps.zip`` are saved."""
+    prefix, steps = _CHECKPOINT_RE.split(checkpoint.name)[:2]
+    return checkpoint.with_name(f"{prefix}_vecnormalize_{steps}_steps.pkl")
+
+
+def save_checkpoint(model: Any, path: Path) -> Path:
+    """The model at ``path`` and, when training normalises rewards, its statistics beside it (written first,
+    so a checkpoint that exists always has them)."""
+    vecnorm = model.get_vec_normalize_env()
+    if vecnorm is not None:
+        atomic_write(vecnormalize_path(path), vecnorm.save)
+    return atomic_write(path, model.save)
+
+
 class AtomicCheckpointCallback(CheckpointCallback):
     """CheckpointCallback whose zip files appear whole or not at all (a kill mid-save leaves no stub)."""
 
     def _on_step(self) -> bool:
         if self.n_calls % self.save_freq == 0:
-            path = Path(self._checkpoint_path(extension="zip"))
-            atomic_write(path, self.model.save)
+            path = save_checkpoint(self.model, Path(self._checkpoint_path(extension="zip")))
             if self.verbose >= 2:
                 print(f"Saving model checkpoint to {path}")
         return True
 
 
-class FixedSeedEvalCallback(EvalCallback):
-    """EvalCallback that re-seeds its env before every evaluation, so all evaluations use the same items."""
+class _FixedSeed:
+    """Re-seeds the eval env before every evaluation, so all evaluations use the same items."""
 
     def __init__(self, *args, eval_seed: int, **kwargs):
         super().__init__(*args, **kwargs)
@@ -96,6 +160,33 @@ class FixedSeedEvalCallback(EvalCallback):
         if self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
             self.eval_env.seed(self.eval_seed)
         return super()._on_step()
+
+
+class FixedSeedEvalCallback(_FixedSeed, EvalCallback):
+    """EvalCallback on the same items at every evaluation."""
+
+
+def _eval_callback_class(algo_cls: type) -> type:
+    """MaskablePPO evaluates with the env's masks (sb3-contrib's MaskableEvalCallback); others as SB3 does."""
+    if not _is_maskable(algo_cls):
+        return FixedSeedEvalCallback
+    from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
+
+    return type("FixedSeedMaskableEvalCallback", (_FixedSeed, MaskableEvalCallback), {})
+
+
+def _is_maskable(algo_cls: type) -> bool:
+    try:
+        from sb3_contrib import MaskablePPO
+    except ImportError:
+        return False
+    return issubclass(algo_cls, MaskablePPO)
+
+
+def _check_masks(algo_cls: type, venv: VecEnv) -> None:
+    if _is_maskable(algo_cls) and not venv.has_attr("action_masks"):
+        raise ValueError(f"{algo_cls.__name__} reads the env's action_masks(), which this env lacks; train PPO "
+                         "instead, or an env version with bit budgets (EnvConfig.bit_budget)")
 
 
 def checkpoints(directory: Path) -> list[Path]:
@@ -127,6 +218,25 @@ def _check_resumable(cfg: TrainPPOConfig, out_dir: Path) -> None:
         )
 
 
+def _training_env(cfg: TrainPPOConfig, venv: VecEnv, checkpoint: Path | None) -> VecEnv:
+    """``venv`` behind the reward normaliser when ``normalize_reward``; a resumed run continues its statistics."""
+    if not cfg.normalize_reward:
+        return venv
+    stats = vecnormalize_path(checkpoint) if checkpoint is not None else None
+    if stats is not None and stats.is_file():
+        return VecNormalize.load(str(stats), venv)
+    if stats is not None:
+        print(f"no reward-normaliser statistics at {stats}: they start afresh")
+    gamma = float(cfg.algo_kwargs.get("gamma", 0.99))  # the return whose std scales the rewards
+    return VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=gamma)
+
+
+def _eval_env(cfg: TrainPPOConfig, make: Any) -> VecEnv:
+    env = make_vec_env(make, n_envs=1, seed=cfg.eval_seed)
+    # EvalCallback syncs normaliser statistics into an eval env wrapped the same way; this one changes nothing.
+    return VecNormalize(env, training=False, norm_obs=False, norm_reward=False) if cfg.normalize_reward else env
+
+
 def run(cfg: TrainPPOConfig) -> dict[str, Path]:
     """Train (or continue training) and save the final model; returns the paths written."""
     if cfg.env.split != "train":
@@ -137,24 +247,27 @@ def run(cfg: TrainPPOConfig) -> dict[str, Path]:
     out_dir = Path(cfg.out_dir)
     ckpt_dir, tb_dir = out_dir / CHECKPOINT_DIR, out_dir / "tb"
     existing = checkpoints(ckpt_dir)
-    if cfg.resume and existing:
+    resumed = cfg.resume and bool(existing)
+    if resumed:
         _check_resumable(cfg, out_dir)
     elif existing:
         print(f"resume=false: removing {len(existing)} checkpoint(s) of an earlier run in {ckpt_dir}")
         for p in existing:
             p.unlink()
+            vecnormalize_path(p).unlink(missing_ok=True)
     paths: dict[str, Path] = {"config": save_config(cfg, out_dir / "config.yaml"), "checkpoints": ckpt_dir,
-                              "tensorboard": tb_dir}
+                              "tensorboard": tb_dir, "learning_curve": out_dir / CURVE_NAME}
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    # A factory rather than the id: make_vec_env would pass render_mode="rgb_array", which the env lacks.
-    make_env = partial(gym.make, ENV_ID, config=cfg.env)
-    venv = make_vec_env(make_env, n_envs=cfg.n_envs, seed=cfg.seed)
+    make = partial(make_env, cfg.env)
+    venv = _training_env(cfg, make_vec_env(make, n_envs=cfg.n_envs, seed=cfg.seed),
+                         existing[-1] if resumed else None)
+    _check_masks(algo_cls, venv)
     eval_env = None
     wb, patched = _init_run(cfg, out_dir, tb_dir)
     try:
-        if cfg.resume and existing:
+        if resumed:
             latest = existing[-1]
             model = algo_cls.load(latest, env=venv, device=cfg.device, tensorboard_log=str(tb_dir))
             print(f"resuming from {latest} ({model.num_timesteps} steps done of {cfg.total_timesteps})")
@@ -167,18 +280,18 @@ def run(cfg: TrainPPOConfig) -> dict[str, Path]:
             except TypeError as e:
                 raise ValueError(f"algo_kwargs {cfg.algo_kwargs} do not fit {algo_cls.__name__} ({e}); "
                                  "replace algo_kwargs in the YAML when changing algo") from e
-        resumed = cfg.resume and bool(existing)
 
-        callbacks = []
+        start_curve(paths["learning_curve"], keep_through=model.num_timesteps if resumed else 0)
+        callbacks = [LearningCurveCallback(paths["learning_curve"], run=wb)]
         if cfg.checkpoint_every > 0:
             callbacks.append(AtomicCheckpointCallback(max(cfg.checkpoint_every // cfg.n_envs, 1), str(ckpt_dir),
                                                       name_prefix=cfg.algo.lower()))
         if cfg.eval_freq > 0:
-            eval_env = make_vec_env(make_env, n_envs=1, seed=cfg.eval_seed)
-            callbacks.append(FixedSeedEvalCallback(eval_env, eval_seed=cfg.eval_seed,
-                                                   n_eval_episodes=cfg.eval_episodes,
-                                                   eval_freq=max(cfg.eval_freq // cfg.n_envs, 1),
-                                                   deterministic=True, verbose=0))
+            eval_env = _eval_env(cfg, make)
+            callbacks.append(_eval_callback_class(algo_cls)(eval_env, eval_seed=cfg.eval_seed,
+                                                            n_eval_episodes=cfg.eval_episodes,
+                                                            eval_freq=max(cfg.eval_freq // cfg.n_envs, 1),
+                                                            deterministic=True, verbose=0))
 
         remaining = cfg.total_timesteps - model.num_timesteps
         if remaining > 0:
@@ -187,7 +300,7 @@ def run(cfg: TrainPPOConfig) -> dict[str, Path]:
                             tb_log_name=cfg.algo.upper(), progress_bar=cfg.progress)
             except KeyboardInterrupt:
                 ckpt = ckpt_dir / f"{cfg.algo.lower()}_{model.num_timesteps}_steps.zip"
-                path = atomic_write(ckpt, model.save)
+                path = save_checkpoint(model, ckpt)
                 print(f"\ninterrupted: saved {path}; continue with --set resume=true")
                 raise
         else:

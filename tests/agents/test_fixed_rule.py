@@ -162,3 +162,11 @@ def test_make_policy_errors():
         make_policy("rule")
     with pytest.raises(ValueError, match="already registered"):
         register_policy("fixed")(lambda *a: None)
+
+
+def test_calibration_on_a_menu_with_key_value_pairs_counts_their_mean_bits():
+    menu = (2, (4, 2), 4, 8, 16)
+    entropies = np.random.default_rng(2).gamma(4.0, 0.8, size=2000)
+    pol = EntropyRulePolicy(NAMES, menu, calibrate_thresholds(entropies, menu, 2.9))
+    assert pol.chosen_bits(entropies).mean() == pytest.approx(2.9, abs=0.05)
+    assert max_entropy_fractions(menu, 3.0) @ np.array([2, 3, 4, 8, 16]) == pytest.approx(3.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -195,3 +196,46 @@ def test_policies_with_their_own_env_settings_run_on_the_same_items(tmp_path):
 def test_policy_names_are_canonical(tmp_path):
     with pytest.raises(ValueError, match=r"several policies are named \['fixed:k4v2'\]"):
         evaluate.run(_cfg(tmp_path, policies=["fixed:k4v2", "fixed:K4V2+s0"], references=[]))
+
+
+def test_under_a_budget_fixed_settings_play_as_named_and_learned_ones_keep_the_budget(tmp_path):
+    env = dataclasses.replace(_cfg(tmp_path).env, bit_budget=3.0)
+    result = evaluate.run(_cfg(tmp_path, env=env, policies=["fp16", "fixed:4", "fixed:2", "rule", "quanto:4"],
+                               references=["fp16"]))
+    records = _records(tmp_path)
+    assert all(isinstance(r["budget_enforced"], int) for r in records)
+    fixed4 = [r for r in records if r["policy"] == "fixed:4"]
+    assert all(r["avg_bits"] == pytest.approx(4.0) and r["budget_enforced"] == 0 for r in fixed4)  # no budget
+    assert result["policies"]["fp16"]["summary"]["avg_bits"]["mean"] == pytest.approx(16.0)
+    rule = [r for r in records if r["policy"] == "rule"]  # the default thresholds ask for more than 3 bits...
+    assert all(r["avg_bits"] <= 3.0 + 1e-9 for r in rule)
+    assert all(r["budget_enforced"] == 0 for r in rule)  # ...and the rule reads the mask: the env replaces nothing
+
+
+def test_records_count_the_steps_the_env_replaced_to_keep_its_budget(tmp_path):
+    from agents.rollout import Schedule
+    from envs.kv_precision import KVPrecisionEnv
+
+    env = KVPrecisionEnv(dataclasses.replace(_cfg(tmp_path).env, bit_budget=3.0))
+    row = env.items[0].row
+    blocks = -(-len(env.episode_inputs(row)[1]) // env.config.interval)
+    fp16 = env.bits.index(16)
+    record = evaluate._run_policy(env, row, Schedule([fp16] * blocks))  # a schedule ignores masks: the env enforces
+    assert record["avg_bits"] <= 3.0 + 1e-9
+    assert 0 < record["budget_enforced"] <= blocks
+    env.close()
+
+
+def test_policy_items_limit_a_costly_policy_to_the_first_items_and_pair_on_them(tmp_path):
+    result = evaluate.run(_cfg(tmp_path, policies=["fp16", "fixed:2", "fixed:4"], policy_items={"fixed:2": 1}))
+    rows = {}
+    for r in _records(tmp_path):
+        rows.setdefault(r["policy"], []).append(r["row"])
+    assert len(rows["fp16"]) == 3 and rows["fixed:2"] == rows["fp16"][:1]
+    assert result["policies"]["fixed:2"]["summary"]["items"] == 1
+    assert result["policies"]["fixed:2"]["paired"]["fp16"]["items"] == 1
+    assert result["policies"]["fixed:4"]["paired"]["fp16"]["items"] == 3
+    with pytest.raises(ValueError, match="policy_items"):
+        evaluate.run(_cfg(tmp_path, policy_items={"oracle": 1}))
+    with pytest.raises(ValueError, match="policy_items"):
+        evaluate.run(_cfg(tmp_path, policy_items={"fp16": 0}))

@@ -1,0 +1,162 @@
+"""The per-item greedy oracle: an upper bound for evaluation, never a policy that could be deployed.
+
+At each block it tries every setting the budget allows, each time completing the episode at one
+fixed *completion* setting, reads the terminal gold-ending log-likelihood change, keeps the best
+(ties: the cheaper setting) and moves on from it. It sees the item's own passes (the gold ending
+included), so it measures headroom: how much a controller that knew each block's real damage could
+gain. It needs the env's state at each block, which :meth:`envs.kv_precision.KVPrecisionEnv.snapshot`
+gives, so it acts through :meth:`OraclePolicy.plan` (a whole episode's actions for one item), not
+through ``predict``; ``experiments.evaluate`` replays a plan with ``agents.rollout.Schedule``.
+
+Why it is never worse than its completion setting on an item: at every block the completion setting
+itself is a candidate, and choosing it reproduces exactly the episode that was the best completion
+one block earlier (the env is deterministic and a restored snapshot continues bit-identically), so
+the best value can only grow from block to block, starting from the fixed completion episode.
+Cost: about ``blocks^2 / 2 * settings`` block forwards per item (~9 blocks, 6 settings: ~250).
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from agents.base import Policy
+from envs.settings import Setting, mean_bits, normalize_setting, parse_setting, setting_name, settings_by_cost
+
+#: Slack on the budget comparison, as everywhere a final ``avg_bits`` is checked against a budget.
+BUDGET_TOLERANCE = 1e-9
+#: Most candidate actions per block with layer groups (every combination of settings is tried).
+MAX_CANDIDATES = 256
+
+Action = int | list[int]
+
+
+class PlanningPolicy(Policy):
+    """A policy that decides a whole episode per item (:meth:`plan`) instead of per observation.
+
+    ``experiments.evaluate`` runs one by calling ``plan(env, row)`` and replaying the actions with
+    ``agents.rollout.Schedule`` through ``agents.rollout.rollout``, so its records are like any other's.
+    """
+
+    @abstractmethod
+    def plan(self, env: Any, row: int) -> list[Action]:
+        """The actions of the episode on HellaSwag row ``row`` (``reset(options={"row": row})``)."""
+
+    def predict(self, obs: Any, state: Any = None, episode_start: Any = None, deterministic: bool = True,
+                **kwargs: Any):
+        raise TypeError(
+            f"{type(self).__name__} ({self.name!r}) plans per item: call plan(env, row) and replay the actions with "
+            "agents.rollout.Schedule (experiments.evaluate does); it cannot act on an observation alone")
+
+    def act(self, obs2d: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        return self.predict(obs2d)
+
+
+class OraclePolicy(PlanningPolicy):
+    """Per-item greedy oracle (see the module docstring).
+
+    ``completion``: the setting every branch completes at (a name like ``"k4v2"`` or a setting);
+    default: the dearest menu setting whose mean bits fit the budget (the dearest of all without one).
+    ``budget``: the average-bits budget; default: the env's ``bit_budget`` (None: no budget). A
+    candidate is skipped when the env's ``action_masks()`` masks it, and discarded when its completed
+    episode ends over the budget.
+    """
+
+    def __init__(self, observation_names: Sequence[str], bits: Sequence[Any], completion: Any = None,
+                 budget: float | None = None):
+        super().__init__(observation_names, bits)
+        self.completion: Setting | None = None
+        if completion is not None:
+            self.completion = parse_setting(completion) if isinstance(completion, str) else normalize_setting(completion)
+            if self.completion not in self.bits:
+                raise ValueError(f"oracle completion setting {setting_name(self.completion)} is not in the env's menu "
+                                 f"{[setting_name(b) for b in self.bits]}")
+        self.budget = None if budget is None else float(budget)
+        self.name = "oracle" if self.completion is None else f"oracle:{setting_name(self.completion)}"
+        #: the terminal gold-ending log-lik delta of the last plan (what its replay scores)
+        self.last_value: float | None = None
+
+    def completion_index(self, budget: float | None) -> int:
+        """Menu index of the completion setting under ``budget``."""
+        if self.completion is not None:
+            return self.bits.index(self.completion)
+        order = settings_by_cost(self.bits)
+        fitting = [i for i in order if budget is None or mean_bits(self.bits[i]) <= budget + BUDGET_TOLERANCE]
+        if not fitting:
+            raise ValueError(f"no setting of the menu {[setting_name(b) for b in self.bits]} fits the budget {budget} "
+                             "average bits; raise the budget or add a cheaper setting")
+        return fitting[-1]
+
+    def plan(self, env: Any, row: int) -> list[Action]:
+        base = env.unwrapped
+        if tuple(base.bits) != self.bits:
+            raise ValueError(f"the oracle was built for the menu {self.bits}, the env has {tuple(base.bits)}")
+        budget = self.budget if self.budget is not None else getattr(base.config, "bit_budget", None)
+        groups = int(getattr(base, "layer_groups", 1))
+        completion = self.completion_index(budget)
+        finish: Action = completion if groups == 1 else [completion] * groups
+        candidates = _candidates(self.bits, groups)
+        base.reset(options={"row": row})
+        actions: list[Action] = []
+        while True:
+            snap = base.snapshot()
+            mask = _mask(base)
+            best: tuple[Action, float] | None = None
+            for action in candidates:  # cheapest first: a tie keeps the cheaper
+                if mask is not None and not _allowed(mask, action, len(self.bits)):
+                    continue
+                base.restore(snap)
+                value, avg_bits = _complete(base, action, finish)
+                if budget is not None and avg_bits > budget + BUDGET_TOLERANCE:
+                    continue
+                if best is None or value > best[1]:
+                    best = (action, value)
+            if best is None:
+                raise ValueError(
+                    f"row {row}, block {len(actions)}: every candidate completed at {setting_name(self.bits[completion])} "
+                    f"ends over the budget of {budget} average bits (fp16 sink tokens count 16); choose a cheaper "
+                    "completion setting ('oracle:<setting>')")
+            base.restore(snap)
+            _, _, terminated, truncated, _ = base.step(best[0])
+            actions.append(best[0])
+            if terminated or truncated:
+                self.last_value = best[1]
+                return actions
+
+
+def _complete(env: Any, action: Action, finish: Action) -> tuple[float, float]:
+    """Commit ``action``, then every later block at ``finish``; the terminal (loglik_delta, avg_bits)."""
+    _, _, terminated, truncated, info = env.step(action)
+    while not (terminated or truncated):
+        _, _, terminated, truncated, info = env.step(finish)
+    return float(info["loglik_delta"]), float(info["avg_bits"])
+
+
+def _candidates(menu: Sequence[Setting], groups: int) -> list[Action]:
+    """Every action, cheapest first (mean bits over groups; then the menu's cost order)."""
+    rank = {i: r for r, i in enumerate(settings_by_cost(menu))}
+    if groups == 1:
+        return sorted(range(len(menu)), key=rank.__getitem__)
+    if len(menu) ** groups > MAX_CANDIDATES:
+        raise ValueError(f"the oracle tries every combination of settings over layer groups: {len(menu)}^{groups} > "
+                         f"{MAX_CANDIDATES}; use fewer layer groups or a smaller menu")
+    combos = itertools.product(range(len(menu)), repeat=groups)
+    ordered = sorted(combos, key=lambda c: (sum(mean_bits(menu[i]) for i in c), [rank[i] for i in c]))
+    return [list(c) for c in ordered]
+
+
+def _mask(env: Any) -> np.ndarray | None:
+    masks = getattr(env, "action_masks", None)
+    return np.asarray(masks(), dtype=bool).reshape(-1) if callable(masks) else None
+
+
+def _allowed(mask: np.ndarray, action: Action, n: int) -> bool:
+    """Whether ``mask`` (Discrete: ``[n]``; MultiDiscrete: per-group masks concatenated) allows ``action``."""
+    indices = [action] if isinstance(action, (int, np.integer)) else list(action)
+    if mask.size == n:
+        return all(bool(mask[i]) for i in indices)
+    return all(bool(mask[g * n + i]) for g, i in enumerate(indices))

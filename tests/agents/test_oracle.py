@@ -1,0 +1,83 @@
+"""The per-item greedy oracle on the tiny model: deterministic, within budget, never worse than its completion."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "envs"))
+from _tiny_env import ITEMS, make_env  # noqa: E402
+
+from agents.fixed import FixedBitsPolicy  # noqa: E402
+from agents.oracle import OraclePolicy, _allowed, _candidates  # noqa: E402
+from agents.registry import canonical_name, make_policy  # noqa: E402
+from agents.rollout import Schedule, rollout  # noqa: E402
+
+MENU = (2, (4, 2), 4, 8)
+BUDGET = 3.0
+ROWS = (ITEMS[3].row, ITEMS[7].row)
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model):
+    e = make_env(tiny_model, bits=MENU)
+    yield e
+    e.close()
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_oracle_is_deterministic_within_budget_and_beats_its_completion(env, row):
+    oracle = OraclePolicy(env.observation_names, env.bits, budget=BUDGET)
+    assert env.bits[oracle.completion_index(BUDGET)] == (4, 2)  # the dearest setting within 3 bits
+    plan = oracle.plan(env, row)
+    value = oracle.last_value
+    assert oracle.plan(env, row) == plan and oracle.last_value == value
+    replay = rollout(env, Schedule(plan), options={"row": row}).final_info
+    assert replay["loglik_delta"] == value  # the replay is the episode the oracle planned
+    assert replay["avg_bits"] <= BUDGET + 1e-9
+    fixed = rollout(env, FixedBitsPolicy(env.observation_names, env.bits, (4, 2)), options={"row": row}).final_info
+    assert value >= fixed["loglik_delta"]
+
+
+def test_oracle_with_an_explicit_completion_and_no_budget(env):
+    oracle = make_policy("oracle:2", env=env)
+    assert oracle.name == "oracle:2" and oracle.completion == 2
+    row = ROWS[0]
+    plan = oracle.plan(env, row)
+    fixed = rollout(env, Schedule([0] * len(plan)), options={"row": row}).final_info
+    assert oracle.last_value >= fixed["loglik_delta"]
+    assert max(plan) > 0  # without a budget some block is worth more than 2 bits on a random model
+
+
+def test_oracle_only_plans(env):
+    oracle = make_policy("oracle", env=env)
+    assert oracle.name == "oracle" and canonical_name("oracle:k4v4") == "oracle:4"
+    with pytest.raises(TypeError, match="plans per item"):
+        oracle.predict(np.zeros(len(env.observation_names), dtype=np.float32))
+    with pytest.raises(ValueError, match="not in the env's menu"):
+        make_policy("oracle:16", env=env)
+    with pytest.raises(ValueError, match="ends over the budget"):
+        OraclePolicy(env.observation_names, env.bits, completion=8, budget=BUDGET).plan(env, ROWS[0])
+
+
+def test_candidates_and_masks():
+    assert _candidates(MENU, 1) == [0, 1, 2, 3]
+    pairs = _candidates((2, 4), 2)
+    assert pairs[0] == [0, 0] and pairs[-1] == [1, 1] and len(pairs) == 4
+    assert _allowed(np.array([True, False]), 0, 2) and not _allowed(np.array([True, False]), 1, 2)
+    assert not _allowed(np.array([True, True, True, False]), [1, 1], 2)  # per-group masks, concatenated
+    with pytest.raises(ValueError, match="combination"):
+        _candidates(MENU, 5)
+
+
+def test_oracle_with_layer_groups(tiny_model):
+    env = make_env(tiny_model, bits=(2, 4), layer_groups=2)
+    oracle = OraclePolicy(env.observation_names, env.bits, budget=3.0)
+    plan = oracle.plan(env, ROWS[0])
+    assert all(isinstance(a, list) and len(a) == 2 for a in plan)
+    replay = rollout(env, Schedule(plan), options={"row": ROWS[0]}).final_info
+    assert replay["loglik_delta"] == oracle.last_value and replay["avg_bits"] <= 3.0 + 1e-9
+    env.close()

@@ -1,0 +1,32 @@
+"""experiments.evaluate with planning policies (the oracle) and static schedules on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from agents.static import StaticSchedulePolicy
+from envs.kv_precision import EnvConfig
+from experiments import evaluate
+from experiments.evaluate import EvaluateConfig
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def test_oracle_and_static_records_are_like_every_policys(tmp_path):
+    env = EnvConfig(model="tiny-random-llama", shots=0, interval=16, group_size=16, eval_size=20, split="eval")
+    schedule = StaticSchedulePolicy(("progress",), env.bits, ["4", "2"]).save(tmp_path / "schedule.json")
+    cfg = EvaluateConfig(env=env, policies=["fixed:4", "oracle:4", f"static:{schedule}"], items=2,
+                         references=("fixed:4",), out_dir=str(tmp_path / "eval"), progress=False)
+    result = evaluate.run(cfg)
+    records = evaluate._load_done(tmp_path / "eval" / "records.jsonl")[0]
+    by = {(r["policy"], r["row"]): r for r in records}
+    rows = sorted({r["row"] for r in records})
+    assert len(rows) == 2 and len(records) == 6
+    for row in rows:
+        fixed, oracle = by["fixed:4", row], by["oracle:4", row]
+        assert set(oracle) == set(fixed) and set(by["static", row]) == set(fixed)
+        assert oracle["loglik_delta"] >= fixed["loglik_delta"]  # completing at 4 bits: never worse than fixed:4
+    assert set(result["policies"]) == {"fixed:4", "oracle:4", "static"}
