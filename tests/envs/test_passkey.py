@@ -172,3 +172,19 @@ def test_evaluate_records_exact_match(tmp_path, monkeypatch):
     records = evaluate._load_done(tmp_path / "eval" / "records.jsonl")[0]
     assert len(records) == 4 and all(r["exact_match"] in (0, 1) for r in records)
     assert set(out["policies"]["fp16"]["summary"]["exact_match"]) >= {"lo", "hi"}
+
+
+def test_fp16_evaluator_scores_the_env_prompts(tiny_model):
+    """experiments.eval_fp16 through the task scores what the env's full-precision reference scores."""
+    import numpy as np
+
+    from experiments.eval_fp16 import evaluate_fp16
+
+    env = _env(tiny_model)
+    item = env.items[0]
+    (rec,) = evaluate_fp16(env.model, env.tokenizer, [item], env.pool, shots=5, seed=0, progress=False,
+                           task=env.task)["records"]
+    reference = env.reference_for(item.row)
+    np.testing.assert_allclose(rec["scores"], reference.ending_scores, atol=1e-4)
+    assert (rec["pred"], rec["pred_norm"]) == (reference.pred, reference.pred_norm)
+    assert rec["prompt_tokens"] == len(env.episode_inputs(item.row)[1])
