@@ -9,7 +9,7 @@ depths and candidate order come from a per-row generator ``default_rng([seed, ro
 
 An item's prompt: an instruction, the haystack with the needle ("The pass key is 12345. Remember
 it. 12345 is the pass key.") after ``round(depth * n)`` of its ``n`` filler sentences, a blank line
-and the question ending in "The pass key is". The filler is the longest that keeps the prompt
+and the question ("Question: What is the pass key?\nAnswer: The pass key is"). The filler is the longest that keeps the prompt
 within ``length`` tokens. With ``keys > 1`` every needle names its key ("The pass key of Alice is
 ...") and the question asks for one name's key; the others sit at depths drawn from [0, 1] and are
 the first distractors. Candidates are the true key and distinct five-digit distractors, scored like
@@ -68,9 +68,11 @@ def _needle(name: str | None, key: str) -> str:
 
 
 def _question(name: str | None) -> str:
+    # the Question/Answer layout: on the embedded 135M model it makes greedy decoding answer with the
+    # digits far more often than a bare "What is the pass key? The pass key is" (which it continues " a ...")
     if name is None:
-        return "What is the pass key? The pass key is"
-    return f"What is the pass key of {name}? The pass key of {name} is"
+        return "Question: What is the pass key?\nAnswer: The pass key is"
+    return f"Question: What is the pass key of {name}?\nAnswer: The pass key of {name} is"
 
 
 def haystack_sentences(source: Sequence[HellaSwagItem]) -> list[str]:
