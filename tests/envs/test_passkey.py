@@ -188,3 +188,18 @@ def test_fp16_evaluator_scores_the_env_prompts(tiny_model):
     np.testing.assert_allclose(rec["scores"], reference.ending_scores, atol=1e-4)
     assert (rec["pred"], rec["pred_norm"]) == (reference.pred, reference.pred_norm)
     assert rec["prompt_tokens"] == len(env.episode_inputs(item.row)[1])
+
+
+def test_batched_vector_env_runs_the_task(tiny_model):
+    """Rows of the vector env are siblings: they rebuild the task from the same source, same prompts."""
+    from envs.vector import KVPrecisionVectorEnv
+
+    model, tokenizer = tiny_model
+    venv = KVPrecisionVectorEnv(2, lm=model, tokenizer=tokenizer, items=SOURCE,
+                                **{**ENV, "task_options": {"length": LENGTH, "items": 12}})
+    rows = [it.row for it in venv.envs[0].items[:2]]
+    _, infos = venv.reset(options={"rows": rows})
+    assert [env.episode_inputs(r) for env, r in zip(venv.envs, rows, strict=True)] == [
+        venv.envs[0].episode_inputs(r) for r in rows
+    ]
+    assert list(infos["prompt_tokens"]) == [len(venv.envs[0].episode_inputs(r)[1]) for r in rows]
