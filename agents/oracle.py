@@ -44,7 +44,7 @@ class PlanningPolicy(Policy):
 
     @abstractmethod
     def plan(self, env: Any, row: int) -> list[Action]:
-        """The actions of the episode on HellaSwag row ``row`` (``reset(options={"row": row})``)."""
+        """The actions of the episode on the task's row ``row`` (``reset(options={"row": row})``)."""
 
     def predict(self, obs: Any, state: Any = None, episode_start: Any = None, deterministic: bool = True,
                 **kwargs: Any):

@@ -1,6 +1,7 @@
-"""KVPrecision-v0: choose the KV-cache bit-width of every block of a k-shot HellaSwag prompt.
+"""KVPrecision-v0: choose the KV-cache bit-width of every block of a task's prompt (k-shot HellaSwag by default).
 
-One episode is one HellaSwag item with ``shots`` solved examples before it. The prompt is cut into
+One episode is one item of the env's task (``envs.tasks``: ``task: hellaswag``, the default, or
+``passkey``, ...) with ``shots`` solved examples before it where the task has shots. The prompt is cut into
 blocks of ``interval`` tokens; ``reset`` runs block 0 and returns its features; each ``step``
 commits the pending block to the cache at the setting ``bits[action]`` (the policy decides how
 precisely the tokens it has just *seen* are remembered; a setting is a width or a (key_bits,
@@ -46,14 +47,15 @@ from envs.cache_kwarg import with_cache
 from envs.episodes import EpisodeSet, episode_set, parse_episode_set
 from envs.features import DEFAULT_FEATURES, FULL_BITS, BlockContext, FeatureSet
 from envs.fingerprint import process_fingerprint_id
-from envs.hellaswag import HellaSwagItem, build_prompt, item_rng, load_hellaswag, sample_shots, split_items
+from envs.hellaswag import HellaSwagItem, item_rng, load_hellaswag
 from envs.model import load_model, resolve_device, resolve_dtype
 from envs.observation import BlockObserver
 from envs.quantities import FORWARD_OUTPUTS, StepRecord, StepState, StepView
 from envs.reference_store import ReferenceKey, ReferenceStore, model_digest, tokens_digest
 from envs.rewards import DEFAULT_REWARDS, RewardFunction
-from envs.scoring import choose, continuation_logprobs, encode_pair
+from envs.scoring import continuation_logprobs, encode_pair
 from envs.settings import Setting, normalize_menu, normalize_setting, setting_name
+from envs.tasks import Task, TaskItem, make_task
 from quant.baselines import CACHE_KINDS, EpisodeCache, check_cache_bits, episode_cache
 from quant.kv_cache import BlockBits, MixedPrecisionKVCache, layer_groups
 from quant.weights import quantize_model_weights
@@ -64,7 +66,12 @@ class EnvConfig:
     """Everything that defines the task. Python: ``EnvConfig(shots=3)``; YAML: the same keys."""
 
     model: str = "embedded"  # see envs.model.load_model: "embedded", hub id, local dir, .gguf, "tiny-random-llama"
-    data_path: str | None = None  # HellaSwag JSONL or "Rowan/hellaswag"; None = the shared file
+    # what an episode asks (envs.tasks): "hellaswag" (k-shot HellaSwag) or "passkey" (key retrieval), or
+    # any registered task; task_options are its own settings, e.g. {length: 1024, depth: [0, 1], keys: 1}
+    task: str = "hellaswag"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    # HellaSwag JSONL or "Rowan/hellaswag"; None = the shared file (passkey builds its haystack from it)
+    data_path: str | None = None
     split: str = "train"  # "train": items from the pool; "eval": the held-out items
     eval_size: int = 1000  # held-out items (the rest is the pool for shots and training)
     split_seed: int = 0
@@ -140,6 +147,7 @@ class EnvConfig:
             raise ValueError(f"interval must be >= 1, got {self.interval}")
         if self.shots < 0:
             raise ValueError(f"shots must be >= 0, got {self.shots}")
+        make_task(self.task, self.task_options)  # ValueError on an unknown task (listing the known) or bad options
         resolve_dtype(self.dtype, resolve_device(self.device))  # ValueError on an unknown or unusable one
         if not isinstance(self.reference_store, (bool, str)) or self.reference_store == "":
             raise ValueError(f"reference_store must be true, false or a folder, got {self.reference_store!r}")
@@ -182,7 +190,7 @@ def _shared_items(path: str | None) -> list[HellaSwagItem]:
 class _Episode:
     """Per-episode state; replaced wholesale on reset so nothing leaks between episodes."""
 
-    item: HellaSwagItem
+    item: TaskItem
     prompt_ids: list[int]
     endings: list[list[int]]
     blocks: list[tuple[int, int]]  # [start, end) token positions
@@ -233,7 +241,7 @@ class _Reference:
 
 
 class KVPrecisionEnv(gym.Env):
-    """Gymnasium env over real quantized k-shot HellaSwag decoding (see module docstring)."""
+    """Gymnasium env over real quantized decoding of a task's prompts (see module docstring)."""
 
     metadata = {"render_modes": []}
 
@@ -291,10 +299,14 @@ class KVPrecisionEnv(gym.Env):
         self._loaded = _shared_model(cfg) if lm is None else _Loaded(lm, tokenizer)
         #: the layers of each layer group (ValueError here if layer_groups does not divide the layers)
         self.layer_group_layers: list[range] = layer_groups(_num_layers(self.model), cfg.layer_groups)
-        all_items = list(items) if items is not None else _shared_items(cfg.data_path)
-        splits = split_items(all_items, cfg.eval_size, seed=cfg.split_seed)
-        self.pool: list[HellaSwagItem] = list(splits.pool)
-        self.items: list[HellaSwagItem] = list(splits.eval if cfg.split == "eval" else splits.pool)
+        #: the task (envs.tasks) its items, prompts and candidates come from
+        self.task: Task = make_task(cfg.task, cfg.task_options)
+        #: the HellaSwag records loaded (the hellaswag task's items; the text a generated task draws from)
+        self._source_items: list[HellaSwagItem] = list(items) if items is not None else _shared_items(cfg.data_path)
+        all_items = self.task.load(self._source_items, self.tokenizer, _max_positions(self.model))
+        splits = self.task.split(all_items, cfg.eval_size, cfg.split_seed)
+        self.pool: list[TaskItem] = list(splits.pool)
+        self.items: list[TaskItem] = list(splits.eval if cfg.split == "eval" else splits.pool)
         if not self.items:
             raise ValueError(f"the {cfg.split!r} split is empty (eval_size={cfg.eval_size}, items={len(all_items)})")
         self._rows = {item.row: item for item in all_items}
@@ -333,7 +345,7 @@ class KVPrecisionEnv(gym.Env):
 
     # --- episode ------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        """Start an episode. ``options={"row": r}`` picks HellaSwag row ``r`` with its fixed shots
+        """Start an episode. ``options={"row": r}`` picks the task's row ``r`` with its fixed shots
         (the same for every policy: evaluation uses this); otherwise an episode of the env's
         episode set (``episodes``) is drawn with ``self.np_random``, or, without a set, an item of the
         env's split with fresh shots."""
@@ -354,7 +366,7 @@ class KVPrecisionEnv(gym.Env):
             item, prompt_ids, endings, n_shots = self._row_inputs(row)
         else:
             item = self.items[int(self.np_random.integers(len(self.items)))]
-            shots = sample_shots(self.pool, self.config.shots, self.np_random, exclude_row=item.row)
+            shots = self.task.shots(item, self.pool, self.config.shots, self.np_random)
             prompt_ids, endings, n_shots = self._tokenize(item, shots)
         reference = self._reference(prompt_ids, endings, item)
         self.timings = {"reference_ms": 1000 * (time.perf_counter() - t0)}
@@ -375,25 +387,25 @@ class KVPrecisionEnv(gym.Env):
         self.timings["forward_ms"] = 1000 * ctx.forward_seconds
         return obs
 
-    def episode_inputs(self, row: int) -> tuple[HellaSwagItem, list[int], list[list[int]]]:
-        """Item, prompt ids and ending ids of HellaSwag row ``row`` with its fixed shots, exactly as
+    def episode_inputs(self, row: int) -> tuple[TaskItem, list[int], list[list[int]]]:
+        """Item, prompt ids and ending ids of the task's row ``row`` with its fixed shots, exactly as
         ``reset(options={"row": row})`` builds them (baselines outside the env score the same tokens)."""
         return self._row_inputs(row)[:3]
 
-    def _row_inputs(self, row: int) -> tuple[HellaSwagItem, list[int], list[list[int]], int]:
+    def _row_inputs(self, row: int) -> tuple[TaskItem, list[int], list[list[int]], int]:
         if row not in self._rows:
-            raise ValueError(f"row {row} is not in the loaded HellaSwag data")
+            raise ValueError(f"row {row} is not among the {self.config.task!r} task's items")
         if self.config.split == "eval" and row in self._pool_rows:
             raise ValueError(f"row {row} is in the shot pool, not the held-out split")
         item = self._rows[row]
-        shots = sample_shots(self.pool, self.config.shots, item_rng(self.config.split_seed, row), exclude_row=item.row)
+        shots = self.task.shots(item, self.pool, self.config.shots, item_rng(self.config.split_seed, row))
         return (item, *self._tokenize(item, shots))
 
     def sibling(self, **overrides: Any) -> KVPrecisionEnv:
         """A new env on the same model, items and reference passes with some config keys changed
         (``env.sibling(cache="quanto", bits=(4,))``: the quanto baseline on exactly this env's episodes)."""
         cfg = EnvConfig.from_dict({**dataclasses.asdict(self.config), **overrides})
-        env = KVPrecisionEnv(cfg, lm=self.model, tokenizer=self.tokenizer, items=list(self._rows.values()))
+        env = KVPrecisionEnv(cfg, lm=self.model, tokenizer=self.tokenizer, items=self._source_items)
         env._references = self._references  # the reference pass does not depend on the cache backend
         env._baselines = self._baselines  # keyed by every option a baseline pass depends on
         return env
@@ -485,6 +497,30 @@ class KVPrecisionEnv(gym.Env):
         return _Commit(
             settings, t0, before, before_fp16, after, after_fp16, block_tokens, terminal, requested, enforced
         )
+
+    def greedy_exact_match(self) -> bool:
+        """After the terminal step: whether greedy decoding from the committed cache produces the gold
+        answer (the task's ``answer_text``), decoding as many tokens as the gold continuation has.
+
+        It runs inside ``cache.branch(1)``, which drops every token it adds, so the episode's cache,
+        info and scores are unchanged (a metric of the episode, not part of it). Tasks without an exact
+        match (``task.exact_match`` False, e.g. HellaSwag) raise."""
+        self._check_open()
+        ep = self._episode
+        if not self.task.exact_match:
+            raise ValueError(f"task {self.config.task!r} defines no exact match")
+        if ep is None or not ep.done:
+            raise RuntimeError("greedy_exact_match() needs a finished episode: step until it terminates first")
+        n_tokens = len(ep.endings[ep.item.label])
+        decoded: list[int] = []
+        logits = ep.last_logits
+        with torch.inference_mode(), ep.cache.branch(1):
+            for i in range(n_tokens):
+                decoded.append(int(logits.float().argmax()))
+                if i + 1 < n_tokens:
+                    ids = torch.tensor([[decoded[-1]]], device=self.model.device)
+                    logits = self._forward(ids, ep.cache, attentions=False).logits[0, -1]
+        return self.tokenizer.decode(decoded).strip() == self.task.answer_text(ep.item).strip()
 
     def action_masks(self) -> np.ndarray:
         """Bool mask over the actions (sb3-contrib's MaskablePPO convention): True for every setting that,
@@ -599,6 +635,7 @@ class KVPrecisionEnv(gym.Env):
             next_span=ep.blocks[ep.block_index] if block is not None else None,
             ending_scores=ending_scores,
             baseline_scores=self.baseline_scores,
+            task=self.task,
         )
         return StepView(record, state)
 
@@ -625,13 +662,13 @@ class KVPrecisionEnv(gym.Env):
             raise ValueError(f"action {action!r} outside the action space {self.action_space} (bits {self.bits})")
         return indices
 
-    def _tokenize(self, item: HellaSwagItem, shots: list[HellaSwagItem]) -> tuple[list[int], list[list[int]], int]:
+    def _tokenize(self, item: TaskItem, shots: list[TaskItem]) -> tuple[list[int], list[list[int]], int]:
         """Prompt ids, ending ids (as lm-eval forms them) and the shots kept: earliest shots past the limit are dropped."""
         limit = min(self.config.max_prompt_tokens, _max_positions(self.model))
         shots = list(shots)
         while True:
-            context = build_prompt(item, shots)
-            pairs = [encode_pair(self.tokenizer, context, " " + ending) for ending in item.endings]
+            context = self.task.context(item, shots)
+            pairs = [encode_pair(self.tokenizer, context, cont) for cont in self.task.continuations(item)]
             prompt_ids = pairs[0][0]
             longest = max(len(cont) for _, cont in pairs)
             if len(prompt_ids) + longest <= limit:
@@ -639,7 +676,7 @@ class KVPrecisionEnv(gym.Env):
             if not shots:
                 raise ValueError(
                     f"row {item.row}: prompt ({len(prompt_ids)} tokens) + ending ({longest}) exceed the limit "
-                    f"of {limit} tokens even with no shots"
+                    f"of {limit} tokens (max_prompt_tokens and the model's context) even with no shots"
                 )
             shots.pop(0)
 
@@ -724,7 +761,7 @@ class KVPrecisionEnv(gym.Env):
                 )
         return np.asarray(scores, dtype=np.float64)
 
-    def _reference(self, prompt_ids: list[int], endings: list[list[int]], item: HellaSwagItem) -> _Reference:
+    def _reference(self, prompt_ids: list[int], endings: list[list[int]], item: TaskItem) -> _Reference:
         key = (*prompt_ids, -1, *[t for e in endings for t in (*e, -2)])
         ref = self._references.get(key)
         if ref is not None:
@@ -750,7 +787,7 @@ class KVPrecisionEnv(gym.Env):
             self._references.popitem(last=False)
         return ref
 
-    def _compute_reference(self, prompt_ids: list[int], endings: list[list[int]], item: HellaSwagItem) -> _Reference:
+    def _compute_reference(self, prompt_ids: list[int], endings: list[list[int]], item: TaskItem) -> _Reference:
         """The full-precision pass of one prompt (one forward + the endings), on the model's device."""
         device = self.model.device
         cache = MixedPrecisionKVCache(config=self.model.config, group_size=self.config.group_size)
@@ -761,7 +798,7 @@ class KVPrecisionEnv(gym.Env):
         picked = head.gather(-1, torch.tensor(prompt_ids[1:], device=device).unsqueeze(-1)).squeeze(-1)
         target_lp = picked - torch.logsumexp(head, dim=-1)
         scores = self._score_endings(cache, prompt_ids, logits[-1], endings)
-        pred, pred_norm = choose(scores.tolist(), item.endings)
+        pred, pred_norm = self.task.choose(item, scores.tolist())
         return _Reference(target_lp, scores, int(pred), int(pred_norm))
 
     # --- baseline passes: every block at one fixed setting --------------------------------------

@@ -56,7 +56,7 @@ class StepState:
     """The env's raw material after a step (or at reset); each field is the quantity of its name."""
 
     model: Any  # the causal LM
-    item: Any  # the HellaSwagItem of the episode
+    item: Any  # the episode's task item (envs.tasks: row, endings, label)
     cache: Any  # the MixedPrecisionKVCache; next_block's keys/values are still pending in it
     reference: Any  # the item's full-precision pass: target_logprobs [P-1], ending_scores, pred, pred_norm
     next_block: Any  # BlockContext of the block just run (block 0 at reset); None at the terminal step
@@ -65,6 +65,8 @@ class StepState:
     # ``setting -> [n_endings]`` ending scores of the episode's prompt with every block committed at
     # that setting (the env's baseline pass, computed once per prompt and setting); None: not offered
     baseline_scores: Callable[[Any], Any] | None = None
+    # the env's task (envs.tasks): how candidates are chosen (acc, acc_norm); None: HellaSwag's rule
+    task: Any = None
 
 
 @dataclass
@@ -198,10 +200,12 @@ def _baseline_ending_logprob_delta(step: StepView) -> Callable[[Any], float]:
     return delta
 
 
-@register_quantity("choice", needs={"ending_scores", "item"})
+@register_quantity("choice", needs={"ending_scores", "item", "task"})
 def _choice(step: StepView) -> tuple[int, int]:
-    """Terminal: ``(pred, pred_norm)``, the ending chosen by log-likelihood and by it per character."""
-    return choose(step["ending_scores"].tolist(), step["item"].endings)
+    """Terminal: ``(pred, pred_norm)``, the ending chosen by log-likelihood and by it normalised as the
+    task says (per character for HellaSwag, lm-eval's acc_norm)."""
+    task, scores = step["task"], step["ending_scores"].tolist()
+    return choose(scores, step["item"].endings) if task is None else task.choose(step["item"], scores)
 
 
 @register_quantity("correct_norm", needs={"choice", "item"})

@@ -1,4 +1,4 @@
-"""Evaluate policies on the same held-out HellaSwag items with the same shots.
+"""Evaluate policies on the same held-out items of the env's task (HellaSwag by default) with the same shots.
 
     python -m experiments.evaluate --set policies='[fp16, "fixed:4", rule, "mlp:runs/main/mlp.pt"]' --set items=50
 
@@ -115,6 +115,8 @@ def _quanto_bits(arg: str | None) -> int:
 def _run_policy(env: KVPrecisionEnv, row: int, policy) -> dict:
     episode = rollout(env, policy, options={"row": row})
     info = episode.final_info
+    # tasks that define it (passkey): greedy decoding of the answer from the episode's committed cache
+    exact = {"exact_match": int(env.greedy_exact_match())} if env.task.exact_match else {}
     return {
         **{k: info[k] for k in ("pred", "pred_norm", "gold", "loglik_delta", "avg_bits", "kv_bytes", "fp16_kv_bytes")},
         "correct": int(info["correct"]),
@@ -123,6 +125,7 @@ def _run_policy(env: KVPrecisionEnv, row: int, policy) -> dict:
         "tokens": episode.reset_info["prompt_tokens"] + info["tokens"],  # the terminal step's tokens are the endings
         # steps whose setting the env replaced to keep its bit budget (0 without a budget)
         "budget_enforced": sum(bool(i.get("budget_enforced", False)) for i in episode.infos),
+        **exact,
     }
 
 

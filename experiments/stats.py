@@ -178,6 +178,8 @@ def summarize_policy(records: list[dict], by_policy: dict[str, list[dict]], refe
     summary["ms_per_token"] = mean_ci(_ratio(records, "ms", "tokens"), level).as_dict()
     if all("budget_enforced" in r for r in records):  # records from before budgets lack it
         summary["budget_enforced"] = mean_ci(_column(records, "budget_enforced"), level).as_dict()
+    if all("exact_match" in r for r in records):  # tasks with an exact match (passkey) record it
+        summary["exact_match"] = proportion_ci(sum(_column(records, "exact_match")), n, level).as_dict()
     summary["items"] = n
     own = names.pop()
     paired = {ref: _paired(records, by_policy[ref], own, ref, level)
