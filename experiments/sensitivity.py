@@ -297,8 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Spearman between the damages at {' and '.join(agree['settings'])}: {agree['spearman']:+.2f}")
     print("Spearman correlation with the damage (negative: a higher value goes with more damage), "
           "95% bootstrap interval over items:")
+    width = max(map(len, result["spearman"]), default=0)
     for name, rho in result["spearman"].items():
-        print(f"  {name:16s} all blocks {_cell(rho['all'], rho['all_ci'])}   "
+        print(f"  {name:{width}s} all blocks {_cell(rho['all'], rho['all_ci'])}   "
               f"after block 0 {_cell(rho['after_block_0'], rho['after_block_0_ci'])}")
     print(f"written: {cfg.out}")
     return 0
