@@ -69,9 +69,11 @@ class EpisodeState:
     last_bits: int | float  # bits per K/V element of the last committed block, keys and values by
     # their share, over layers (K4V2: 3); 16 before any commit
     max_bits: int = FULL_BITS  # the unit of avg_bits/last_bits (see FULL_BITS)
+    block_start: int = 0  # sequence position of the block's first token
+    sink_tokens: int = 0  # the cache keeps the sequence's first this many tokens in fp16 (EnvConfig.sink_tokens)
 
     @classmethod
-    def from_cache(cls, cache, block_index: int, n_blocks: int) -> EpisodeState:
+    def from_cache(cls, cache, block_index: int, n_blocks: int, block_start: int = 0) -> EpisodeState:
         """Read the state off a ``MixedPrecisionKVCache`` (the env and controller-driven generation share this)."""
         committed = bool(cache.block_bits)
         return cls(
@@ -80,6 +82,8 @@ class EpisodeState:
             avg_bits=cache.average_bits() if committed else float(FULL_BITS),
             kv_ratio=cache.nbytes(False) / cache.fp16_nbytes(False) if committed else 1.0,
             last_bits=cache.block_bits[-1][0] if committed else FULL_BITS,
+            block_start=block_start,
+            sink_tokens=getattr(cache, "sink_tokens", 0),  # caches without fp16 sinks have none
         )
 
 
@@ -119,6 +123,37 @@ class BlockContext:
         shifted, exp, log_z = self._softmax_parts
         dot = torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
         return log_z - dot / log_z.exp()
+
+    @cached_property
+    def received_attention(self) -> torch.Tensor:
+        """[T - 1] attention each of the block's tokens (but its last) receives from the block's *later*
+        tokens, relative to uniform attention (H2O's heavy hitters, ZipCache's normalised attention).
+
+        Query ``i`` of the block sees ``S - T + i + 1`` keys (causal), so uniform attention gives each
+        key ``1 / keys_i``; ``A[i, j] * keys_i`` is 1 for a key that gets its fair share, and the
+        average over the later queries ``i > j`` (the diagonal excluded: a token's attention to itself
+        says nothing about its use by others) and over heads and layers is comparable across token
+        positions (each token has ``T - 1 - j`` later queries) and across blocks (later blocks spread
+        attention over more keys). The block's last token has no later query and is left out.
+        The block's keys are the last ``T`` columns of every map (the env's and generation's alike).
+        """
+        if self.attentions is None:
+            raise RuntimeError("received attention needs attention maps: run the model with output_attentions=True")
+        t = len(self.token_ids)
+        keys_seen = self.attentions[0].shape[-1]
+        if keys_seen < t:
+            raise ValueError(f"attention maps over {keys_seen} keys cannot hold the block's {t} tokens")
+        block = None  # [T queries, T keys of the block], summed over heads and layers
+        for a in self.attentions:
+            part = a[0, :, :, keys_seen - t :].float().sum(dim=0)
+            block = part if block is None else block.add_(part)
+        heads = self.attentions[0].shape[1]
+        block = block / (heads * len(self.attentions))
+        idx = torch.arange(t, device=block.device)
+        keys_per_query = (keys_seen - t + idx + 1).to(block.dtype)
+        later = idx.unsqueeze(1) > idx.unsqueeze(0)  # [query i, key j]: i > j
+        received = (block * keys_per_query.unsqueeze(1) * later).sum(dim=0)
+        return (received[: t - 1] / (t - 1 - idx[: t - 1]).to(block.dtype)).cpu()
 
     @cached_property
     def target_mask(self) -> torch.Tensor:
@@ -260,6 +295,81 @@ class KVError(Feature):
         if ctx.cache is None:
             raise RuntimeError("kv_error needs the cache holding the block's pending keys/values")
         return ctx.cache.pending_error(self.bits)
+
+
+@register_feature("recv_attn")
+class ReceivedAttention(Feature):
+    """Attention the block's later tokens pay to each of its tokens (H2O / ZipCache's signal).
+
+    Tokens the model keeps reading (heavy hitters: the attention sink, delimiters, the question's key
+    words) are where quantization error propagates into every later step; a block whose tokens
+    receive little attention can be stored coarsely. See :attr:`BlockContext.received_attention`
+    for the normalisation (1 = uniform attention). The mean says how much the block is read, the
+    max whether it holds a heavy hitter. Only the block's own later tokens are seen (later blocks and
+    the endings do not exist yet when the block is decided); on SmolLM2 this did not rank per-block
+    damage after block 0 (README), so it is off by default.
+    """
+
+    summaries = ("mean", "max")
+    needs = frozenset({"attentions"})
+    high = 1e6  # at most the key count (all of every later query's attention on one token)
+    doc = ("attention from the block's later tokens to each token, x the keys each query sees (1 = uniform), "
+           "mean over later queries, heads and layers (0 .. keys; typically 0-10)")
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor:
+        return ctx.received_attention
+
+
+@register_feature("attn_kv_error")
+class AttentionWeightedKVError(Feature):
+    """The block's low-bit reconstruction error where it is read: ``kv_error`` x ``recv_attn`` per token.
+
+    ``kv_error`` alone did not predict damage on SmolLM2 (README): an error on a token nobody attends
+    to is harmless; the same error on a heavy hitter reaches every later query. Both per-token signals
+    share the block's last token's exclusion (it has no later query inside the block).
+    """
+
+    summaries = ("mean", "max")
+    needs = frozenset({"attentions", "cache"})
+    bits = KVError.bits  # the cheapest width of the default menu, as kv_error
+    high = 1e9
+    doc = f"{KVError.bits}-bit kv_error of each token x its recv_attn (0 .. ~10)"
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor:
+        if ctx.cache is None:
+            raise RuntimeError("attn_kv_error needs the cache holding the block's pending keys/values")
+        received = ctx.received_attention
+        error = ctx.cache.pending_error(self.bits)[: len(received)].to(received.device)
+        return error * received
+
+
+@register_feature("sink")
+class SinkShare(Feature):
+    """Share of the block's tokens that the cache keeps in fp16 as sink tokens (EnvConfig.sink_tokens).
+
+    Those tokens cost 16 bits whatever the block's setting and take no quantization damage, so the
+    block's setting matters less; 0 for every block after the sinks and for envs without sinks.
+    """
+
+    per_token = False
+    doc = "fraction of the block's tokens among the sequence's first sink_tokens (fp16) (0 .. 1)"
+
+    def compute(self, ctx: BlockContext) -> float:
+        t = len(ctx.token_ids)
+        sinks = min(max(ctx.state.sink_tokens - ctx.state.block_start, 0), t)
+        return sinks / t if t else 0.0
+
+
+@register_feature("blocks_left")
+class BlocksLeft(Feature):
+    """Position counted from the end: a block's error reaches every later block and the endings, so how
+    many blocks still follow says how far it propagates, the same way in prompts of any length."""
+
+    per_token = False
+    doc = "prompt blocks still to run after this one / blocks in the prompt (0 at the last block .. <1)"
+
+    def compute(self, ctx: BlockContext) -> float:
+        return (ctx.state.n_blocks - 1 - ctx.state.block_index) / ctx.state.n_blocks
 
 
 @register_feature("progress")

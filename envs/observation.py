@@ -3,7 +3,7 @@
 The env (one block per step) and controller-driven generation (one block per ``interval`` decoded
 tokens) observe blocks the same way, so a policy trained in the env reads the same numbers while
 generating: both go through :class:`BlockObserver`, which owns the episode's running token
-frequency and block count, reads the episode state off the cache and summarises the block with the
+frequency, block count and token position, reads the episode state off the cache and summarises the block with the
 :class:`~envs.features.FeatureSet`.
 """
 
@@ -25,6 +25,7 @@ class BlockObserver:
         self.n_blocks = n_blocks
         self.frequency = RunningFrequency()
         self.block_index = 0  # index of the next block to observe
+        self.position = 0  # sequence position of the next block's first token
 
     def context(
         self,
@@ -38,9 +39,10 @@ class BlockObserver:
         forward_seconds: float = 0.0,
     ) -> BlockContext:
         """The :class:`BlockContext` of the next block; ``cache`` holds it pending (see ``BlockContext``)."""
-        index = self.block_index
+        index, start = self.block_index, self.position
         self.block_index += 1
-        state = EpisodeState.from_cache(cache, index, max(self.n_blocks, index + 1))
+        self.position += len(token_ids)
+        state = EpisodeState.from_cache(cache, index, max(self.n_blocks, index + 1), start)
         return BlockContext(
             token_ids=token_ids,
             logits=logits,

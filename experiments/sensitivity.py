@@ -13,9 +13,22 @@ held-out ones), before anyone spends hours training an agent:
    (the reward's own signal, in nats; negative = worse), and its observation is the one the policy
    saw when it chose block ``j``'s bits in the base episode.
 
-It prints the mean damage per block position and the Spearman correlation of every observation
-entry with the damage (all blocks, and without block 0), and writes every measurement to ``out``.
-Cost: ``items x (blocks + 1)`` episodes (~30 s per 5-shot item on 2 CPU cores).
+It prints the mean damage per block position and the Spearman correlation (scipy.stats) of every
+observation entry of the configured ``env.features`` with the damage (all blocks, and without block
+0), each with a 95% interval, and writes every measurement to ``out``.
+Cost: ``items x (blocks x (1 + len(extra_low)) + 1)`` episodes (~30 s per 5-shot item on 2 CPU cores).
+
+Noise. The min-max quantizer amplifies last-bit float differences: the same episode re-run on
+another machine moves an item's log-likelihood by 1.6 nats on average at fixed-2, so one block's
+damage measured once is a noisy target, and part of it no observation can predict. Two things
+handle that here: (a) with ``extra_low`` (e.g. ``[k4v2, k2v4]``) the block is also lowered to each
+of those settings and its target is the *mean* damage over all of them; each perturbs the block's
+numbers differently, so the chaotic part averages down while the block's real sensitivity stays
+(every setting's own damage is kept under ``damages``, and ``setting_agreement`` is the Spearman
+between the first two settings' damages: a ceiling on what any feature can reach); (b) every
+Spearman carries a 95% percentile-bootstrap interval that resamples *items* (``bootstrap``
+resamples, blocks of one item stay together, since they share the item's shots and noise), so a
+feature is only called predictive when its interval excludes 0.
 
 ``mode=layers`` asks where in the *model* low bits hurt, and in which half of the cache, so a layer
 prior (KVTuner keeps early layers high) is measured, not guessed. With ``env.layer_groups = G``:
@@ -33,16 +46,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 from tqdm.auto import tqdm
 
 from agents.rollout import Schedule, rollout
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
-from envs.settings import normalize_setting, setting_name
+from envs.settings import Setting, normalize_setting, setting_name
 from experiments.config import parse_config, save_config
 from experiments.io import write_json
 from experiments.stats import mean_ci, spearman
@@ -61,21 +77,31 @@ class SensitivityConfig:
     mode: str = "blocks"
     base_bits: int = 4  # every other block's (layers: group's) width (4 bits is near-lossless on SmolLM2)
     low_bits: int = 2  # the width whose cost is measured, one block (or one group's half) at a time
+    # mode=blocks: further settings to lower each block to (names such as k4v2, or widths); the block's
+    # damage is then the mean over low_bits and these, which averages out the quantizer's chaos (doc)
+    extra_low: tuple[Any, ...] = ()
+    bootstrap: int = 1000  # item resamples behind each Spearman's 95% interval (0: no interval)
+    seed: int = 0  # of the bootstrap
     out: str = "runs/sensitivity.json"
     threads: int | None = None  # torch CPU threads (None = torch's default)
     progress: bool = True
 
 
-def run_schedule(env: KVPrecisionEnv, row: int, bits: Sequence[int] | int) -> tuple[dict, list[np.ndarray]]:
-    """One episode of row ``row`` with block ``i`` committed at ``bits[i]`` (an int: every block).
+def run_schedule(env: KVPrecisionEnv, row: int, bits: Sequence[Setting] | Setting) -> tuple[dict, list[np.ndarray]]:
+    """One episode of row ``row`` with block ``i`` committed at ``bits[i]`` (one setting: every block).
 
     Returns the terminal ``info`` and the observation seen before each decision."""
     blocks = _blocks(env, row)
-    widths = [bits] * blocks if isinstance(bits, int) else list(bits)
+    widths = [bits] * blocks if isinstance(bits, (int, str)) or _is_pair(bits) else list(bits)
     if len(widths) != blocks:
         raise ValueError(f"row {row} has {blocks} blocks, the schedule {len(widths)}")
-    episode = rollout(env, Schedule([env.bits.index(b) for b in widths]), options={"row": row})
+    episode = rollout(env, Schedule([env.bits.index(normalize_setting(b)) for b in widths]), options={"row": row})
     return episode.final_info, episode.observations
+
+
+def _is_pair(bits: Any) -> bool:
+    """A (key_bits, value_bits) setting, as opposed to a schedule of settings."""
+    return isinstance(bits, tuple) and len(bits) == 2 and all(isinstance(b, int) for b in bits)
 
 
 def _blocks(env: KVPrecisionEnv, row: int) -> int:
@@ -125,20 +151,72 @@ def run_layers(cfg: SensitivityConfig, env: KVPrecisionEnv) -> dict:
     return {"mode": "layers", "layer_groups": groups, "damage_by_group": by_group, "measurements": measurements}
 
 
-def analyse(blocks: list[dict], names: Sequence[str]) -> dict:
-    """Mean damage by block position and each observation entry's Spearman correlation with damage."""
+def _rank_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman of every column of ``x`` [N, F] with ``y`` [N] at once (average ranks for ties, as
+    scipy.stats.spearmanr); nan for a constant column or fewer than 3 rows."""
+    if len(y) < 3:
+        return np.full(x.shape[1], np.nan)
+    rx = stats.rankdata(x, axis=0)
+    ry = stats.rankdata(y)
+    rx = rx - rx.mean(axis=0)
+    ry = ry - ry.mean()
+    denom = np.sqrt((rx**2).sum(axis=0) * (ry**2).sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (rx * ry[:, None]).sum(axis=0) / np.where(denom > 0, denom, 1.0), np.nan)
+
+
+def spearman_with_ci(
+    obs: np.ndarray, damage: np.ndarray, items: np.ndarray, resamples: int, rng: np.random.Generator
+) -> list[dict[str, float]]:
+    """Per column of ``obs``: its Spearman with ``damage`` (scipy.stats) and a 95% percentile-bootstrap
+    interval over *items* (each resample draws items with replacement and keeps all their blocks).
+    ``lo``/``hi`` are nan without resamples, or when fewer than half the resamples give a number."""
+    rho = [spearman(obs[:, i], damage) for i in range(obs.shape[1])]
+    unique = np.unique(items)
+    members = [np.flatnonzero(items == u) for u in unique]
+    draws = np.empty((resamples, obs.shape[1]))
+    for b in range(resamples):
+        rows = np.concatenate([members[k] for k in rng.integers(0, len(unique), len(unique))])
+        draws[b] = _rank_correlations(obs[rows], damage[rows])
+    out = []
+    for i, r in enumerate(rho):
+        finite = draws[np.isfinite(draws[:, i]), i]
+        if resamples and len(finite) >= resamples / 2:
+            lo, hi = np.percentile(finite, [2.5, 97.5])
+        else:
+            lo = hi = float("nan")
+        out.append({"rho": r, "lo": float(lo), "hi": float(hi)})
+    return out
+
+
+def analyse(blocks: list[dict], names: Sequence[str], resamples: int = 1000, seed: int = 0) -> dict:
+    """Mean damage by block position and each observation entry's Spearman correlation with damage
+    (all blocks, and blocks after block 0), each with its 95% bootstrap interval over items."""
     damage = np.array([b["damage"] for b in blocks])
     position = np.array([b["block"] for b in blocks])
-    obs = np.array([b["obs"] for b in blocks])
+    items = np.array([b["row"] for b in blocks])
+    obs = np.array([b["obs"] for b in blocks]).reshape(len(blocks), len(names))
     later = position > 0
-    return {
+    rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():  # constant columns (sink without sinks) are an expected nan
+        warnings.simplefilter("ignore", RuntimeWarning)
+        every = spearman_with_ci(obs, damage, items, resamples, rng)
+        after = spearman_with_ci(obs[later], damage[later], items[later], resamples, rng)
+    result = {
         "blocks": len(blocks),
+        "items": len(np.unique(items)),
         "damage_by_position": {int(p): float(damage[position == p].mean()) for p in np.unique(position)},
         "spearman": {
-            name: {"all": spearman(obs[:, i], damage), "after_block_0": spearman(obs[later, i], damage[later])}
-            for i, name in enumerate(names)
+            name: {"all": a["rho"], "all_ci": [a["lo"], a["hi"]],
+                   "after_block_0": z["rho"], "after_block_0_ci": [z["lo"], z["hi"]]}
+            for name, a, z in zip(names, every, after, strict=True)
         },
     }
+    settings = list(blocks[0].get("damages", {})) if blocks else []
+    if len(settings) >= 2:
+        first, second = ([b["damages"][s] for b in blocks] for s in settings[:2])
+        result["setting_agreement"] = {"settings": settings[:2], "spearman": spearman(first, second)}
+    return result
 
 
 def run(cfg: SensitivityConfig) -> dict:
@@ -151,6 +229,8 @@ def run(cfg: SensitivityConfig) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     if cfg.mode == "layers":
+        if cfg.extra_low:
+            raise ValueError("extra_low is for mode=blocks; mode=layers lowers keys or values to low_bits")
         env = KVPrecisionEnv(dataclasses.replace(cfg.env, bits=layer_menu(cfg.base_bits, cfg.low_bits)))
         save_config(cfg, f"{cfg.out}.config.yaml")
         try:
@@ -159,26 +239,41 @@ def run(cfg: SensitivityConfig) -> dict:
             env.close()
         write_json(cfg.out, result)
         return result
+    if cfg.bootstrap < 0:
+        raise ValueError(f"bootstrap must be >= 0 resamples, got {cfg.bootstrap}")
     env = KVPrecisionEnv(cfg.env)
-    for b in (cfg.base_bits, cfg.low_bits):
+    lows = list(dict.fromkeys(normalize_setting(b) for b in (cfg.low_bits, *cfg.extra_low)))
+    for b in (normalize_setting(cfg.base_bits), *lows):
         if b not in env.bits:
-            raise ValueError(f"{b} bits is not in the env's menu {env.bits}")
+            env.close()
+            raise ValueError(f"{setting_name(b)} bits is not in the env's menu {env.bits}")
     save_config(cfg, f"{cfg.out}.config.yaml")
     blocks: list[dict] = []
     try:
         for item in tqdm(env.items[: cfg.items], desc="sensitivity", unit="item", disable=not cfg.progress):
             base, seen = run_schedule(env, item.row, cfg.base_bits)
             for j, obs in enumerate(seen):
-                widths = [cfg.low_bits if i == j else cfg.base_bits for i in range(len(seen))]
-                info, _ = run_schedule(env, item.row, widths)
-                blocks.append({"row": item.row, "block": j, "blocks": len(seen), "obs": obs.tolist(),
-                               "damage": info["loglik_delta"] - base["loglik_delta"]})
+                damages = {}
+                for low in lows:
+                    widths = [low if i == j else cfg.base_bits for i in range(len(seen))]
+                    info, _ = run_schedule(env, item.row, widths)
+                    damages[setting_name(low)] = info["loglik_delta"] - base["loglik_delta"]
+                entry = {"row": item.row, "block": j, "blocks": len(seen), "obs": obs.tolist(),
+                         "damage": float(np.mean(list(damages.values())))}
+                if len(lows) > 1:
+                    entry["damages"] = damages
+                blocks.append(entry)
         names = list(env.observation_names)
     finally:
         env.close()
-    result = {"mode": "blocks", "observation_names": names, **analyse(blocks, names), "measurements": blocks}
+    result = {"mode": "blocks", "observation_names": names, "low_settings": [setting_name(b) for b in lows],
+              **analyse(blocks, names, cfg.bootstrap, cfg.seed), "measurements": blocks}
     write_json(cfg.out, result)
     return result
+
+
+def _cell(rho: float, ci: Sequence[float]) -> str:
+    return f"{rho:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,11 +288,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  group {g} (layers {entry['layers'][0]}-{entry['layers'][1] - 1}): {cells}")
         print(f"written: {cfg.out}")
         return 0
-    print(f"{result['blocks']} blocks; mean damage (nats) of one block at {cfg.low_bits} bits, by position:")
+    lows = "/".join(result["low_settings"])
+    print(f"{result['blocks']} blocks of {result['items']} items; mean damage (nats) of one block at {lows} "
+          f"(averaged over those settings), by position:")
     print("  " + "  ".join(f"{p}: {d:+.2f}" for p, d in result["damage_by_position"].items()))
-    print("Spearman correlation with the damage (negative: a higher value goes with more damage):")
+    if "setting_agreement" in result:
+        agree = result["setting_agreement"]
+        print(f"Spearman between the damages at {' and '.join(agree['settings'])}: {agree['spearman']:+.2f}")
+    print("Spearman correlation with the damage (negative: a higher value goes with more damage), "
+          "95% bootstrap interval over items:")
+    width = max(map(len, result["spearman"]), default=0)
     for name, rho in result["spearman"].items():
-        print(f"  {name:16s} all blocks {rho['all']:+.2f}   after block 0 {rho['after_block_0']:+.2f}")
+        print(f"  {name:{width}s} all blocks {_cell(rho['all'], rho['all_ci'])}   "
+              f"after block 0 {_cell(rho['after_block_0'], rho['after_block_0_ci'])}")
     print(f"written: {cfg.out}")
     return 0
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
@@ -86,3 +88,77 @@ def test_layers_mode_with_equal_widths_does_no_damage_and_bad_mode_is_refused(tm
     assert all(m["damage"] == 0.0 for m in result["measurements"])
     with pytest.raises(ValueError, match="mode"):
         sensitivity.run(_cfg(tmp_path, mode="layer"))
+
+
+def test_every_feature_of_any_list_gets_a_spearman_with_an_interval(tmp_path, capsys):
+    """The damage-seeking features too: each observation entry has a Spearman (scipy.stats) and a
+    bootstrap interval over items, in the JSON and in the printed table."""
+    from scipy import stats
+
+    from envs.features import DEFAULT_FEATURES
+
+    features = [*DEFAULT_FEATURES, "recv_attn", "attn_kv_error", "sink", "blocks_left"]
+    out = tmp_path / "s.json"
+    sets = {"env.model": "tiny-random-llama", "env.shots": 0, "env.interval": 64, "env.group_size": 16,
+            "env.eval_size": 20, "env.split": "train", "env.sink_tokens": 4,
+            "env.features": "[" + ", ".join(features) + "]", "items": 3, "bootstrap": 200,
+            "progress": "false", "out": str(out)}
+    assert sensitivity.main([a for k, v in sets.items() for a in ("--set", f"{k}={v}")]) == 0
+    printed = capsys.readouterr().out
+    written = json.loads(out.read_text())
+    names = written["observation_names"]
+    assert {"recv_attn_mean", "recv_attn_max", "attn_kv_error_mean", "attn_kv_error_max", "sink",
+            "blocks_left"} <= set(names)
+    assert list(written["spearman"]) == names and written["items"] == 3
+    obs = np.array([m["obs"] for m in written["measurements"]])
+    damage = [m["damage"] for m in written["measurements"]]
+    for name in names:
+        assert f"  {name} " in printed
+        entry = written["spearman"][name]
+        if name == "sink":  # 4 sinks in 64-token blocks: 1/16 at block 0, 0 after it (a constant: no rank)
+            assert entry["all"] is not None and entry["after_block_0"] is None
+            continue
+        column = obs[:, names.index(name)]
+        assert entry["all"] == pytest.approx(stats.spearmanr(column, damage).statistic)
+        lo, hi = entry["all_ci"]
+        assert -1 <= lo <= hi <= 1
+
+
+def test_rank_correlations_match_scipy_column_by_column():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, size=(30, 3)).astype(float)  # ties
+    x[:, 2] = 1.0  # a constant column: nan, as scipy
+    y = rng.normal(size=30)
+    got = sensitivity._rank_correlations(x, y)
+    assert got[:2] == pytest.approx([stats.spearmanr(x[:, i], y).statistic for i in range(2)])
+    assert math.isnan(got[2])
+
+
+def test_bootstrap_interval_resamples_items_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    items = np.repeat(np.arange(8), 5)
+    signal = rng.normal(size=40)
+    obs = np.column_stack([signal, rng.normal(size=40)])
+    damage = signal + 0.3 * rng.normal(size=40)
+    a = sensitivity.spearman_with_ci(obs, damage, items, 300, np.random.default_rng(0))
+    b = sensitivity.spearman_with_ci(obs, damage, items, 300, np.random.default_rng(0))
+    assert a == b
+    assert a[0]["lo"] > 0.5 and a[0]["lo"] <= a[0]["rho"] <= a[0]["hi"]  # a real signal excludes 0
+    assert a[1]["lo"] < a[1]["hi"]
+    none = sensitivity.spearman_with_ci(obs, damage, items, 0, np.random.default_rng(0))
+    assert math.isnan(none[0]["lo"]) and none[0]["rho"] == a[0]["rho"]
+
+
+def test_extra_low_settings_average_the_damage(tmp_path):
+    result = sensitivity.run(_cfg(tmp_path, items=1, extra_low=(8,), bootstrap=0))
+    assert result["low_settings"] == ["2", "8"]
+    for m in result["measurements"]:
+        assert set(m["damages"]) == {"2", "8"}
+        assert m["damage"] == pytest.approx((m["damages"]["2"] + m["damages"]["8"]) / 2)
+    assert result["setting_agreement"]["settings"] == ["2", "8"]
+    with pytest.raises(ValueError, match="not in the env's menu"):
+        sensitivity.run(_cfg(tmp_path, extra_low=("k4v2",)))
+    with pytest.raises(ValueError, match="extra_low"):
+        sensitivity.run(_cfg(tmp_path, mode="layers", extra_low=(8,)))
