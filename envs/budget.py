@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.settings import Setting, mean_bits, setting_name, settings_by_cost
+from envs.settings import FULL_BITS, Setting, mean_bits, setting_name, settings_by_cost
 
 __all__ = [
     "FULL_BITS",
@@ -44,8 +44,6 @@ __all__ = [
     "sink_count",
 ]
 
-#: Bits a sink token counts (it is kept in fp16).
-FULL_BITS = 16
 
 
 def check_budget(budget: Any, menu: Sequence[Setting], layer_groups: int = 1) -> None:

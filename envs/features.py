@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from envs.settings import FULL_BITS  # noqa: F401  (re-exported: the unit of bit-valued features)
 from quant.registry import Registry
 
 FEATURES: Registry[Feature] = Registry("feature")
@@ -52,10 +53,6 @@ class RunningFrequency:
         return out
 
 
-#: The unit of every bit-valued feature and reward: an uncompressed (fp16) cache. Features divide by
-#: this, not by the largest bits of the env's menu, so ``last_bits * 16`` is the bit-width whatever
-#: ``bits`` the env offers (a policy trained with one menu reads the same numbers under another).
-FULL_BITS = 16
 
 
 @dataclass

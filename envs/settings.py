@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from quant.kv_cache import BlockBits, bit_pair
 
 __all__ = [
+    "FULL_BITS",
     "Setting",
     "mean_bits",
     "normalize_menu",
@@ -24,6 +25,12 @@ __all__ = [
     "setting_name",
     "settings_by_cost",
 ]
+
+#: The unit of every bit-valued feature, reward and budget: an uncompressed (fp16) cache, and the bits
+#: a protected sink token counts. Features divide by this, not by the largest bits of the env's menu, so
+#: ``last_bits * 16`` is the bit-width whatever ``bits`` the env offers (a policy trained with one menu
+#: reads the same numbers under another).
+FULL_BITS = 16
 
 #: A normalized setting: an int when keys and values share the width, else a (key_bits, value_bits) tuple.
 Setting = int | tuple[int, int]

@@ -68,26 +68,27 @@ def mlp_path(env, tmp_path_factory):
     return out
 
 
+def _trained(algo, env, folder: Path) -> Path:
+    """A tiny SB3 model (``algo``: PPO or MaskablePPO) trained 16 steps on ``env``, saved under ``folder``."""
+    model = algo("MlpPolicy", env, n_steps=16, batch_size=16, n_epochs=1, seed=0, device="cpu", verbose=0)
+    model.learn(total_timesteps=16)
+    path = folder / f"{algo.__name__.lower()}.zip"
+    model.save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def ppo_path(env, tmp_path_factory):
     from stable_baselines3 import PPO
 
-    model = PPO("MlpPolicy", env, n_steps=16, batch_size=16, n_epochs=1, seed=0, device="cpu", verbose=0)
-    model.learn(total_timesteps=16)
-    path = tmp_path_factory.mktemp("ppo") / "ppo.zip"
-    model.save(path)
-    return path
+    return _trained(PPO, env, tmp_path_factory.mktemp("ppo"))
 
 
 @pytest.fixture(scope="module")
 def maskable_path(env, tmp_path_factory):
     from sb3_contrib import MaskablePPO
 
-    model = MaskablePPO("MlpPolicy", env, n_steps=16, batch_size=16, n_epochs=1, seed=0, device="cpu", verbose=0)
-    model.learn(total_timesteps=16)
-    path = tmp_path_factory.mktemp("maskable") / "maskable.zip"
-    model.save(path)
-    return path
+    return _trained(MaskablePPO, env, tmp_path_factory.mktemp("maskable"))
 
 
 def test_fixed_16_falls_back_to_the_dearest_feasible_setting_itself(env):
