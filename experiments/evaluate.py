@@ -330,9 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(cfg)
     if result["policies"] is None:  # a shard whose siblings are still running
         return 0
-    from experiments.report import print_table
+    from experiments.report import TASK_TITLES, print_table
 
-    print_table(result["policies"], result["references"])
+    print_table(result["policies"], result["references"], task=TASK_TITLES.get(cfg.env.task, cfg.env.task))
     print(f"records: {result['records']}\nsummary: {result['summary']}")
     return 0
 

@@ -79,6 +79,31 @@ def budget_column(policies: dict[str, dict]) -> list[Column]:
     return [Column("budget_enforced", "enforced/ep", lambda e: e["summary"].get("budget_enforced"), ".2f")]
 
 
+def exact_match_column(policies: dict[str, dict]) -> list[Column]:
+    """Greedy exact match, for tasks that record it (passkey); absent otherwise."""
+    if not any("exact_match" in e["summary"] for e in policies.values()):
+        return []
+    return [Column("exact_match", "exact match", lambda e: e["summary"].get("exact_match"))]
+
+
+#: How report titles name a task (``env.task`` of the evaluation config); other tasks show their name.
+TASK_TITLES = {"hellaswag": "HellaSwag", "passkey": "pass-key retrieval"}
+
+
+def task_title(paths: Sequence[str | Path]) -> str:
+    """The task the summaries were evaluated on, for titles ("HellaSwag" when the config names none);
+    several tasks are joined with " + " (a table mixing tasks is allowed, but says so)."""
+    names: list[str] = []
+    for p in map(Path, paths):
+        file = p / "summary.json" if p.is_dir() else p
+        try:
+            env = json.loads(file.read_text()).get("config", {}).get("env", {}) or {}
+        except (OSError, json.JSONDecodeError, AttributeError):
+            env = {}
+        names.append(str(env.get("task") or "hellaswag"))
+    return " + ".join(TASK_TITLES.get(n, n) for n in dict.fromkeys(names)) or "HellaSwag"
+
+
 def columns(references: Sequence[str]) -> list[Column]:
     """The comparison's columns: one Δacc_norm per reference, in the order the references are given."""
     return [
@@ -129,7 +154,7 @@ def _rows(policies: dict[str, dict], cols: Sequence[Column]) -> list[list[str]]:
 
 
 def markdown_table(policies: dict[str, dict], references: Sequence[str]) -> str:
-    cols = [*columns(references), *budget_column(policies)]
+    cols = [*columns(references), *exact_match_column(policies), *budget_column(policies)]
     titles = ["policy", *(c.title for c in cols)]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(policies, cols)]
@@ -146,11 +171,11 @@ def _wrap(title: str) -> str:
 
 
 def print_table(policies: dict[str, dict], references: Sequence[str], console: Console | None = None,
-                extra: Sequence[Column] = ()) -> None:
+                extra: Sequence[Column] = (), task: str = "HellaSwag") -> None:
     """Same rows as the Markdown table, plus the ``extra`` columns; intervals go on a dim second line
     so it fits ~100 columns."""
-    cols = [*columns(references), *budget_column(policies), *extra]
-    table = Table(title="KV-precision policies on HellaSwag (95% CIs; Δ = paired difference per item)")
+    cols = [*columns(references), *exact_match_column(policies), *budget_column(policies), *extra]
+    table = Table(title=f"KV-precision policies on {task} (95% CIs; Δ = paired difference per item)")
     table.add_column("policy", no_wrap=True, min_width=max(map(len, policies), default=6))
     for c in cols:
         table.add_column(_wrap(c.title.removesuffix(" [95% CI]")), justify="right")
@@ -169,7 +194,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 _PANELS_X = (("avg_bits", "average KV bits"), ("kv_ratio", "KV bytes / fp16 KV bytes"))
 _PANELS_Y = (("loglik_delta", "Δ gold log-lik vs full precision\n(nats, 95% CI; symlog)"),
-             ("acc_norm", "HellaSwag acc_norm (95% CI)"))
+             ("acc_norm", "acc_norm (95% CI)"))
 _MARKERS = "osD^v<>pPX*h"
 
 
@@ -272,15 +297,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("the given summaries contain no policies")
     first = Path(args.summaries[0])
     out = args.out or (first if first.is_dir() else first.parent)
-    print_table(policies, references)
-    md = ("# KV-precision policies on HellaSwag\n\n"
+    task = task_title(args.summaries)
+    print_table(policies, references, task=task)
+    md = (f"# KV-precision policies on {task}\n\n"
           "Means with 95% confidence intervals (Wilson for accuracies, Student-t otherwise). "
           "Δ columns are paired per-item differences (this policy minus the reference); "
           "Δ gold log-lik is the gold ending's log-likelihood change against the full-precision pass "
           "of the same prompt (nats, mean [95% CI]): a far sharper signal than accuracy.\n\n"
           + markdown_table(policies, references) + "\n![Pareto view](pareto.png)\n")
     write_text(out / "report.md", md)
-    plot_pareto(policies, out / "pareto.png")
+    plot_pareto(policies, out / "pareto.png",
+                title=f"KV-cache precision on {task}: damage (Δ gold log-lik) and accuracy vs memory")
     print(f"wrote {out / 'report.md'} and {out / 'pareto.png'}")
     return 0
 

@@ -9,10 +9,18 @@ search, on the rows of ``episodes`` (a named episode set of the train split, e.g
 the explicit ``rows``, never on held-out items:
 
 1. start: every fixed setting of the menu whose mean bits fit ``bit_budget`` is scored; the best
-   whose episodes all end within the budget is the starting schedule (ties: the cheaper setting);
+   whose episodes all end within the budget is the starting schedule (ties: the cheaper setting).
+   With ``start: mixed`` (the default) two-level schedules that fill the budget compete too: for each
+   feasible fixed setting and the next dearer one, the dearer on as many of the last (or the first)
+   bins as stays feasible. Why: with fp16 sink tokens counted, the dearest setting that "fits" by its
+   mean bits often does not, and a single-bin move from a cheap uniform start cannot reach "the
+   dearer setting almost everywhere" (measured: the search stalled at 2-bit+sinks under 3.0 bits);
 2. coordinate passes: for each bin (and layer group) in turn, every other setting is tried there with
    the rest of the schedule unchanged, and the best is kept if it improves the objective and stays
-   feasible; passes repeat until one changes nothing, at most ``max_passes``.
+   feasible; with ``swaps`` (default on) each pass then tries paired moves -- one bin a step dearer,
+   another a step cheaper (menu cost order) -- which move bits between positions at a full budget,
+   where every single move is infeasible or worse; passes repeat until one changes nothing, at most
+   ``max_passes``.
 
 Objective: the mean over the rows of the terminal gold-ending log-likelihood change against full
 precision (``info["loglik_delta"]``, nats; higher is better). Feasible: every episode's final
@@ -58,6 +66,8 @@ class SearchStaticConfig:
     rows: list[int] | None = None  # or exactly these rows of the train split (then `episodes` is ignored)
     bins: int = 4  # position bins of the prompt (equal-width bins of `progress`)
     max_passes: int = 3  # coordinate passes over (bin, layer group); stops early when a pass changes nothing
+    start: str = "mixed"  # "fixed": the best feasible fixed setting; "mixed": also two-level schedules filling the budget
+    swaps: bool = True  # paired moves (one bin a step dearer, another a step cheaper) after each pass's single moves
     out: str = "runs/search_static/schedule.json"
     threads: int | None = None  # torch CPU threads (None = torch's default)
     progress: bool = True
@@ -132,28 +142,78 @@ def search_rows(cfg: SearchStaticConfig, env: KVPrecisionEnv) -> list[int]:
     return list(episode_set(cfg.episodes, env.items).rows)
 
 
-def best_fixed_start(scorer: ScheduleScorer, shape: tuple[int, int], log: list[dict]) -> tuple[np.ndarray, Score]:
-    """The best feasible uniform schedule among the settings whose mean bits fit the budget (ties: the cheaper)."""
+def _uniform(index: int, shape: tuple[int, int]) -> np.ndarray:
+    return np.full(shape, index, dtype=np.int64)
+
+
+def fixed_starts(scorer: ScheduleScorer, shape: tuple[int, int], log: list[dict]) -> list[tuple[str, np.ndarray, Score]]:
+    """Every uniform schedule of a setting whose mean bits fit the budget, cheapest first, scored."""
     menu = scorer.env.bits
-    best: tuple[np.ndarray, Score] | None = None
+    starts = []
     for index in settings_by_cost(menu):
         if mean_bits(menu[index]) > scorer.budget + BUDGET_TOLERANCE:
             continue
-        table = np.full(shape, index, dtype=np.int64)
+        table = _uniform(index, shape)
         score = scorer.score(table)
         log.append({"stage": "start", "setting": setting_name(menu[index]), **score.as_log()})
-        if score.feasible and (best is None or score.objective > best[1].objective):
-            best = (table, score)
-    if best is None:
+        starts.append((setting_name(menu[index]), table, score))
+    return starts
+
+
+def mixed_starts(scorer: ScheduleScorer, shape: tuple[int, int], fixed: list[tuple[str, np.ndarray, Score]],
+                 log: list[dict]) -> list[tuple[str, np.ndarray, Score]]:
+    """Two-level schedules that fill the budget: for each feasible uniform setting ``lo`` and the next
+    dearer menu setting ``hi``, ``hi`` on the most bins (counted from the end, or from the start) that
+    stays feasible and ``lo`` elsewhere (all layer groups alike)."""
+    menu = scorer.env.bits
+    order = settings_by_cost(menu)
+    bins = shape[0]
+    starts = []
+    for _, table, score in fixed:
+        lo = int(table[0, 0])
+        if not score.feasible or order.index(lo) + 1 >= len(order) or bins < 2:
+            continue
+        hi = order[order.index(lo) + 1]
+        for placement in ("last", "first"):
+            for k in range(bins - 1, 0, -1):
+                trial = table.copy()
+                chosen = range(bins - k, bins) if placement == "last" else range(k)
+                trial[list(chosen), :] = hi
+                trial_score = scorer.score(trial)
+                name = f"{setting_name(menu[hi])} on the {placement} {k} of {bins} bins, {setting_name(menu[lo])} elsewhere"
+                log.append({"stage": "start", "setting": name, **trial_score.as_log()})
+                if trial_score.feasible:
+                    starts.append((name, trial, trial_score))
+                    break
+    return starts
+
+
+def best_start(scorer: ScheduleScorer, shape: tuple[int, int], kind: str,
+               log: list[dict]) -> tuple[str, np.ndarray, Score]:
+    """The best feasible starting schedule (ties: the first found, i.e. the cheaper fixed setting)."""
+    if kind not in ("fixed", "mixed"):
+        raise ValueError(f"start must be 'fixed' or 'mixed', got {kind!r}")
+    candidates = fixed_starts(scorer, shape, log)
+    feasible_fixed = [c for c in candidates if c[2].feasible]
+    if not feasible_fixed:
+        menu = scorer.env.bits
         raise ValueError(f"no fixed setting of the menu {[setting_name(b) for b in menu]} ends every search episode "
                          f"within the budget of {scorer.budget} average bits (fp16 sink tokens count 16); raise the "
                          "budget or add a cheaper setting")
+    if kind == "mixed":
+        candidates += mixed_starts(scorer, shape, feasible_fixed, log)
+    best = None
+    for name, table, score in candidates:
+        if score.feasible and (best is None or score.objective > best[2].objective):
+            best = (name, table, score)
+    assert best is not None
     return best
 
 
 def coordinate_search(scorer: ScheduleScorer, table: np.ndarray, score: Score, max_passes: int,
-                      log: list[dict]) -> tuple[np.ndarray, Score, int]:
-    """Passes over (bin, group): at each, the best feasible setting if it improves the objective."""
+                      log: list[dict], swaps: bool = True) -> tuple[np.ndarray, Score, int]:
+    """Passes over (bin, group): at each, the best feasible setting if it improves the objective; then,
+    with ``swaps``, the best improving paired move (one cell a step dearer, another a step cheaper)."""
     menu = scorer.env.bits
     bins, groups = table.shape
     passes = 0
@@ -181,9 +241,42 @@ def coordinate_search(scorer: ScheduleScorer, table: np.ndarray, score: Score, m
                                 "accepted": setting_name(menu[best_index]), **score.as_log()})
                 if scorer.bar is not None:
                     scorer.bar.set_postfix(objective=f"{score.objective:.4f}", passes=passes)
+        if swaps:
+            moved = best_swap(scorer, table, score, log, f"pass {passes} swaps")
+            if moved is not None:
+                table, score, changed = moved[0], moved[1], True
         if not changed:
             break
     return table, score, passes
+
+
+def best_swap(scorer: ScheduleScorer, table: np.ndarray, score: Score, log: list[dict],
+              stage: str) -> tuple[np.ndarray, Score] | None:
+    """The best feasible improving paired move: cell ``up`` one step dearer and cell ``down`` one step
+    cheaper in the menu's cost order; None when none improves."""
+    order = settings_by_cost(scorer.env.bits)
+    menu = scorer.env.bits
+    cells = [(b, g) for b in range(table.shape[0]) for g in range(table.shape[1])]
+    best: tuple[np.ndarray, Score] | None = None
+    for up in cells:
+        rank_up = order.index(int(table[up]))
+        if rank_up + 1 >= len(order):
+            continue
+        for down in cells:
+            rank_down = order.index(int(table[down]))
+            if down == up or rank_down == 0:
+                continue
+            trial = table.copy()
+            trial[up], trial[down] = order[rank_up + 1], order[rank_down - 1]
+            trial_score = scorer.score(trial)
+            better = trial_score.feasible and trial_score.objective > (best[1] if best else score).objective
+            log.append({"stage": stage, "up": list(up), "down": list(down), **trial_score.as_log(), "better": better})
+            if better:
+                best = (trial, trial_score)
+    if best is not None:
+        log.append({"stage": stage, "accepted": [[setting_name(menu[i]) for i in row] for row in best[0]],
+                    **best[1].as_log()})
+    return best
 
 
 def run(cfg: SearchStaticConfig) -> dict[str, Any]:
@@ -207,14 +300,14 @@ def run(cfg: SearchStaticConfig) -> dict[str, Any]:
         scorer = ScheduleScorer(env, rows, budget, bar)
         shape = (cfg.bins, env.layer_groups)
         log: list[dict[str, Any]] = []
-        start, start_score = best_fixed_start(scorer, shape, log)
-        table, score, passes = coordinate_search(scorer, start, start_score, cfg.max_passes, log)
+        start_name, start, start_score = best_start(scorer, shape, cfg.start, log)
+        table, score, passes = coordinate_search(scorer, start, start_score, cfg.max_passes, log, cfg.swaps)
         bar.close()
         policy = scorer.policy(table)
         policy.meta = {
             "objective": score.objective,
             "max_avg_bits": score.max_avg_bits,
-            "start": {"setting": setting_name(env.bits[int(start[0, 0])]), "objective": start_score.objective,
+            "start": {"setting": start_name, "objective": start_score.objective,
                       "max_avg_bits": start_score.max_avg_bits},
             "passes": passes,
             "episodes_run": scorer.episodes_run,
@@ -236,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = result["start"]
     budget = cfg.bit_budget if cfg.bit_budget is not None else getattr(cfg.env, "bit_budget", None)
     print(f"rows: {len(result['rows'])}  budget: {budget} average bits")
-    print(f"before (fixed:{start['setting']}): objective {start['objective']:+.4f} nats, "
+    print(f"before ({start['setting']}): objective {start['objective']:+.4f} nats, "
           f"max avg bits {start['max_avg_bits']:.3f}")
     print(f"after  (static schedule):     objective {result['objective']:+.4f} nats, "
           f"max avg bits {result['max_avg_bits']:.3f}")

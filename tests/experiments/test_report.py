@@ -124,3 +124,25 @@ def test_old_summary_without_references_is_readable(tmp_path):
     assert references == ["fp16", "fixed-4"]
     assert main([str(run_dir), "--out", str(tmp_path / "report")]) == 0
     assert "Δacc_norm vs fixed-4" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_report_names_the_task_and_shows_exact_match(tmp_path):
+    """A passkey evaluation's report says so in its title and gets the exact-match column."""
+    import json as _json
+
+    from experiments.report import task_title
+
+    summary = _summary_file(tmp_path / "eval", {"fp16": 16, "fixed:2": 2}) / "summary.json"
+    data = _json.loads(summary.read_text())
+    assert task_title([summary]) == "HellaSwag"
+    data.setdefault("config", {})["env"] = {"task": "passkey"}
+    for i, entry in enumerate(data["policies"].values()):
+        entry["summary"]["exact_match"] = {"mean": 0.5 + 0.25 * i, "lo": 0.1, "hi": 0.9}
+    summary.write_text(_json.dumps(data))
+    assert task_title([summary]) == "pass-key retrieval"
+    policies, references = load_summaries([summary])
+    header = markdown_table(policies, references).splitlines()[0]
+    assert "exact match" in header
+    out = tmp_path / "report"
+    assert main([str(summary), "--out", str(out)]) == 0
+    assert (out / "report.md").read_text().startswith("# KV-precision policies on pass-key retrieval")

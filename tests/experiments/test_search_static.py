@@ -24,8 +24,8 @@ def _cfg(tmp_path, name: str, **kw) -> SearchStaticConfig:
 
 
 def test_search_is_deterministic_and_within_budget(tmp_path):
-    first = search_static.run(_cfg(tmp_path, "a.json"))
-    second = search_static.run(_cfg(tmp_path, "b.json"))
+    first = search_static.run(_cfg(tmp_path, "a.json", start="fixed"))
+    second = search_static.run(_cfg(tmp_path, "b.json", start="fixed"))
     assert first["schedule"] == second["schedule"] and first["objective"] == second["objective"]
     assert first["max_avg_bits"] <= BUDGET + 1e-9
     assert first["objective"] >= first["start"]["objective"]
@@ -58,9 +58,29 @@ def test_with_sink_tokens_a_schedule_the_budget_cuts_short_is_infeasible_not_an_
     blocks (the env then has nothing to enforce), and the search must count that schedule infeasible."""
     env = EnvConfig(model="tiny-random-llama", shots=0, interval=16, group_size=16, eval_size=20, split="train",
                     bits=(2, (4, 2), 4, 8), sink_tokens=4, bit_budget=BUDGET)
-    result = search_static.run(_cfg(tmp_path, "s.json", env=env, max_passes=1))
+    result = search_static.run(_cfg(tmp_path, "s.json", env=env, max_passes=1, start="fixed"))
     assert result["start"]["setting"] == "2"  # K4V2 fits 3.0 by its mean bits, not with the sinks
     doc = json.loads((tmp_path / "s.json").read_text())
     k4v2 = next(e for e in doc["log"] if e["stage"] == "start" and e["setting"] == "k4v2")
     assert not k4v2["feasible"]
     assert result["max_avg_bits"] <= BUDGET + 1e-9
+
+
+def test_mixed_start_fills_the_budget_and_swaps_run(tmp_path):
+    """With the sinks, K4V2 everywhere is over 3.0 bits: the mixed start puts K4V2 on as many bins as stay
+    within it (never worse than the best fixed start, which competes), and each pass tries paired moves."""
+    env = EnvConfig(model="tiny-random-llama", shots=0, interval=16, group_size=16, eval_size=20, split="train",
+                    bits=(2, (4, 2), 4, 8), sink_tokens=4, bit_budget=BUDGET)
+    result = search_static.run(_cfg(tmp_path, "m.json", env=env, bins=4, max_passes=1))
+    doc = json.loads((tmp_path / "m.json").read_text())
+    starts = [e for e in doc["log"] if e["stage"] == "start"]
+    fixed_best = max(e["objective"] for e in starts if e["feasible"] and " on the " not in e["setting"])
+    mixed = [e for e in starts if " on the " in e["setting"]]
+    assert mixed and any(e["feasible"] for e in mixed)
+    assert result["start"]["objective"] >= fixed_best
+    assert result["objective"] >= result["start"]["objective"] and result["max_avg_bits"] <= BUDGET + 1e-9
+    assert any(e["stage"] == "pass 1 swaps" for e in doc["log"])
+    again = search_static.run(_cfg(tmp_path, "m2.json", env=env, bins=4, max_passes=1))
+    assert again["schedule"] == result["schedule"]
+    with pytest.raises(ValueError, match="start must be"):
+        search_static.run(_cfg(tmp_path, "x.json", env=env, start="random"))
