@@ -21,6 +21,13 @@ The first block is the whole prompt (prefilled in one forward, so it is committe
 even if longer than ``interval``); tokens still pending at the end are never committed (they stay
 full-precision) and are not in ``avg_bits``. Prints each text, tokens/s, average bits and KV bytes vs
 fp16; writes ``<out_dir>/generate.json``.
+
+Degeneration, per text: ``rep_4`` (the fraction of the continuation's token 4-grams that repeat an
+earlier one: 0 for fresh text, near 1 for a loop) and ``fp16_ppl`` (the perplexity of the continuation
+under the same model with a full-precision cache, prompt included: how plausible the text is to the
+model that was not quantized; a loop scores *low* perplexity, so read the two together). ``compare``
+runs further policies on the same prompts and prints one table: fixed settings at the learned policy's
+average bits are the comparison the learning issue asks for.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from tqdm.auto import tqdm
 
 from agents.registry import make_policy
 from envs.cache_kwarg import with_cache
+from envs.scoring import score_requests
 from envs.features import FeatureSet
 from envs.kv_precision import EnvConfig
 from envs.model import load_model
@@ -62,6 +70,7 @@ SUPPORTED_NEEDS = frozenset({"attentions"})
 class GenerateConfig:
     env: EnvConfig = field(default_factory=EnvConfig)  # model, dtype, weight_quant, bits, features, interval, group_size
     policy: str = "rule"  # fixed:4, rule, rule:<yaml>, mlp:<path>, sb3:<path>
+    compare: tuple[str, ...] = ()  # further policies on the same prompts, side by side (e.g. fixed settings)
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     chat_template: bool = True  # wrap each prompt as a user turn when the tokenizer has a template
     max_new_tokens: int = 256
@@ -188,7 +197,7 @@ def generate_one(model, tokenizer, policy, prompt: str, cfg: GenerateConfig) -> 
         return chosen
 
     cache = MixedPrecisionKVCache(config=model.config, group_size=cfg.env.group_size, policy=hook,
-                                  interval=cfg.env.interval)
+                                  interval=cfg.env.interval, sink_tokens=cfg.env.sink_tokens)
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.perf_counter()
@@ -201,6 +210,8 @@ def generate_one(model, tokenizer, policy, prompt: str, cfg: GenerateConfig) -> 
     seconds = time.perf_counter() - t0
     new = out[0, ids.shape[1]:]
     committed_fp16 = cache.fp16_nbytes(False)
+    pad_id = pad if pad is not None else 0
+    nll = (-score_requests(model, [(ids[0].tolist(), new.tolist())], pad_id=pad_id)[0] / len(new)) if len(new) else float("nan")
     return {
         "prompt": prompt,
         "text": tokenizer.decode(new, skip_special_tokens=True),
@@ -218,8 +229,23 @@ def generate_one(model, tokenizer, policy, prompt: str, cfg: GenerateConfig) -> 
         "committed_fp16_kv_bytes": committed_fp16,
         "committed_kv_ratio": cache.nbytes(False) / committed_fp16 if committed_fp16 else float("nan"),
         "pending_tokens": cache.pending_length,
+        "rep_4": repeated_ngram_fraction(new.tolist(), 4),
+        "fp16_ppl": math.exp(nll) if not math.isnan(nll) else float("nan"),
         "decisions": decisions,
     }
+
+
+def repeated_ngram_fraction(ids: Sequence[int], n: int = 4) -> float:
+    """Fraction of the ``n``-grams of ``ids`` that already occurred earlier in ``ids`` (0 with fewer than n+1 tokens)."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    seen: set[tuple[int, ...]] = set()
+    repeats = 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams)
 
 
 def run(cfg: GenerateConfig) -> dict[str, Path]:
@@ -234,31 +260,57 @@ def run(cfg: GenerateConfig) -> dict[str, Path]:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)
     feature_set = FeatureSet(cfg.env.features)
-    policy = make_policy(cfg.policy, observation_names=feature_set.observation_names, bits=cfg.env.bits)
+    specs = list(dict.fromkeys([cfg.policy, *cfg.compare]))
+    policies = [make_policy(spec, observation_names=feature_set.observation_names, bits=cfg.env.bits) for spec in specs]
     model, tokenizer = load_model(
         cfg.env.model, dtype=cfg.env.dtype, device=cfg.env.device, attn_implementation="eager"
     )
     quantize_model_weights(model, cfg.env.weight_quant)
     paths = {"config": save_config(cfg, out_dir / "config.yaml")}
-    wb = tracking.init_run(project=cfg.wandb_project, group=cfg.wandb_group, name=f"generate-{policy.name}",
+    wb = tracking.init_run(project=cfg.wandb_project, group=cfg.wandb_group, name=f"generate-{policies[0].name}",
                            config=cfg, job_type="generate", dir=out_dir)
     results = []
     try:
-        for prompt in tqdm(cfg.prompts, desc=f"generate ({policy.name})", unit="prompt", disable=not cfg.progress):
-            rec = generate_one(model, tokenizer, policy, prompt, cfg)
-            results.append(rec)
-            avg = "n/a (nothing committed)" if math.isnan(rec["avg_bits"]) else f"{rec['avg_bits']:.2f}"
-            print(f"\n### {prompt}\n{rec['text']}\n--- {rec['new_tokens']} tokens, {rec['tokens_per_s']:.1f} tok/s, "
-                  f"avg bits {avg}, blocks {rec['block_bits']}, KV {rec['kv_bytes']} B vs fp16 "
-                  f"{rec['fp16_kv_bytes']} B ({rec['kv_ratio']:.3f}; committed {rec['committed_kv_ratio']:.3f})")
-        paths["results"] = write_json(out_dir / "generate.json", {"policy": cfg.policy, "results": results})
-        keys = ("prompt", "text", "new_tokens", "tokens_per_s", "avg_bits", "kv_ratio", "committed_kv_ratio")
+        for spec, policy in zip(specs, policies, strict=True):
+            for prompt in tqdm(cfg.prompts, desc=f"generate ({policy.name})", unit="prompt", disable=not cfg.progress):
+                rec = {"policy": spec, **generate_one(model, tokenizer, policy, prompt, cfg)}
+                results.append(rec)
+                avg = "n/a (nothing committed)" if math.isnan(rec["avg_bits"]) else f"{rec['avg_bits']:.2f}"
+                print(f"\n### [{spec}] {prompt}\n{rec['text']}\n--- {rec['new_tokens']} tokens, "
+                      f"{rec['tokens_per_s']:.1f} tok/s, avg bits {avg}, blocks {rec['block_bits']}, KV {rec['kv_bytes']} B "
+                      f"vs fp16 {rec['fp16_kv_bytes']} B ({rec['kv_ratio']:.3f}; committed {rec['committed_kv_ratio']:.3f}), "
+                      f"rep-4 {rec['rep_4']:.2f}, fp16 ppl {rec['fp16_ppl']:.2f}")
+        summary = summarize_generations(results)
+        print_summary(summary)
+        paths["results"] = write_json(out_dir / "generate.json",
+                                      {"policy": cfg.policy, "compare": list(cfg.compare), "summary": summary,
+                                       "results": results})
+        keys = ("policy", "prompt", "text", "new_tokens", "tokens_per_s", "avg_bits", "kv_ratio", "committed_kv_ratio",
+                "rep_4", "fp16_ppl")
         wb.log({"generations": wandb.Table(columns=list(keys), data=[[r[k] for k in keys] for r in results])})
-        wb.summary.update({k: float(np.nanmean([r[k] for r in results]))
-                           for k in ("tokens_per_s", "avg_bits", "kv_ratio", "committed_kv_ratio")})
+        wb.summary.update({f"{k}/{spec}": v for spec, row in summary.items() for k, v in row.items()})
     finally:
         tracking.finish(wb, announce=True)
     return paths
+
+
+SUMMARY_KEYS = ("avg_bits", "kv_ratio", "rep_4", "fp16_ppl", "tokens_per_s")
+
+
+def summarize_generations(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per policy: the mean over its prompts of ``SUMMARY_KEYS`` (NaN-aware)."""
+    out: dict[str, dict[str, float]] = {}
+    for spec in dict.fromkeys(r["policy"] for r in results):
+        rows = [r for r in results if r["policy"] == spec]
+        out[spec] = {k: float(np.nanmean([r[k] for r in rows])) for k in SUMMARY_KEYS}
+    return out
+
+
+def print_summary(summary: dict[str, dict[str, float]]) -> None:
+    width = max(map(len, summary), default=6)
+    print("\n" + f"{'policy':<{width}}  " + "  ".join(f"{k:>12}" for k in SUMMARY_KEYS))
+    for spec, row in summary.items():
+        print(f"{spec:<{width}}  " + "  ".join(f"{row[k]:>12.3f}" for k in SUMMARY_KEYS))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:

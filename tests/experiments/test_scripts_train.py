@@ -238,3 +238,25 @@ def test_generate_features_match_a_teacher_forced_block(tmp_path):
     for k in range(2):
         got = list(rec["decisions"][k]["obs"].values())
         np.testing.assert_allclose(got, obs[k], rtol=1e-3, atol=1e-5, err_msg=f"block {k}")
+
+
+def test_repeated_ngram_fraction():
+    assert generate.repeated_ngram_fraction([1, 2, 3, 4, 5, 6], 4) == 0.0
+    assert generate.repeated_ngram_fraction([1, 2, 1, 2, 1, 2, 1, 2], 2) == pytest.approx(5 / 7)
+    assert generate.repeated_ngram_fraction([7] * 10, 4) == pytest.approx(6 / 7)
+    assert generate.repeated_ngram_fraction([1, 2, 3], 4) == 0.0
+
+
+def test_generate_compares_policies_with_degeneration_measures_and_sinks(tmp_path):
+    """`compare` runs more policies on the same prompts; every text gets rep-4 and the fp16 perplexity; the
+    env's sink tokens are kept fp16 during generation as in the env (fixed 2-bit averages above 2)."""
+    cfg = _gen_cfg(tmp_path, "fixed:2")
+    cfg.compare = ("fixed:16",)
+    cfg.env = EnvConfig(model="tiny-random-llama", interval=8, sink_tokens=4)
+    doc = json.loads(generate.run(cfg)["results"].read_text())
+    assert [r["policy"] for r in doc["results"]] == ["fixed:2", "fixed:16"]
+    assert set(doc["summary"]) == {"fixed:2", "fixed:16"}
+    for rec in doc["results"]:
+        assert 0.0 <= rec["rep_4"] <= 1.0 and math.isfinite(rec["fp16_ppl"]) and rec["fp16_ppl"] > 1.0
+    low = doc["results"][0]
+    assert 2.0 < low["avg_bits"] < 16.0  # 2-bit blocks plus 4 fp16 sink tokens
