@@ -4,7 +4,7 @@
 
 Writes ``<out_dir>/controller_training.csv`` (columns: ``item, block, <observation names>,
 latency_ms_per_token, bits``), the training data of the MLP controller. A row holds
-the observation the rule acted on, the bit-width it chose (the label) and the measured wall time per
+the observation the policy acted on, the setting it committed (the label) and the measured wall time per
 token of the env step that followed (commit + next block, or the ending scoring on the last step).
 
 Calibration (``calibrate_target_bits``): the rule's thresholds are re-fitted so that it spends the target

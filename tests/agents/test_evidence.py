@@ -33,6 +33,16 @@ def _average_bits(plan, spans, sinks=0) -> float:
     return sum(block_bit_sum(MENU[a], s, e, sinks) for a, (s, e) in zip(plan, spans, strict=True)) / spans[-1][1]
 
 
+def test_an_explicit_budget_on_an_env_without_one(tiny_model):
+    env = _env(tiny_model, 0.25)
+    teacher = EvidencePolicy(env.observation_names, env.bits, budget=2.5)
+    plan = teacher.plan(env, env.items[0].row)
+    assert _average_bits(plan, env.block_spans()) <= 2.5
+    assert rollout(env, Schedule(plan), options={"row": env.items[0].row}).final_info["avg_bits"] <= 2.5
+    assert {MENU[plan[b]] for b in teacher.last_evidence} != {2}  # the needle still gets more than the rest
+    env.close()
+
+
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_teacher_within_budget_deterministic_and_keeps_the_needle(tiny_model, depth):
     env = _env(tiny_model, depth)
