@@ -107,3 +107,16 @@ def test_teacher_data_trains_an_mlp_that_runs_under_the_budget(collected, tmp_pa
         info = rollout(env, mlp, options={"row": item.row}).final_info
         assert info["avg_bits"] <= BUDGET and np.isfinite(info["loglik_delta"])
     env.close()
+
+
+def test_collect_with_the_oracle_as_teacher(tmp_path):
+    env_cfg = EnvConfig(model="tiny-random-llama", shots=0, interval=32, group_size=32, bit_budget=4.0)
+    cfg = collect.CollectConfig(env=env_cfg, policy="oracle", episodes=1, threads=1, out_dir=str(tmp_path),
+                                progress=False)
+    header, rows = _read_csv(collect.run(cfg)["csv"])
+    ((row, labels),) = _episodes(header, rows)
+    env = gym.make(ENV_ID, config=env_cfg)
+    assert row == collect.teacher_rows(env, 0)[0]
+    plan = make_policy("oracle", env=env).plan(env, row)
+    assert labels == [setting_name(env.unwrapped.bits[a]) for a in plan]
+    env.close()
