@@ -16,6 +16,9 @@ A spec is ``[alias=]what``, where ``what`` is one of::
     oracle                per-item greedy oracle, completing at the dearest
                           setting within the budget (evaluation only)     name "oracle"
     oracle:k4v2           ... completing every branch at K4V2             name "oracle:k4v2"
+    evidence              privileged evidence teacher: the answer's blocks
+                          precise, the rest of the budget from the end    name "evidence"
+    evidence:8            ... evidence blocks at most at 8 bits           name "evidence:8"
     runs/x/mlp.pt         a bare file: its kind is read from what the file is (mlp, sb3 or rule)
     pkg.module:Class      a plug-in class imported from a dotted path (``pkg.module:Class:arg``)
     my_policies:Class     ... also from a top-level module on ``sys.path`` (one file)
@@ -327,3 +330,16 @@ def _oracle(arg, observation_names, bits, env) -> Policy:
     from agents.oracle import OraclePolicy
 
     return OraclePolicy(observation_names, bits, completion=arg or None)
+
+
+def _evidence_name(arg: str | None) -> str:
+    from envs.settings import parse_setting, setting_name
+
+    return "evidence" if not arg else f"evidence:{setting_name(parse_setting(arg))}"
+
+
+@register_policy("evidence", name=_evidence_name)
+def _evidence(arg, observation_names, bits, env) -> Policy:
+    from agents.evidence import EvidencePolicy
+
+    return EvidencePolicy(observation_names, bits, evidence_setting=arg or None)

@@ -45,6 +45,7 @@ from envs import ENV_ID  # noqa: F401  (re-exported)
 from envs.budget import block_bit_sum, check_budget, check_reachable, fallback_action, feasible_mask
 from envs.cache_kwarg import with_cache
 from envs.episodes import EpisodeSet, episode_set, parse_episode_set
+from envs.evidence import evidence_char_spans, overlapping_blocks, token_char_spans
 from envs.features import DEFAULT_FEATURES, FULL_BITS, BlockContext, FeatureSet
 from envs.fingerprint import process_fingerprint_id
 from envs.hellaswag import HellaSwagItem, item_rng, load_hellaswag
@@ -203,6 +204,8 @@ class _Episode:
     done: bool = False
     #: nominal bits of the committed tokens (envs.budget.block_bit_sum summed): the budget's ledger
     committed_bit_sum: float = 0.0
+    #: the prompt text the ids encode (Task.context with the shots kept): where evidence is looked up
+    context: str = ""
 
 
 @dataclass(frozen=True)
@@ -360,14 +363,14 @@ class KVPrecisionEnv(gym.Env):
         """Pick the item (``options["row"]`` or drawn), fetch its reference, set up a new episode; its info."""
         t0 = time.perf_counter()
         if "row" in options:
-            item, prompt_ids, endings, n_shots = self._row_inputs(int(options["row"]))
+            item, prompt_ids, endings, n_shots, context = self._row_inputs(int(options["row"]))
         elif self.episodes is not None:
             row = self.episodes.rows[int(self.np_random.integers(len(self.episodes.rows)))]
-            item, prompt_ids, endings, n_shots = self._row_inputs(row)
+            item, prompt_ids, endings, n_shots, context = self._row_inputs(row)
         else:
             item = self.items[int(self.np_random.integers(len(self.items)))]
             shots = self.task.shots(item, self.pool, self.config.shots, self.np_random)
-            prompt_ids, endings, n_shots = self._tokenize(item, shots)
+            prompt_ids, endings, n_shots, context = self._tokenize(item, shots)
         reference = self._reference(prompt_ids, endings, item)
         self.timings = {"reference_ms": 1000 * (time.perf_counter() - t0)}
         interval = self.config.interval
@@ -377,7 +380,9 @@ class KVPrecisionEnv(gym.Env):
                 self.config.bit_budget, self.bits, len(prompt_ids), self.config.sink_tokens, f"row {item.row}"
             )
         observer = BlockObserver(self.feature_set, len(blocks))
-        self._episode = _Episode(item, prompt_ids, endings, blocks, reference, self._new_cache(), observer)
+        self._episode = _Episode(
+            item, prompt_ids, endings, blocks, reference, self._new_cache(), observer, context=context
+        )
         return {"row": item.row, "blocks": len(blocks), "prompt_tokens": len(prompt_ids), "shots": n_shots}
 
     def _first_observation(self, ctx: BlockContext) -> np.ndarray:
@@ -392,7 +397,7 @@ class KVPrecisionEnv(gym.Env):
         ``reset(options={"row": row})`` builds them (baselines outside the env score the same tokens)."""
         return self._row_inputs(row)[:3]
 
-    def _row_inputs(self, row: int) -> tuple[TaskItem, list[int], list[list[int]], int]:
+    def _row_inputs(self, row: int) -> tuple[TaskItem, list[int], list[list[int]], int, str]:
         if row not in self._rows:
             raise ValueError(f"row {row} is not among the {self.config.task!r} task's items")
         if self.config.split == "eval" and row in self._pool_rows:
@@ -521,6 +526,33 @@ class KVPrecisionEnv(gym.Env):
                     ids = torch.tensor([[decoded[-1]]], device=self.model.device)
                     logits = self._forward(ids, ep.cache, attentions=False).logits[0, -1]
         return self.tokenizer.decode(decoded).strip() == self.task.answer_text(ep.item).strip()
+
+    def block_spans(self) -> list[tuple[int, int]]:
+        """``[start, end)`` token positions of the current episode's blocks (``interval`` tokens each, the
+        last one shorter), in the order ``step`` commits them."""
+        self._check_open()
+        if self._episode is None:
+            raise RuntimeError("block_spans() before reset(): blocks belong to an episode")
+        return list(self._episode.blocks)
+
+    def evidence_blocks(self) -> list[int]:
+        """Indices of the current episode's blocks holding a token that overlaps any of the task's evidence
+        (``Task.evidence``: the prompt text that carries the answer, e.g. the passkey needle), ascending.
+
+        Privileged information: the task's generator knows where it put the answer; a policy never sees
+        this (``agents.evidence`` plans with it, as a teacher on pool items or an evaluation-only row).
+        Empty when the task has no evidence (HellaSwag). Characters are mapped to tokens with the
+        tokenizer's offsets (fast tokenizers) or decoded prefixes (``envs.evidence``)."""
+        self._check_open()
+        ep = self._episode
+        if ep is None:
+            raise RuntimeError("evidence_blocks() before reset(): evidence belongs to an episode's prompt")
+        evidence = self.task.evidence(ep.item)
+        if not evidence:
+            return []
+        spans = evidence_char_spans(ep.context, evidence)
+        tokens = token_char_spans(self.tokenizer, ep.context, ep.prompt_ids)
+        return overlapping_blocks(ep.blocks, tokens, spans)
 
     def action_masks(self) -> np.ndarray:
         """Bool mask over the actions (sb3-contrib's MaskablePPO convention): True for every setting that,
@@ -662,8 +694,9 @@ class KVPrecisionEnv(gym.Env):
             raise ValueError(f"action {action!r} outside the action space {self.action_space} (bits {self.bits})")
         return indices
 
-    def _tokenize(self, item: TaskItem, shots: list[TaskItem]) -> tuple[list[int], list[list[int]], int]:
-        """Prompt ids, ending ids (as lm-eval forms them) and the shots kept: earliest shots past the limit are dropped."""
+    def _tokenize(self, item: TaskItem, shots: list[TaskItem]) -> tuple[list[int], list[list[int]], int, str]:
+        """Prompt ids, ending ids (as lm-eval forms them), the shots kept and the context text the prompt ids
+        encode: earliest shots past the limit are dropped."""
         limit = min(self.config.max_prompt_tokens, _max_positions(self.model))
         shots = list(shots)
         while True:
@@ -672,7 +705,7 @@ class KVPrecisionEnv(gym.Env):
             prompt_ids = pairs[0][0]
             longest = max(len(cont) for _, cont in pairs)
             if len(prompt_ids) + longest <= limit:
-                return list(prompt_ids), [list(cont) for _, cont in pairs], len(shots)
+                return list(prompt_ids), [list(cont) for _, cont in pairs], len(shots), context
             if not shots:
                 raise ValueError(
                     f"row {item.row}: prompt ({len(prompt_ids)} tokens) + ending ({longest}) exceed the limit "

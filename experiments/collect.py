@@ -1,10 +1,10 @@
-"""Roll out the entropy rule on the env's train split and log one CSV row per decision.
+"""Roll out a policy or a planning teacher on the env's train split and log one CSV row per decision.
 
     python -m experiments.collect --config experiments/configs/collect.yaml --set episodes=50
 
 Writes ``<out_dir>/controller_training.csv`` (columns: ``item, block, <observation names>,
 latency_ms_per_token, bits``), the training data of the MLP controller. A row holds
-the observation the rule acted on, the bit-width it chose (the label) and the measured wall time per
+the observation the policy acted on, the setting it committed (the label) and the measured wall time per
 token of the env step that followed (commit + next block, or the ending scoring on the last step).
 
 Calibration (``calibrate_target_bits``): the rule's thresholds are re-fitted so that it spends the target
@@ -15,8 +15,17 @@ pass of ``calibration_episodes`` with the configured rule writes ``calibration.c
 on its ``entropy_mean`` (agents.rule.calibrate_thresholds) and saved to ``rule_thresholds.yaml``; the main
 pass then rolls out the *calibrated* rule, so every row's label is what was actually committed.
 
-Episode ``i`` is ``reset(seed=seed + i)`` (the calibration pass uses ``seed + 1_000_000 + i``), so a run is
-reproducible item for item and resumable: with ``resume=true`` complete episodes already in the CSV are
+Planning teachers (``policy: evidence``, ``oracle``: ``agents.oracle.PlanningPolicy``) decide a whole
+episode per item: episode ``i`` takes the pool row ``teacher_rows(env, seed)[i % n]`` (a permutation of the
+train split's rows, or of the env's episode set's, by ``numpy.random.default_rng(seed)``: distinct items
+until the pool is used up, then the same order again), calls ``plan(env, row)`` and replays the plan with
+``agents.rollout.Schedule`` through ``agents.rollout.rollout``; its rows are like every policy's (the
+observation at each block, the committed setting as the label). That is how the MLP controller imitates a
+privileged teacher from observable features ("learning by cheating"); the teacher never sees held-out
+items here, since collect refuses the eval split.
+
+Episode ``i`` of a plain policy is ``reset(seed=seed + i)`` (the calibration pass uses ``seed + 1_000_000 + i``),
+so a run is reproducible item for item and resumable: with ``resume=true`` complete episodes already in the CSV are
 kept and collection continues with the next one. The CSV is rewritten atomically every ``flush_every``
 episodes and on Ctrl-C / an exception, always holding complete episodes only.
 """
@@ -36,8 +45,9 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from agents.oracle import PlanningPolicy
 from agents.registry import make_policy
-from agents.rollout import rollout
+from agents.rollout import Schedule, rollout
 from agents.rule import EntropyRulePolicy, calibrate_thresholds
 from envs import ENV_ID
 from envs.io import atomic_write
@@ -58,7 +68,9 @@ _DATA_KEYS = ("env", "policy", "seed", "calibrate_target_bits", "calibration_epi
 @dataclass
 class CollectConfig:
     env: EnvConfig = field(default_factory=EnvConfig)  # split must stay "train"
-    policy: str = "rule"  # "rule", "rule:<thresholds.yaml>" or "rule:t1,t2,t3" (any spec when not calibrating)
+    # "rule", "rule:<thresholds.yaml>" or "rule:t1,t2,t3" (any spec when not calibrating, e.g. "static:<json>",
+    # or a planning teacher: "evidence", "evidence:<setting>", "oracle", "oracle:<setting>")
+    policy: str = "rule"
     episodes: int = 200  # episodes of the main pass (one CSV row per env step)
     calibrate_target_bits: float | None = None  # re-fit the rule's thresholds to this average first
     calibration_episodes: int = 20  # episodes of the calibration pass (its own CSV)
@@ -80,9 +92,25 @@ def _fmt(value: Any) -> str:
     return repr(float(value)) if isinstance(value, (float, np.floating)) else str(value)
 
 
-def run_episode(env: gym.Env, policy, seed: int) -> tuple[list[list[str]], dict[str, Any]]:
-    """One episode of ``policy``: its CSV rows (as strings) and a summary for logging."""
-    episode = rollout(env, policy, seed=seed)
+def teacher_rows(env: gym.Env, seed: int) -> list[int]:
+    """The rows a planning teacher's episodes take, in order: the env's episode set's rows if it has one,
+    else its split's (collect: the train split), permuted by ``default_rng(seed)``."""
+    base = env.unwrapped
+    rows = list(base.episodes.rows) if base.episodes is not None else [item.row for item in base.items]
+    return [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
+
+
+def run_episode(env: gym.Env, policy, seed: int, row: int | None = None) -> tuple[list[list[str]], dict[str, Any]]:
+    """One episode of ``policy``: its CSV rows (as strings) and a summary for logging. A planning policy
+    plans row ``row`` and its plan is replayed (``row`` is required then, and only then)."""
+    if isinstance(policy, PlanningPolicy):
+        if row is None:
+            raise ValueError(f"{policy.name!r} plans per item: run_episode needs the row to plan")
+        episode = rollout(env, Schedule(policy.plan(env, row)), options={"row": row}, seed=seed)
+    elif row is not None:
+        raise ValueError(f"row is only for planning policies; {policy.name!r} acts on observations")
+    else:
+        episode = rollout(env, policy, seed=seed)
     item = episode.reset_info["row"]
     rows = []
     for block, (obs, info, timings) in enumerate(zip(episode.observations, episode.infos, episode.timings[1:], strict=True)):
@@ -142,9 +170,11 @@ def collect_rows(
         print(f"resuming {path}: {done}/{episodes} episodes already collected")
     written = done if rows else -1  # -1: the file on disk (if any) is not this run's yet
     bar = tqdm(total=episodes, initial=done, desc=desc, unit="ep", disable=not progress)
+    planned = teacher_rows(env, first_seed) if isinstance(policy, PlanningPolicy) else None
     try:
         for i in range(done, episodes):
-            ep_rows, summary = run_episode(env, policy, first_seed + i)
+            where = {} if planned is None else {"row": planned[i % len(planned)]}
+            ep_rows, summary = run_episode(env, policy, first_seed + i, **where)
             rows += ep_rows
             bar.update(1)
             bar.set_postfix(avg_bits=f"{summary['avg_bits']:.2f}", rows=len(rows))

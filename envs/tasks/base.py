@@ -77,6 +77,16 @@ class Task:
         acc_norm); a task normalising otherwise overrides this."""
         return choose(scores, item.endings)
 
+    def evidence(self, item: TaskItem) -> list[str]:
+        """Substrings of the item's prompt (its :meth:`context`) that carry the answer; default: none.
+
+        Why: a generated task knows where it put the answer, so a privileged teacher
+        (``agents.evidence``) can keep exactly those tokens precise on pool items and a learned
+        controller can imitate it from observable features ("learning by cheating"). Each string
+        must occur in the context; ``KVPrecisionEnv.evidence_blocks`` maps them to blocks. Tasks whose
+        answer is spread over the whole prompt (HellaSwag) have none."""
+        return []
+
     def answer_text(self, item: TaskItem) -> str:
         """The text greedy decoding must produce for an exact match (tasks with ``exact_match``)."""
         raise NotImplementedError(f"task {self.name!r} defines no exact match")

@@ -186,6 +186,13 @@ class PasskeyTask(Task):
     def answer_text(self, item: PasskeyItem) -> str:
         return item.key
 
+    def evidence(self, item: PasskeyItem) -> list[str]:
+        """The needle sentence of the asked key only. With ``keys > 1`` the other needles are
+        distractors: keeping them precise helps the model confuse keys, not retrieve the asked one, so
+        a teacher that spends bits on them teaches the wrong thing (the name in the question is what
+        tells the asked needle apart, and the controller sees the tokens of every needle alike)."""
+        return [_needle(item.name, item.key)]
+
     def prompt(self, item: PasskeyItem) -> PasskeyPrompt:
         """The item's prompt: the most filler sentences that keep it within ``length`` tokens."""
         if self._tokenizer is None:

@@ -30,3 +30,16 @@ def test_oracle_and_static_records_are_like_every_policys(tmp_path):
         assert set(oracle) == set(fixed) and set(by["static", row]) == set(fixed)
         assert oracle["loglik_delta"] >= fixed["loglik_delta"]  # completing at 4 bits: never worse than fixed:4
     assert set(result["policies"]) == {"fixed:4", "oracle:4", "static"}
+
+
+def test_evidence_teacher_evaluates_like_every_policy(tmp_path):
+    env = EnvConfig(model="tiny-random-llama", task="passkey", interval=32, group_size=32, eval_size=4, split="eval",
+                    bit_budget=3.0, task_options={"length": 320, "items": 12, "depth": 0.5})
+    cfg = EvaluateConfig(env=env, policies=["fixed:2", "evidence"], items=1, references=("fixed:2",),
+                         out_dir=str(tmp_path / "eval"), progress=False)
+    evaluate.run(cfg)
+    records = evaluate._load_done(tmp_path / "eval" / "records.jsonl")[0]
+    by = {r["policy"]: r for r in records}
+    assert set(by) == {"fixed:2", "evidence"} and set(by["evidence"]) == set(by["fixed:2"])
+    assert "exact_match" in by["evidence"] and by["evidence"]["budget_enforced"] == 0
+    assert by["fixed:2"]["avg_bits"] < by["evidence"]["avg_bits"] <= 3.0
