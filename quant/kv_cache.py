@@ -18,8 +18,19 @@ activations neither lose precision nor stretch the min-max range of its block (I
 Consecutive blocks at the same (key, value) bits are merged into one *segment* (when the keys end on
 a complete token group), so dequantizing a long uniform cache costs a handful of tensor ops per
 layer rather than a handful per block, and every segment is dequantized straight into its slice of the tensor
-handed to attention (no per-segment temporaries, no ``torch.cat``). The dequantized tensor lives
-only for the layer's attention call: between steps the cache holds codes, never floats.
+handed to attention (no per-segment temporaries, no ``torch.cat``). By default the dequantized tensor
+lives only for the layer's attention call: between steps the cache holds codes, never floats.
+
+``keep_dequantized=True`` trades that memory for speed: committed segments never change, so each
+new block is dequantized once, when it is committed, and appended to a float copy of the committed
+prefix that every later forward (a decode step, the env's next block, the batched scoring of the
+endings inside :meth:`MixedPrecisionKVCache.branch`) copies instead of dequantizing every segment
+again. The floats are exactly what a fresh dequantization gives (the same element-wise arithmetic;
+tests/quant/test_kv_cache.py checks it after commits, crops, branches and copies), so results do not
+change. The cost: the process holds the committed tokens in the model's dtype as well, like a
+``DynamicCache`` (:meth:`MixedPrecisionKVCache.dequantized_nbytes`); the codes stay the stored truth
+and :meth:`~MixedPrecisionKVCache.nbytes` counts only them. Use it where speed matters more than
+resident memory (the env's short episodes); leave it off to measure or bank the memory saving.
 """
 
 from __future__ import annotations
@@ -139,13 +150,16 @@ class MixedPrecisionLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, group_size: int = 64, symmetric: bool = False):
+    def __init__(self, group_size: int = 64, symmetric: bool = False, keep_dequantized: bool = False):
         super().__init__()
         self.group_size = group_size
         self.symmetric = symmetric
+        self.keep_dequantized = keep_dequantized
         self.segments: list[_Segment] = []
         # >1 while the cache is branched along the batch, see MixedPrecisionKVCache.branch
         self.batch_expand = 1
+        # keep_dequantized: the committed tokens' keys and values, dequantized (None until the first commit)
+        self.dequantized: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- transformers CacheLayerMixin contract -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -182,10 +196,57 @@ class MixedPrecisionLayer(CacheLayerMixin):
         """
         committed = self.committed_length
         out = pending.new_empty((*pending.shape[:-2], committed + pending.shape[-2], pending.shape[-1]))
-        parts = [segment.keys if axis == KEY_AXIS else segment.values for segment in self.segments]
-        dequantize_cat(parts, out.narrow(-2, 0, committed), dim=-2)
+        prefix = self._dequantized_prefix(pending.dtype)
+        if prefix is not None:  # keep_dequantized: a copy (broadcast along a branched batch)
+            out.narrow(-2, 0, committed).copy_(prefix[0 if axis == KEY_AXIS else 1])
+        else:
+            parts = [segment.keys if axis == KEY_AXIS else segment.values for segment in self.segments]
+            dequantize_cat(parts, out.narrow(-2, 0, committed), dim=-2)
         out.narrow(-2, committed, pending.shape[-2]).copy_(pending)
         return out
+
+    def _dequantized_prefix(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kept floats of the committed tokens in ``dtype`` (None when not kept).
+
+        Rebuilt from the segments when missing or stale (the option switched on after commits, a
+        dtype change), so it always equals a fresh dequantization of what is stored."""
+        if not self.keep_dequantized:
+            return None
+        kept = self.dequantized
+        if kept is None or kept[0].dtype != dtype or kept[0].shape[-2] != self.committed_length:
+            self.dequantized = kept = self._dequantize_segments(self.segments, dtype)
+        return kept
+
+    @staticmethod
+    def _dequantize_segments(segments: list[_Segment], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``segments`` dequantized into fresh ``dtype`` tensors (keys, values), as ``_assemble`` reads them."""
+        out = []
+        for name in ("keys", "values"):
+            parts = [getattr(segment, name) for segment in segments]
+            shape = list(parts[0].shape)
+            shape[-2] = sum(p.shape[-2] for p in parts)
+            buffer = torch.empty(shape, dtype=dtype, device=parts[0].data.device)
+            out.append(dequantize_cat(parts, buffer, dim=-2))
+        return out[0], out[1]
+
+    def _keep_dequantized(self, new: list[_Segment]) -> None:
+        """After a commit: append the newly committed segments, dequantized once, to the kept floats."""
+        before = self.committed_length - sum(segment.length for segment in new)
+        kept = self.dequantized
+        if kept is not None and (kept[0].dtype != self.dtype or kept[0].shape[-2] != before):
+            kept = self.dequantized = None
+        if kept is None and before:
+            return  # nothing usable kept for the older segments: the next read rebuilds it whole
+        fresh = self._dequantize_segments(new, self.dtype)
+        self.dequantized = fresh if kept is None else (
+            torch.cat([kept[0], fresh[0]], dim=-2), torch.cat([kept[1], fresh[1]], dim=-2)
+        )
+
+    def dequantized_nbytes(self) -> int:
+        """Bytes of the kept dequantized prefix (0 unless ``keep_dequantized``): memory held beyond the codes."""
+        if self.dequantized is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.dequantized)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -199,6 +260,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.segments = []
+        self.dequantized = None
         self.batch_expand = 1
         self.is_initialized = False
 
@@ -238,6 +300,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
             raise ValueError("nothing pending to commit")
         if not 0 <= sink_tokens <= self.pending_length:
             raise ValueError(f"sink_tokens must be in [0, {self.pending_length}], got {sink_tokens}")
+        new: list[_Segment] = []
         for start, length, kb, vb in (
             (0, sink_tokens, 16, 16),
             (sink_tokens, self.pending_length - sink_tokens, key_bits, value_bits),
@@ -246,7 +309,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
                 keys, values = self.keys.narrow(-2, start, length), self.values.narrow(-2, start, length)
                 if length < self.pending_length:  # a 16-bit part of an fp16 model would be a view
                     keys, values = keys.clone(), values.clone()  # keeping the whole buffer alive
-                self._append(
+                new.append(
                     _Segment(
                         kb,
                         vb,
@@ -254,6 +317,10 @@ class MixedPrecisionLayer(CacheLayerMixin):
                         quantize(values, vb, VALUE_AXIS, self.group_size, self.symmetric),
                     )
                 )
+        for segment in new:
+            self._append(segment)
+        if self.keep_dequantized:
+            self._keep_dequantized(new)
         self.keys = _empty_like_tokens(self.keys)
         self.values = _empty_like_tokens(self.values)
 
@@ -298,6 +365,8 @@ class MixedPrecisionKVCache(Cache):
     (key_bits, value_bits) pair) and they are committed, so a trained controller can drive real
     decoding. ``sink_tokens``: the first that many tokens of the sequence are stored in fp16 whatever
     their block's bits, outside its quantization groups (they may span several blocks).
+    ``keep_dequantized``: also keep the committed prefix dequantized, so forwards copy it rather than
+    dequantize it again (faster, same numbers, more resident memory; see the module docstring).
     """
 
     branch_limit: int | None = None  # branch() broadcasts the prefix to any batch (quant.baselines.EpisodeCache)
@@ -312,6 +381,7 @@ class MixedPrecisionKVCache(Cache):
         policy: BitsPolicy | None = None,
         interval: int = 64,
         sink_tokens: int = 0,
+        keep_dequantized: bool = False,
     ):
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -329,8 +399,10 @@ class MixedPrecisionKVCache(Cache):
         self.sink_tokens = int(sink_tokens)
         self.blocks: list[CommittedBlock] = []  # every committed block, in order
 
+        self.keep_dequantized = bool(keep_dequantized)
+
         def make_layer() -> MixedPrecisionLayer:
-            return MixedPrecisionLayer(group_size, symmetric)
+            return MixedPrecisionLayer(group_size, symmetric, self.keep_dequantized)
 
         if num_layers is not None:
             super().__init__(layers=[make_layer() for _ in range(num_layers)])
@@ -510,6 +582,11 @@ class MixedPrecisionKVCache(Cache):
     def fp16_nbytes(self, include_pending: bool = True) -> int:
         """Bytes the same tokens would take in an fp16 cache."""
         return sum(layer.fp16_nbytes(include_pending) for layer in self.layers)
+
+    def dequantized_nbytes(self) -> int:
+        """Bytes of the dequantized prefix kept with ``keep_dequantized`` (0 without): held on top of
+        :meth:`nbytes`, which counts only the stored codes."""
+        return sum(layer.dequantized_nbytes() for layer in self.layers)
 
     def average_bits(self) -> float:
         """Average nominal bits per committed key/value element (nan when nothing is committed).
