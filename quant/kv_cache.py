@@ -158,8 +158,10 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.segments: list[_Segment] = []
         # >1 while the cache is branched along the batch, see MixedPrecisionKVCache.branch
         self.batch_expand = 1
-        # keep_dequantized: the committed tokens' keys and values, dequantized (None until the first commit)
-        self.dequantized: tuple[torch.Tensor, torch.Tensor] | None = None
+        # keep_dequantized: buffers (keys, values) whose first ``_kept_length`` tokens are the committed
+        # tokens dequantized, with spare capacity to append the next blocks (None until the first commit)
+        self._kept: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kept_length = 0
 
     # --- transformers CacheLayerMixin contract -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -205,6 +207,13 @@ class MixedPrecisionLayer(CacheLayerMixin):
         out.narrow(-2, committed, pending.shape[-2]).copy_(pending)
         return out
 
+    @property
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``keep_dequantized``: the committed tokens' (keys, values) as kept (views; None when nothing is)."""
+        if self._kept is None:
+            return None
+        return self._kept[0].narrow(-2, 0, self._kept_length), self._kept[1].narrow(-2, 0, self._kept_length)
+
     def _dequantized_prefix(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The kept floats of the committed tokens in ``dtype`` (None when not kept).
 
@@ -212,41 +221,56 @@ class MixedPrecisionLayer(CacheLayerMixin):
         dtype change), so it always equals a fresh dequantization of what is stored."""
         if not self.keep_dequantized:
             return None
-        kept = self.dequantized
-        if kept is None or kept[0].dtype != dtype or kept[0].shape[-2] != self.committed_length:
-            self.dequantized = kept = self._dequantize_segments(self.segments, dtype)
-        return kept
-
-    @staticmethod
-    def _dequantize_segments(segments: list[_Segment], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``segments`` dequantized into fresh ``dtype`` tensors (keys, values), as ``_assemble`` reads them."""
-        out = []
-        for name in ("keys", "values"):
-            parts = [getattr(segment, name) for segment in segments]
-            shape = list(parts[0].shape)
-            shape[-2] = sum(p.shape[-2] for p in parts)
-            buffer = torch.empty(shape, dtype=dtype, device=parts[0].data.device)
-            out.append(dequantize_cat(parts, buffer, dim=-2))
-        return out[0], out[1]
+        if self._kept is None or self._kept[0].dtype != dtype or self._kept_length != self.committed_length:
+            self._kept, self._kept_length = None, 0
+            self._append_dequantized(self.segments, dtype)
+        return self.dequantized
 
     def _keep_dequantized(self, new: list[_Segment]) -> None:
         """After a commit: append the newly committed segments, dequantized once, to the kept floats."""
         before = self.committed_length - sum(segment.length for segment in new)
-        kept = self.dequantized
-        if kept is not None and (kept[0].dtype != self.dtype or kept[0].shape[-2] != before):
-            kept = self.dequantized = None
-        if kept is None and before:
+        if self._kept is not None and (self._kept[0].dtype != self.dtype or self._kept_length != before):
+            self._kept, self._kept_length = None, 0
+        if self._kept is None and before:
             return  # nothing usable kept for the older segments: the next read rebuilds it whole
-        fresh = self._dequantize_segments(new, self.dtype)
-        self.dequantized = fresh if kept is None else (
-            torch.cat([kept[0], fresh[0]], dim=-2), torch.cat([kept[1], fresh[1]], dim=-2)
-        )
+        self._append_dequantized(new, self.dtype)
+
+    def _append_dequantized(self, segments: list[_Segment], dtype: torch.dtype) -> None:
+        """Dequantize ``segments`` straight into the kept buffers after their first ``_kept_length`` tokens.
+
+        The buffers grow by doubling (a copy of the kept tokens, a logarithmic number of times per
+        episode) rather than by a ``torch.cat`` of the whole prefix at every commit. They are written
+        in inference mode whatever the caller's mode (the env commits outside it, generation inside):
+        they are never part of an autograd graph, only copied into what attention reads."""
+        with torch.inference_mode():
+            self._append_dequantized_(segments, dtype)
+
+    def _append_dequantized_(self, segments: list[_Segment], dtype: torch.dtype) -> None:
+        n = sum(segment.length for segment in segments)
+        need = self._kept_length + n
+        kept = self._kept
+        if kept is None or kept[0].shape[-2] < need:
+            capacity = need if kept is None else max(need, 2 * kept[0].shape[-2])
+            grown = []
+            for i, name in enumerate(("keys", "values")):
+                shape = list(getattr(segments[0], name).shape)
+                shape[-2] = capacity
+                buffer = torch.empty(shape, dtype=dtype, device=segments[0].keys.data.device)
+                if self._kept_length:
+                    buffer.narrow(-2, 0, self._kept_length).copy_(kept[i].narrow(-2, 0, self._kept_length))
+                grown.append(buffer)
+            self._kept = kept = (grown[0], grown[1])
+        for i, name in enumerate(("keys", "values")):
+            parts = [getattr(segment, name) for segment in segments]
+            dequantize_cat(parts, kept[i].narrow(-2, self._kept_length, n), dim=-2)
+        self._kept_length = need
 
     def dequantized_nbytes(self) -> int:
-        """Bytes of the kept dequantized prefix (0 unless ``keep_dequantized``): memory held beyond the codes."""
-        if self.dequantized is None:
+        """Bytes of the kept dequantized buffers (0 unless ``keep_dequantized``; spare capacity
+        included): memory held beyond the codes."""
+        if self._kept is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in self.dequantized)
+        return sum(t.numel() * t.element_size() for t in self._kept)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -260,7 +284,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.segments = []
-        self.dequantized = None
+        self._kept, self._kept_length = None, 0
         self.batch_expand = 1
         self.is_initialized = False
 

@@ -72,7 +72,8 @@ def test_kept_floats_equal_a_fresh_dequantization_and_the_logits_do_not_change(t
     assert kept.nbytes() == plain.nbytes() and kept.nbytes(False) == plain.nbytes(False)  # codes are the truth
     assert plain.dequantized_nbytes() == 0
     layer = kept.layers[0]
-    assert kept.dequantized_nbytes() == len(kept.layers) * 2 * layer.dequantized[0].numel() * 4
+    floats = len(kept.layers) * 2 * layer.dequantized[0].numel() * 4  # fp32 keys and values of the committed tokens
+    assert floats <= kept.dequantized_nbytes() <= 2 * floats  # spare capacity: at most the doubling
     # decoding on: a few tokens pending, then one more commit
     n = sum(blocks)
     with torch.inference_mode():
