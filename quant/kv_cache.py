@@ -144,6 +144,43 @@ class _Segment:
         return self.keys.nbytes() + self.values.nbytes()
 
 
+def _quantize_block(
+    keys: torch.Tensor, values: torch.Tensor, key_bits: int, value_bits: int, sink_tokens: int,
+    group_size: int, symmetric: bool,
+) -> list[_Segment]:
+    """The segments of one committed block: its first ``sink_tokens`` tokens in fp16, the rest at the bits.
+
+    Quantization is per group, so the pending keys/values of several layers stacked along the batch
+    give, sliced back, exactly each layer's own segments (:meth:`MixedPrecisionKVCache.commit`)."""
+    tokens = keys.shape[-2]
+    new: list[_Segment] = []
+    for start, length, kb, vb in ((0, sink_tokens, 16, 16), (sink_tokens, tokens - sink_tokens, key_bits, value_bits)):
+        if length:
+            k, v = keys.narrow(-2, start, length), values.narrow(-2, start, length)
+            if length < tokens:  # a 16-bit part of an fp16 model would be a view
+                k, v = k.clone(), v.clone()  # keeping the whole buffer alive
+            new.append(
+                _Segment(
+                    kb, vb, quantize(k, kb, KEY_AXIS, group_size, symmetric), quantize(v, vb, VALUE_AXIS, group_size, symmetric)
+                )
+            )
+    return new
+
+
+def _batch_slice(qt: QuantizedTensor, start: int, size: int) -> QuantizedTensor:
+    """Rows ``[start, start + size)`` of a quantized tensor's batch (views of its codes and parameters)."""
+    return QuantizedTensor(
+        qt.data.narrow(0, start, size),
+        None if qt.scale is None else qt.scale.narrow(0, start, size),
+        None if qt.zero is None else qt.zero.narrow(0, start, size),
+        qt.bits,
+        (size, *qt.shape[1:]),
+        qt.axis,
+        qt.group_size,
+        qt.symmetric,
+    )
+
+
 class MixedPrecisionLayer(CacheLayerMixin):
     """One layer's storage: committed segments (packed) + a full-precision pending buffer."""
 
@@ -226,16 +263,30 @@ class MixedPrecisionLayer(CacheLayerMixin):
             self._append_dequantized(self.segments, dtype)
         return self.dequantized
 
-    def _keep_dequantized(self, new: list[_Segment]) -> None:
+    @staticmethod
+    def _dequantize_segments(segments: list[_Segment], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``segments`` dequantized into fresh ``dtype`` tensors (keys, values), as ``_assemble`` reads them."""
+        out = []
+        for name in ("keys", "values"):
+            parts = [getattr(segment, name) for segment in segments]
+            shape = list(parts[0].shape)
+            shape[-2] = sum(p.shape[-2] for p in parts)
+            buffer = torch.empty(shape, dtype=dtype, device=parts[0].data.device)
+            out.append(dequantize_cat(parts, buffer, dim=-2))
+        return out[0], out[1]
+
+    def _keep_dequantized(self, new: list[_Segment], floats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """After a commit: append the newly committed segments, dequantized once, to the kept floats."""
         before = self.committed_length - sum(segment.length for segment in new)
         if self._kept is not None and (self._kept[0].dtype != self.dtype or self._kept_length != before):
             self._kept, self._kept_length = None, 0
         if self._kept is None and before:
             return  # nothing usable kept for the older segments: the next read rebuilds it whole
-        self._append_dequantized(new, self.dtype)
+        self._append_dequantized(new, self.dtype, floats)
 
-    def _append_dequantized(self, segments: list[_Segment], dtype: torch.dtype) -> None:
+    def _append_dequantized(
+        self, segments: list[_Segment], dtype: torch.dtype, floats: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
         """Dequantize ``segments`` straight into the kept buffers after their first ``_kept_length`` tokens.
 
         The buffers grow by doubling (a copy of the kept tokens, a logarithmic number of times per
@@ -243,9 +294,11 @@ class MixedPrecisionLayer(CacheLayerMixin):
         in inference mode whatever the caller's mode (the env commits outside it, generation inside):
         they are never part of an autograd graph, only copied into what attention reads."""
         with torch.inference_mode():
-            self._append_dequantized_(segments, dtype)
+            self._append_dequantized_(segments, dtype, floats)
 
-    def _append_dequantized_(self, segments: list[_Segment], dtype: torch.dtype) -> None:
+    def _append_dequantized_(
+        self, segments: list[_Segment], dtype: torch.dtype, floats: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> None:
         n = sum(segment.length for segment in segments)
         need = self._kept_length + n
         kept = self._kept
@@ -261,8 +314,11 @@ class MixedPrecisionLayer(CacheLayerMixin):
                 grown.append(buffer)
             self._kept = kept = (grown[0], grown[1])
         for i, name in enumerate(("keys", "values")):
-            parts = [getattr(segment, name) for segment in segments]
-            dequantize_cat(parts, kept[i].narrow(-2, self._kept_length, n), dim=-2)
+            target = kept[i].narrow(-2, self._kept_length, n)
+            if floats is not None:
+                target.copy_(floats[i])
+            else:
+                dequantize_cat([getattr(segment, name) for segment in segments], target, dim=-2)
         self._kept_length = need
 
     def dequantized_nbytes(self) -> int:
@@ -324,27 +380,16 @@ class MixedPrecisionLayer(CacheLayerMixin):
             raise ValueError("nothing pending to commit")
         if not 0 <= sink_tokens <= self.pending_length:
             raise ValueError(f"sink_tokens must be in [0, {self.pending_length}], got {sink_tokens}")
-        new: list[_Segment] = []
-        for start, length, kb, vb in (
-            (0, sink_tokens, 16, 16),
-            (sink_tokens, self.pending_length - sink_tokens, key_bits, value_bits),
-        ):
-            if length:
-                keys, values = self.keys.narrow(-2, start, length), self.values.narrow(-2, start, length)
-                if length < self.pending_length:  # a 16-bit part of an fp16 model would be a view
-                    keys, values = keys.clone(), values.clone()  # keeping the whole buffer alive
-                new.append(
-                    _Segment(
-                        kb,
-                        vb,
-                        quantize(keys, kb, KEY_AXIS, self.group_size, self.symmetric),
-                        quantize(values, vb, VALUE_AXIS, self.group_size, self.symmetric),
-                    )
-                )
+        self._store(_quantize_block(self.keys, self.values, key_bits, value_bits, sink_tokens, self.group_size,
+                                    self.symmetric))
+
+    def _store(self, new: list[_Segment], floats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Append a committed block's segments and empty the pending buffer; ``floats``: the block's
+        keys and values already dequantized (a stacked commit did it for every layer at once)."""
         for segment in new:
             self._append(segment)
         if self.keep_dequantized:
-            self._keep_dequantized(new)
+            self._keep_dequantized(new, floats)
         self.keys = _empty_like_tokens(self.keys)
         self.values = _empty_like_tokens(self.values)
 
@@ -489,8 +534,7 @@ class MixedPrecisionKVCache(Cache):
             )
         kb, vb = bit_pair(bits if bits is not None else (key_bits, value_bits))
         pending, sinks = self._check_commit()
-        for layer in self.layers:
-            layer.commit(kb, vb, sinks)
+        self._commit_layers(self.layers, kb, vb, sinks)
         self.blocks.append(CommittedBlock(kb, vb, pending, sinks))
 
     def commit_groups(self, settings: Sequence[BlockBits]) -> None:
@@ -509,11 +553,51 @@ class MixedPrecisionKVCache(Cache):
             return
         pending, sinks = self._check_commit()
         for (kb, vb), layers in zip(pairs, groups, strict=True):
-            for i in layers:
-                self.layers[i].commit(kb, vb, sinks)
+            self._commit_layers([self.layers[i] for i in layers], kb, vb, sinks)
         mean_k = _whole(sum(k for k, _ in pairs) / len(pairs))
         mean_v = _whole(sum(v for _, v in pairs) / len(pairs))
         self.blocks.append(CommittedBlock(mean_k, mean_v, pending, sinks, tuple(pairs)))
+
+    @staticmethod
+    def _commit_layers(layers: Sequence[MixedPrecisionLayer], key_bits: int, value_bits: int, sinks: int) -> None:
+        """Commit the pending block of ``layers`` at one setting: stacked, as one quantization (and one
+        dequantization for ``keep_dequantized``) over every layer's keys and values at once.
+
+        Why: a block is small, so quantizing it layer by layer was a few dozen tiny tensor ops per
+        layer, dominated by per-op overhead. Quantization groups never cross the batch, so slicing the
+        stacked result gives each layer exactly the codes its own commit would store. Layers whose
+        pending buffers differ in shape, dtype or device commit one by one."""
+        first = layers[0]
+        if len(layers) == 1 or any(
+            layer.keys is None
+            or layer.keys.shape != first.keys.shape
+            or layer.values.shape != first.values.shape
+            or layer.keys.dtype != first.keys.dtype
+            or layer.keys.device != first.keys.device
+            for layer in layers
+        ):
+            for layer in layers:
+                layer.commit(key_bits, value_bits, sinks)
+            return
+        if not 0 <= sinks <= first.pending_length:
+            raise ValueError(f"sink_tokens must be in [0, {first.pending_length}], got {sinks}")
+        batch = first.keys.shape[0]
+        stacked = _quantize_block(
+            torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]),
+            key_bits, value_bits, sinks, first.group_size, first.symmetric,
+        )
+        floats = None
+        if first.keep_dequantized:
+            with torch.inference_mode():
+                floats = first._dequantize_segments(stacked, first.keys.dtype)
+        for i, layer in enumerate(layers):
+            rows = slice(i * batch, (i + 1) * batch)
+            new = [
+                _Segment(s.key_bits, s.value_bits, _batch_slice(s.keys, rows.start, batch),
+                         _batch_slice(s.values, rows.start, batch))
+                for s in stacked
+            ]
+            layer._store(new, None if floats is None else (floats[0][rows], floats[1][rows]))
 
     def _check_commit(self) -> tuple[int, int]:
         """``(pending tokens, pending sink tokens)`` of a commit that may go ahead (else an error)."""

@@ -132,3 +132,28 @@ def test_switching_the_option_on_after_commits_rebuilds_the_floats(tiny):
     with torch.inference_mode():
         model(ids[:, 48:50], **with_cache(model, cache))
     _assert_kept_is_fresh(cache)
+
+
+@pytest.mark.parametrize("bits, sink", [(4, 0), ((4, 2), 5), (2, 40), (16, 3)])
+def test_a_stacked_commit_stores_each_layers_own_codes(tiny, bits, sink):
+    """MixedPrecisionKVCache.commit quantizes every layer's block at once; the codes must be each layer's own."""
+    model, ids = tiny
+    kb, vb = (bits, bits) if isinstance(bits, int) else bits
+    stacked = MixedPrecisionKVCache(config=model.config, group_size=GROUP, sink_tokens=sink)
+    alone = MixedPrecisionKVCache(config=model.config, group_size=GROUP, sink_tokens=sink)
+    with torch.inference_mode():
+        for cache in (stacked, alone):
+            model(ids[:, :36], **with_cache(model, cache))
+    stacked.commit(bits)
+    for layer in alone.layers:
+        layer.commit(kb, vb, min(sink, 36))
+    for a, b in zip(stacked.layers, alone.layers, strict=True):
+        assert len(a.segments) == len(b.segments) == (2 if 0 < sink < 36 and bits != 16 else 1)  # fp16 parts merge
+        for sa, sb in zip(a.segments, b.segments, strict=True):
+            assert (sa.key_bits, sa.value_bits) == (sb.key_bits, sb.value_bits)
+            for qa, qb in ((sa.keys, sb.keys), (sa.values, sb.values)):
+                assert qa.shape == qb.shape and torch.equal(qa.data, qb.data)
+                for x, y in ((qa.scale, qb.scale), (qa.zero, qb.zero)):
+                    assert (x is None) == (y is None) and (x is None or torch.equal(x, y))
+        assert a.pending_length == 0
+    assert stacked.nbytes() == alone.nbytes()
