@@ -26,7 +26,7 @@ new block is dequantized once, when it is committed, and appended to a float cop
 prefix that every later forward (a decode step, the env's next block, the batched scoring of the
 endings inside :meth:`MixedPrecisionKVCache.branch`) copies instead of dequantizing every segment
 again. The floats are exactly what a fresh dequantization gives (the same element-wise arithmetic;
-tests/quant/test_kv_cache.py checks it after commits, crops, branches and copies), so results do not
+tests/quant/test_keep_dequantized.py checks it after commits, crops, branches and copies), so results do not
 change. The cost: the process holds the committed tokens in the model's dtype as well, like a
 ``DynamicCache`` (:meth:`MixedPrecisionKVCache.dequantized_nbytes`); the codes stay the stored truth
 and :meth:`~MixedPrecisionKVCache.nbytes` counts only them. Use it where speed matters more than
