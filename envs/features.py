@@ -161,7 +161,8 @@ class BlockContext:
         """log p(actual next token) at each position with a known target ([T'] <= [T])."""
         shifted, _, log_z = self._softmax_parts
         mask = self.target_mask
-        picked = shifted[mask].gather(-1, self.targets[mask].unsqueeze(-1)).squeeze(-1)
+        # gather first, then mask: ``shifted[mask]`` would copy the whole [T', vocab] rows to pick one each
+        picked = shifted.gather(-1, self.targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)[mask]
         return picked - log_z[mask]
 
 

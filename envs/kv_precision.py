@@ -713,8 +713,17 @@ class KVPrecisionEnv(gym.Env):
                 )
             shots.pop(0)
 
-    def _new_cache(self) -> EpisodeCache:
-        return episode_cache(self.config.cache, self.model, self.bits, self.config.group_size, self.config.sink_tokens)
+    def _new_cache(self, bits: Sequence[Setting] | None = None) -> EpisodeCache:
+        """A fresh episode cache of the env's kind over ``bits`` (default: the menu).
+
+        Our cache keeps its committed prefix dequantized (``keep_dequantized``): every block forward
+        and the endings' scoring copy it instead of dequantizing every segment again, with the same
+        numbers; the price is the committed tokens' floats held for the episode (``kv_bytes`` still
+        counts only the stored codes)."""
+        return episode_cache(
+            self.config.cache, self.model, self.bits if bits is None else bits, self.config.group_size,
+            self.config.sink_tokens, keep_dequantized=True,
+        )
 
     def _forward(self, input_ids: torch.Tensor, cache: EpisodeCache, attentions: bool):
         with torch.inference_mode():
@@ -892,7 +901,7 @@ class KVPrecisionEnv(gym.Env):
         The forward is the policy's (``_forward``) without attention maps: eager attention computes the
         same numbers whether or not it returns them (tests/envs/test_baseline_reward.py checks that the
         baseline policy's own improvement is exactly 0 with the default, attention-reading features)."""
-        cache = episode_cache(self.config.cache, self.model, (setting,), self.config.group_size, self.config.sink_tokens)
+        cache = self._new_cache((setting,))
         last_logits = None
         for start, end in blocks:
             ids = torch.tensor(prompt_ids[start:end], device=self.model.device).unsqueeze(0)

@@ -38,13 +38,17 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return list(ctx), list(whole[len(ctx):])
 
 
-def _gather_sums(logprobs: torch.Tensor, targets: list[list[int]], offsets: list[int]) -> list[float]:
-    """Sum ``logprobs[b, offsets[b] + j, targets[b][j]]`` over j for each row b."""
+def _gather_sums(logits: torch.Tensor, targets: list[list[int]], offsets: list[int]) -> list[float]:
+    """Sum ``log_softmax(logits)[b, offsets[b] + j, targets[b][j]]`` over j for each row b.
+
+    The log-softmax runs only over the positions that predict a target (not over padding or the
+    context): it is computed row by row, so its values are the same as over the whole batch.
+    """
     out = []
     for b, (tgt, off) in enumerate(zip(targets, offsets, strict=True)):
-        idx = torch.arange(off, off + len(tgt), device=logprobs.device)
-        ids = torch.tensor(tgt, device=logprobs.device)
-        out.append(float(logprobs[b, idx, ids].sum()))
+        logprobs = torch.log_softmax(logits[b, off : off + len(tgt)].float(), dim=-1)
+        ids = torch.tensor(tgt, device=logits.device)
+        out.append(float(logprobs[torch.arange(len(tgt), device=logits.device), ids].sum()))
     return out
 
 
@@ -91,7 +95,7 @@ def score_requests(model, requests: Sequence[tuple[list[int], list[int]]], pad_i
     start = min(offsets)
     keep = torch.arange(start, inputs.shape[1], device=device)
     logits = model(input_ids=inputs, use_cache=False, logits_to_keep=keep).logits
-    return _gather_sums(torch.log_softmax(logits.float(), dim=-1), targets, [o - start for o in offsets])
+    return _gather_sums(logits, targets, [o - start for o in offsets])
 
 
 @torch.inference_mode()
@@ -138,7 +142,7 @@ def continuation_logprobs(
     device = next(model.parameters()).device
     inputs = _right_pad([c[:-1] for c in conts], pad_id, device)
     logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits
-    rest = _gather_sums(torch.log_softmax(logits.float(), dim=-1), [c[1:] for c in conts], [0] * len(conts))
+    rest = _gather_sums(logits, [c[1:] for c in conts], [0] * len(conts))
     return [s + r for s, r in zip(scores, rest, strict=True)]
 
 

@@ -15,6 +15,8 @@ greedily, with each cache in turn:
 * ``ours-B``: :class:`~quant.kv_cache.MixedPrecisionKVCache` at B bits; the prefill is run and
   committed in blocks of ``--interval`` tokens (as the environment does) and, while decoding, the
   policy hook commits every ``--interval`` tokens. ``ours-mixed`` cycles 2, 4, 8, 16 per block.
+  ``ours-4-kept`` / ``ours-mixed-kept`` (not in the default run): the same with ``keep_dequantized``,
+  as the env runs it (each block dequantized once; the float prefix is held on top of the codes).
   After decoding, the last pending block is committed too, and the bytes held are compared with the
   storage formula (:func:`quant.uniform.expected_nbytes`); ``bytes_with_pending`` is the count just
   before that commit (pending tokens sit in the model's dtype).
@@ -44,7 +46,7 @@ from quant.baselines import kv_cache_nbytes, quanto_cache
 from quant.kv_cache import KEY_AXIS, VALUE_AXIS, MixedPrecisionKVCache
 from quant.uniform import expected_nbytes
 
-__all__ = ["CacheSpec", "DEFAULT_SPECS", "run_once", "run_benchmark", "check_targets", "main"]
+__all__ = ["CacheSpec", "DEFAULT_SPECS", "EXTRA_SPECS", "run_once", "run_benchmark", "check_targets", "main"]
 
 MIXED_CYCLE = (2, 4, 8, 16)
 TARGETS = {
@@ -66,6 +68,7 @@ class CacheSpec:
     kind: str
     bits: int | tuple[int, int] = 16
     sink_tokens: int = 0
+    keep_dequantized: bool = False  # ours: keep the committed prefix dequantized (speed for memory)
 
 
 DEFAULT_SPECS: tuple[CacheSpec, ...] = (
@@ -77,6 +80,12 @@ DEFAULT_SPECS: tuple[CacheSpec, ...] = (
     CacheSpec("ours-8", "ours", 8),
     CacheSpec("ours-16", "ours", 16),
     CacheSpec("ours-mixed", "ours", 0),
+)
+#: Not in the default run: ours with ``keep_dequantized`` (the env's setting: each committed block is
+#: dequantized once and the float prefix copied per step; the floats are held on top of the codes).
+EXTRA_SPECS: tuple[CacheSpec, ...] = (
+    CacheSpec("ours-4-kept", "ours", 4, keep_dequantized=True),
+    CacheSpec("ours-mixed-kept", "ours", 0, keep_dequantized=True),
 )
 
 
@@ -133,6 +142,7 @@ def _make_cache(spec: CacheSpec, model, interval: int, group_size: int):
             policy=_policy(spec),
             interval=interval,
             sink_tokens=spec.sink_tokens,
+            keep_dequantized=spec.keep_dequantized,
         )
     raise ValueError(f"unknown cache kind {spec.kind!r}; use dynamic, quanto or ours")
 
@@ -191,6 +201,7 @@ def run_once(
         if cache.pending_length:
             cache.commit(cache.policy(cache))
         row["average_bits"] = cache.average_bits()
+        row["dequantized_bytes"] = cache.dequantized_nbytes()  # floats held beyond the codes (keep_dequantized)
         row["formula_bytes"] = _ours_formula_nbytes(cache, layers, heads, head_dim)
     elif spec.kind == "dynamic":
         row["formula_bytes"] = 2 * layers * heads * tokens * head_dim * model.dtype.itemsize
@@ -359,7 +370,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--caches",
         nargs="+",
         default=[s.name for s in DEFAULT_SPECS],
-        help="subset of: " + " ".join(s.name for s in DEFAULT_SPECS),
+        help="subset of: " + " ".join(s.name for s in (*DEFAULT_SPECS, *EXTRA_SPECS)),
     )
     p.add_argument(
         "--attn",
@@ -376,7 +387,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/bench_cache.json", help="JSON output (written atomically)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    known = {s.name for s in DEFAULT_SPECS}
+    known = {s.name for s in (*DEFAULT_SPECS, *EXTRA_SPECS)}
     unknown = [c for c in args.caches if c not in known]
     if unknown:
         p.error(f"unknown caches {unknown}; choose from {sorted(known)}")
@@ -393,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, attn_implementation=args.attn)
-    specs = [s for s in DEFAULT_SPECS if s.name in args.caches]
+    specs = [s for s in (*DEFAULT_SPECS, *EXTRA_SPECS) if s.name in args.caches]
     started = time.time()
     result = run_benchmark(
         model,

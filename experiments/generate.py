@@ -80,6 +80,9 @@ class GenerateConfig:
     top_p: float = 0.9  # only with do_sample
     seed: int = 0
     threads: int | None = None  # torch CPU threads (None = torch's default)
+    # keep the committed prefix dequantized too (quant.kv_cache): decoding as fast as a DynamicCache,
+    # the same tokens, but the committed tokens' floats are held on top of the codes (kv bytes count the codes)
+    keep_dequantized: bool = False
     out_dir: str = "runs/generate"
     wandb_project: str = "kvgym"
     wandb_group: str | None = None
@@ -197,7 +200,8 @@ def generate_one(model, tokenizer, policy, prompt: str, cfg: GenerateConfig) -> 
         return chosen
 
     cache = MixedPrecisionKVCache(config=model.config, group_size=cfg.env.group_size, policy=hook,
-                                  interval=cfg.env.interval, sink_tokens=cfg.env.sink_tokens)
+                                  interval=cfg.env.interval, sink_tokens=cfg.env.sink_tokens,
+                                  keep_dequantized=cfg.keep_dequantized)
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.perf_counter()

@@ -18,8 +18,19 @@ activations neither lose precision nor stretch the min-max range of its block (I
 Consecutive blocks at the same (key, value) bits are merged into one *segment* (when the keys end on
 a complete token group), so dequantizing a long uniform cache costs a handful of tensor ops per
 layer rather than a handful per block, and every segment is dequantized straight into its slice of the tensor
-handed to attention (no per-segment temporaries, no ``torch.cat``). The dequantized tensor lives
-only for the layer's attention call: between steps the cache holds codes, never floats.
+handed to attention (no per-segment temporaries, no ``torch.cat``). By default the dequantized tensor
+lives only for the layer's attention call: between steps the cache holds codes, never floats.
+
+``keep_dequantized=True`` trades that memory for speed: committed segments never change, so each
+new block is dequantized once, when it is committed, and appended to a float copy of the committed
+prefix that every later forward (a decode step, the env's next block, the batched scoring of the
+endings inside :meth:`MixedPrecisionKVCache.branch`) copies instead of dequantizing every segment
+again. The floats are exactly what a fresh dequantization gives (the same element-wise arithmetic;
+tests/quant/test_keep_dequantized.py checks it after commits, crops, branches and copies), so results do not
+change. The cost: the process holds the committed tokens in the model's dtype as well, like a
+``DynamicCache`` (:meth:`MixedPrecisionKVCache.dequantized_nbytes`); the codes stay the stored truth
+and :meth:`~MixedPrecisionKVCache.nbytes` counts only them. Use it where speed matters more than
+resident memory (the env's short episodes); leave it off to measure or bank the memory saving.
 """
 
 from __future__ import annotations
@@ -133,19 +144,61 @@ class _Segment:
         return self.keys.nbytes() + self.values.nbytes()
 
 
+def _quantize_block(
+    keys: torch.Tensor, values: torch.Tensor, key_bits: int, value_bits: int, sink_tokens: int,
+    group_size: int, symmetric: bool,
+) -> list[_Segment]:
+    """The segments of one committed block: its first ``sink_tokens`` tokens in fp16, the rest at the bits.
+
+    Quantization is per group, so the pending keys/values of several layers stacked along the batch
+    give, sliced back, exactly each layer's own segments (:meth:`MixedPrecisionKVCache.commit`)."""
+    tokens = keys.shape[-2]
+    new: list[_Segment] = []
+    for start, length, kb, vb in ((0, sink_tokens, 16, 16), (sink_tokens, tokens - sink_tokens, key_bits, value_bits)):
+        if length:
+            k, v = keys.narrow(-2, start, length), values.narrow(-2, start, length)
+            if length < tokens:  # a 16-bit part of an fp16 model would be a view
+                k, v = k.clone(), v.clone()  # keeping the whole buffer alive
+            new.append(
+                _Segment(
+                    kb, vb, quantize(k, kb, KEY_AXIS, group_size, symmetric), quantize(v, vb, VALUE_AXIS, group_size, symmetric)
+                )
+            )
+    return new
+
+
+def _batch_slice(qt: QuantizedTensor, start: int, size: int) -> QuantizedTensor:
+    """Rows ``[start, start + size)`` of a quantized tensor's batch (views of its codes and parameters)."""
+    return QuantizedTensor(
+        qt.data.narrow(0, start, size),
+        None if qt.scale is None else qt.scale.narrow(0, start, size),
+        None if qt.zero is None else qt.zero.narrow(0, start, size),
+        qt.bits,
+        (size, *qt.shape[1:]),
+        qt.axis,
+        qt.group_size,
+        qt.symmetric,
+    )
+
+
 class MixedPrecisionLayer(CacheLayerMixin):
     """One layer's storage: committed segments (packed) + a full-precision pending buffer."""
 
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, group_size: int = 64, symmetric: bool = False):
+    def __init__(self, group_size: int = 64, symmetric: bool = False, keep_dequantized: bool = False):
         super().__init__()
         self.group_size = group_size
         self.symmetric = symmetric
+        self.keep_dequantized = keep_dequantized
         self.segments: list[_Segment] = []
         # >1 while the cache is branched along the batch, see MixedPrecisionKVCache.branch
         self.batch_expand = 1
+        # keep_dequantized: buffers (keys, values) whose first ``_kept_length`` tokens are the committed
+        # tokens dequantized, with spare capacity to append the next blocks (None until the first commit)
+        self._kept: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kept_length = 0
 
     # --- transformers CacheLayerMixin contract -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -182,10 +235,98 @@ class MixedPrecisionLayer(CacheLayerMixin):
         """
         committed = self.committed_length
         out = pending.new_empty((*pending.shape[:-2], committed + pending.shape[-2], pending.shape[-1]))
-        parts = [segment.keys if axis == KEY_AXIS else segment.values for segment in self.segments]
-        dequantize_cat(parts, out.narrow(-2, 0, committed), dim=-2)
+        prefix = self._dequantized_prefix(pending.dtype)
+        if prefix is not None:  # keep_dequantized: a copy (broadcast along a branched batch)
+            out.narrow(-2, 0, committed).copy_(prefix[0 if axis == KEY_AXIS else 1])
+        else:
+            parts = [segment.keys if axis == KEY_AXIS else segment.values for segment in self.segments]
+            dequantize_cat(parts, out.narrow(-2, 0, committed), dim=-2)
         out.narrow(-2, committed, pending.shape[-2]).copy_(pending)
         return out
+
+    @property
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``keep_dequantized``: the committed tokens' (keys, values) as kept (views; None when nothing is)."""
+        if self._kept is None:
+            return None
+        return self._kept[0].narrow(-2, 0, self._kept_length), self._kept[1].narrow(-2, 0, self._kept_length)
+
+    def _dequantized_prefix(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kept floats of the committed tokens in ``dtype`` (None when not kept).
+
+        Rebuilt from the segments when missing or stale (the option switched on after commits, a
+        dtype change), so it always equals a fresh dequantization of what is stored."""
+        if not self.keep_dequantized:
+            return None
+        if self._kept is None or self._kept[0].dtype != dtype or self._kept_length != self.committed_length:
+            self._kept, self._kept_length = None, 0
+            self._append_dequantized(self.segments, dtype)
+        return self.dequantized
+
+    @staticmethod
+    def _dequantize_segments(segments: list[_Segment], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``segments`` dequantized into fresh ``dtype`` tensors (keys, values), as ``_assemble`` reads them."""
+        out = []
+        for name in ("keys", "values"):
+            parts = [getattr(segment, name) for segment in segments]
+            shape = list(parts[0].shape)
+            shape[-2] = sum(p.shape[-2] for p in parts)
+            buffer = torch.empty(shape, dtype=dtype, device=parts[0].data.device)
+            out.append(dequantize_cat(parts, buffer, dim=-2))
+        return out[0], out[1]
+
+    def _keep_dequantized(self, new: list[_Segment], floats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """After a commit: append the newly committed segments, dequantized once, to the kept floats."""
+        before = self.committed_length - sum(segment.length for segment in new)
+        if self._kept is not None and (self._kept[0].dtype != self.dtype or self._kept_length != before):
+            self._kept, self._kept_length = None, 0
+        if self._kept is None and before:
+            return  # nothing usable kept for the older segments: the next read rebuilds it whole
+        self._append_dequantized(new, self.dtype, floats)
+
+    def _append_dequantized(
+        self, segments: list[_Segment], dtype: torch.dtype, floats: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
+        """Dequantize ``segments`` straight into the kept buffers after their first ``_kept_length`` tokens.
+
+        The buffers grow by doubling (a copy of the kept tokens, a logarithmic number of times per
+        episode) rather than by a ``torch.cat`` of the whole prefix at every commit. They are written
+        in inference mode whatever the caller's mode (the env commits outside it, generation inside):
+        they are never part of an autograd graph, only copied into what attention reads."""
+        with torch.inference_mode():
+            self._append_dequantized_(segments, dtype, floats)
+
+    def _append_dequantized_(
+        self, segments: list[_Segment], dtype: torch.dtype, floats: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> None:
+        n = sum(segment.length for segment in segments)
+        need = self._kept_length + n
+        kept = self._kept
+        if kept is None or kept[0].shape[-2] < need:
+            capacity = need if kept is None else max(need, 2 * kept[0].shape[-2])
+            grown = []
+            for i, name in enumerate(("keys", "values")):
+                shape = list(getattr(segments[0], name).shape)
+                shape[-2] = capacity
+                buffer = torch.empty(shape, dtype=dtype, device=segments[0].keys.data.device)
+                if self._kept_length:
+                    buffer.narrow(-2, 0, self._kept_length).copy_(kept[i].narrow(-2, 0, self._kept_length))
+                grown.append(buffer)
+            self._kept = kept = (grown[0], grown[1])
+        for i, name in enumerate(("keys", "values")):
+            target = kept[i].narrow(-2, self._kept_length, n)
+            if floats is not None:
+                target.copy_(floats[i])
+            else:
+                dequantize_cat([getattr(segment, name) for segment in segments], target, dim=-2)
+        self._kept_length = need
+
+    def dequantized_nbytes(self) -> int:
+        """Bytes of the kept dequantized buffers (0 unless ``keep_dequantized``; spare capacity
+        included): memory held beyond the codes."""
+        if self._kept is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._kept)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -199,6 +340,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.segments = []
+        self._kept, self._kept_length = None, 0
         self.batch_expand = 1
         self.is_initialized = False
 
@@ -238,22 +380,16 @@ class MixedPrecisionLayer(CacheLayerMixin):
             raise ValueError("nothing pending to commit")
         if not 0 <= sink_tokens <= self.pending_length:
             raise ValueError(f"sink_tokens must be in [0, {self.pending_length}], got {sink_tokens}")
-        for start, length, kb, vb in (
-            (0, sink_tokens, 16, 16),
-            (sink_tokens, self.pending_length - sink_tokens, key_bits, value_bits),
-        ):
-            if length:
-                keys, values = self.keys.narrow(-2, start, length), self.values.narrow(-2, start, length)
-                if length < self.pending_length:  # a 16-bit part of an fp16 model would be a view
-                    keys, values = keys.clone(), values.clone()  # keeping the whole buffer alive
-                self._append(
-                    _Segment(
-                        kb,
-                        vb,
-                        quantize(keys, kb, KEY_AXIS, self.group_size, self.symmetric),
-                        quantize(values, vb, VALUE_AXIS, self.group_size, self.symmetric),
-                    )
-                )
+        self._store(_quantize_block(self.keys, self.values, key_bits, value_bits, sink_tokens, self.group_size,
+                                    self.symmetric))
+
+    def _store(self, new: list[_Segment], floats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Append a committed block's segments and empty the pending buffer; ``floats``: the block's
+        keys and values already dequantized (a stacked commit did it for every layer at once)."""
+        for segment in new:
+            self._append(segment)
+        if self.keep_dequantized:
+            self._keep_dequantized(new, floats)
         self.keys = _empty_like_tokens(self.keys)
         self.values = _empty_like_tokens(self.values)
 
@@ -298,6 +434,8 @@ class MixedPrecisionKVCache(Cache):
     (key_bits, value_bits) pair) and they are committed, so a trained controller can drive real
     decoding. ``sink_tokens``: the first that many tokens of the sequence are stored in fp16 whatever
     their block's bits, outside its quantization groups (they may span several blocks).
+    ``keep_dequantized``: also keep the committed prefix dequantized, so forwards copy it rather than
+    dequantize it again (faster, same numbers, more resident memory; see the module docstring).
     """
 
     branch_limit: int | None = None  # branch() broadcasts the prefix to any batch (quant.baselines.EpisodeCache)
@@ -312,6 +450,7 @@ class MixedPrecisionKVCache(Cache):
         policy: BitsPolicy | None = None,
         interval: int = 64,
         sink_tokens: int = 0,
+        keep_dequantized: bool = False,
     ):
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -329,8 +468,10 @@ class MixedPrecisionKVCache(Cache):
         self.sink_tokens = int(sink_tokens)
         self.blocks: list[CommittedBlock] = []  # every committed block, in order
 
+        self.keep_dequantized = bool(keep_dequantized)
+
         def make_layer() -> MixedPrecisionLayer:
-            return MixedPrecisionLayer(group_size, symmetric)
+            return MixedPrecisionLayer(group_size, symmetric, self.keep_dequantized)
 
         if num_layers is not None:
             super().__init__(layers=[make_layer() for _ in range(num_layers)])
@@ -393,8 +534,7 @@ class MixedPrecisionKVCache(Cache):
             )
         kb, vb = bit_pair(bits if bits is not None else (key_bits, value_bits))
         pending, sinks = self._check_commit()
-        for layer in self.layers:
-            layer.commit(kb, vb, sinks)
+        self._commit_layers(self.layers, kb, vb, sinks)
         self.blocks.append(CommittedBlock(kb, vb, pending, sinks))
 
     def commit_groups(self, settings: Sequence[BlockBits]) -> None:
@@ -413,11 +553,51 @@ class MixedPrecisionKVCache(Cache):
             return
         pending, sinks = self._check_commit()
         for (kb, vb), layers in zip(pairs, groups, strict=True):
-            for i in layers:
-                self.layers[i].commit(kb, vb, sinks)
+            self._commit_layers([self.layers[i] for i in layers], kb, vb, sinks)
         mean_k = _whole(sum(k for k, _ in pairs) / len(pairs))
         mean_v = _whole(sum(v for _, v in pairs) / len(pairs))
         self.blocks.append(CommittedBlock(mean_k, mean_v, pending, sinks, tuple(pairs)))
+
+    @staticmethod
+    def _commit_layers(layers: Sequence[MixedPrecisionLayer], key_bits: int, value_bits: int, sinks: int) -> None:
+        """Commit the pending block of ``layers`` at one setting: stacked, as one quantization (and one
+        dequantization for ``keep_dequantized``) over every layer's keys and values at once.
+
+        Why: a block is small, so quantizing it layer by layer was a few dozen tiny tensor ops per
+        layer, dominated by per-op overhead. Quantization groups never cross the batch, so slicing the
+        stacked result gives each layer exactly the codes its own commit would store. Layers whose
+        pending buffers differ in shape, dtype or device commit one by one."""
+        first = layers[0]
+        if len(layers) == 1 or any(
+            layer.keys is None
+            or layer.keys.shape != first.keys.shape
+            or layer.values.shape != first.values.shape
+            or layer.keys.dtype != first.keys.dtype
+            or layer.keys.device != first.keys.device
+            for layer in layers
+        ):
+            for layer in layers:
+                layer.commit(key_bits, value_bits, sinks)
+            return
+        if not 0 <= sinks <= first.pending_length:
+            raise ValueError(f"sink_tokens must be in [0, {first.pending_length}], got {sinks}")
+        batch = first.keys.shape[0]
+        stacked = _quantize_block(
+            torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]),
+            key_bits, value_bits, sinks, first.group_size, first.symmetric,
+        )
+        floats = None
+        if first.keep_dequantized:
+            with torch.inference_mode():
+                floats = first._dequantize_segments(stacked, first.keys.dtype)
+        for i, layer in enumerate(layers):
+            rows = slice(i * batch, (i + 1) * batch)
+            new = [
+                _Segment(s.key_bits, s.value_bits, _batch_slice(s.keys, rows.start, batch),
+                         _batch_slice(s.values, rows.start, batch))
+                for s in stacked
+            ]
+            layer._store(new, None if floats is None else (floats[0][rows], floats[1][rows]))
 
     def _check_commit(self) -> tuple[int, int]:
         """``(pending tokens, pending sink tokens)`` of a commit that may go ahead (else an error)."""
@@ -510,6 +690,11 @@ class MixedPrecisionKVCache(Cache):
     def fp16_nbytes(self, include_pending: bool = True) -> int:
         """Bytes the same tokens would take in an fp16 cache."""
         return sum(layer.fp16_nbytes(include_pending) for layer in self.layers)
+
+    def dequantized_nbytes(self) -> int:
+        """Bytes of the dequantized prefix kept with ``keep_dequantized`` (0 without): held on top of
+        :meth:`nbytes`, which counts only the stored codes."""
+        return sum(layer.dequantized_nbytes() for layer in self.layers)
 
     def average_bits(self) -> float:
         """Average nominal bits per committed key/value element (nan when nothing is committed).

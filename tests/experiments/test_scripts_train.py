@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import json
 import math
@@ -213,6 +214,18 @@ def test_generate_policy_picks_block_bits(policy, mlp_path, tmp_path):
     if policy == "fixed:4":
         assert rec["avg_bits"] == 4 and rec["committed_kv_ratio"] < 0.5
     assert list(rec["decisions"][0]["obs"]) == list(NAMES)
+
+
+def test_generate_keep_dequantized_decodes_the_same_tokens(tmp_path):
+    """keep_dequantized only changes where the committed floats come from: same tokens, bits, bytes."""
+    model, tok = load_model("tiny-random-llama")
+    policy = make_policy("fixed:4", NAMES, BITS)
+    cfg = _gen_cfg(tmp_path, "fixed:4")
+    plain = generate.generate_one(model, tok, policy, cfg.prompts[0], cfg)
+    kept = generate.generate_one(model, tok, policy, cfg.prompts[0], dataclasses.replace(cfg, keep_dequantized=True))
+    assert kept["token_ids"] == plain["token_ids"] and kept["block_bits"] == plain["block_bits"]
+    assert kept["committed_kv_ratio"] == plain["committed_kv_ratio"]
+    assert [d["obs"] for d in kept["decisions"]] == [d["obs"] for d in plain["decisions"]]
 
 
 def test_generate_features_match_a_teacher_forced_block(tmp_path):
