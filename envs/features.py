@@ -125,13 +125,14 @@ class BlockContext:
     targets: torch.Tensor  # [T] the actual next token (-1 where unknown: the prompt's last token)
     state: EpisodeState
     frequency: RunningFrequency = field(default_factory=RunningFrequency)
-    # token ids already seen in the episode before this block (the observer's; ``novelty`` adds the block's)
-    seen: set[int] = field(default_factory=set)
-    vocab: TokenVocabulary | None = None  # the tokenizer's per-id facts, for features that need "vocab"
     attentions: tuple[torch.Tensor, ...] | None = None  # per layer [1, heads, T, S]
     saliency: torch.Tensor | None = None  # [T] |d max log-prob / d embedding|
     cache: Any = None  # the MixedPrecisionKVCache whose pending buffer holds this block's keys/values
     forward_seconds: float = 0.0
+    # last, so positional construction stays as it was: token ids seen in the episode before this block
+    # (the observer's set; ``novelty`` adds the block's)
+    seen: set[int] = field(default_factory=set)
+    vocab: TokenVocabulary | None = None  # the tokenizer's per-id facts, for features that need "vocab"
 
     @cached_property
     def _softmax_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
