@@ -1,13 +1,16 @@
 """Which 64-token block holds each passkey needle of the sensitivity run's pool items; the damage there vs elsewhere.
 
-    python results/sensitivity_passkey/needle_blocks.py results/sensitivity_passkey/sensitivity.json
+    PYTHONPATH=. python results/sensitivity_passkey/needle_blocks.py results/sensitivity_passkey/sensitivity.json
 (run from the repository root; tokenizer and task only, no model forward)
 """
-import json, sys
+import json
+import sys
+
 import numpy as np
 from transformers import AutoTokenizer
-from envs.model import embedded_model_dir
+
 from envs.hellaswag import load_hellaswag
+from envs.model import embedded_model_dir
 from envs.tasks import make_task
 
 res = json.load(open(sys.argv[1]))
@@ -23,7 +26,7 @@ for row, blocks in by_row.items():
     item = items[row]
     p = task.prompt(item)
     enc = tok(p.text, return_offsets_mapping=True, add_special_tokens=False)
-    def block_of(sentence):
+    def block_of(sentence, p=p, enc=enc):
         c = p.text.index(sentence)
         t = next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > c + sentence.index(" is ") + 4)
         return t // 64
@@ -32,7 +35,8 @@ for row, blocks in by_row.items():
     others = {block_of(s) for s in p.sentences if any(f"is {k}." in s for k in other_keys)} - {asked}
     dmg = {b["block"]: b["damage"] for b in blocks}
     order = sorted(dmg, key=lambda j: dmg[j])  # most damaging first
-    asked_d.append(dmg[asked]); other_d += [dmg[o] for o in others]
+    asked_d.append(dmg[asked])
+    other_d += [dmg[o] for o in others]
     rest_d += [d for j, d in dmg.items() if j != asked and j not in others and j != 0 and j != len(dmg) - 1]
     ranks.append(order.index(asked) + 1)
     print(row, "blocks", len(dmg), "asked", asked, f"{dmg[asked]:+.2f}", "other", sorted(others),
