@@ -14,6 +14,7 @@ the environment only pays for what the chosen features use.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -53,6 +54,37 @@ class RunningFrequency:
         return out
 
 
+class TokenVocabulary:
+    """Per-token-id facts about the tokenizer's vocabulary that content features read (``needs`` "vocab").
+
+    Why a mask over ids and not the text: a feature sees only the block's token ids; deciding once per
+    tokenizer which ids spell a digit makes ``digits`` a lookup. Each id is *decoded* (not read off
+    the vocabulary's token strings): SentencePiece byte-fallback tokens are spelled ``<0x31>``, which
+    holds digits that the text does not.
+    """
+
+    def __init__(self, digit: torch.Tensor):
+        self.digit = digit  # [vocab] bool: the token's decoded text holds a decimal digit
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> TokenVocabulary:
+        """The tokenizer's vocabulary facts, computed once per tokenizer object (about a second for 50k ids)."""
+        try:
+            cached = _VOCABULARIES.get(tokenizer)
+        except TypeError:  # not weak-referenceable: compute without the cache
+            cached, cacheable = None, False
+        else:
+            cacheable = True
+        if cached is not None:
+            return cached
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        vocab = cls(torch.tensor([any(c.isdigit() for c in t) for t in texts], dtype=torch.bool))
+        if cacheable:
+            _VOCABULARIES[tokenizer] = vocab
+        return vocab
+
+
+_VOCABULARIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -97,6 +129,10 @@ class BlockContext:
     saliency: torch.Tensor | None = None  # [T] |d max log-prob / d embedding|
     cache: Any = None  # the MixedPrecisionKVCache whose pending buffer holds this block's keys/values
     forward_seconds: float = 0.0
+    # last, so positional construction stays as it was: token ids seen in the episode before this block
+    # (the observer's set; ``novelty`` adds the block's)
+    seen: set[int] = field(default_factory=set)
+    vocab: TokenVocabulary | None = None  # the tokenizer's per-id facts, for features that need "vocab"
 
     @cached_property
     def _softmax_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,7 +209,7 @@ class Feature:
     per_token: bool = True
     summaries: tuple[str, ...] = ("mean",)
     deterministic: bool = True
-    needs: frozenset[str] = frozenset()  # subset of {"attentions", "saliency", "cache"}
+    needs: frozenset[str] = frozenset()  # subset of {"attentions", "saliency", "cache", "vocab"}
     doc: str = ""  # unit and range, shown in the observation table
     high: float = 1.0  # upper bound of every entry (all features are >= 0)
 
@@ -211,6 +247,46 @@ class Rarity(Feature):
 
     def compute(self, ctx: BlockContext) -> torch.Tensor:
         return torch.tensor(ctx.frequency.observe(ctx.token_ids.tolist()))
+
+
+@register_feature("digits")
+class Digits(Feature):
+    """Whether each token spells a decimal digit: where a number (a pass key, a date, a quantity) sits.
+
+    Why: on retrieval tasks the answer is often a number in otherwise digit-free text, and the block
+    holding it is the one low bits must not touch (issue 15). The mean is the block's digit density,
+    the max whether it holds any digit at all.
+    """
+
+    summaries = ("mean", "max")
+    needs = frozenset({"vocab"})
+    doc = "1 if the token's text holds a decimal digit, else 0 (mean: the block's share of digit tokens; 0 .. 1)"
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor:
+        if ctx.vocab is None:
+            raise RuntimeError("digits needs the tokenizer's vocabulary (BlockContext.vocab)")
+        return ctx.vocab.digit[ctx.token_ids.cpu()].float()
+
+
+@register_feature("novelty")
+class Novelty(Feature):
+    """Whether each token occurs for the first time in the episode (earlier tokens of its block count).
+
+    Unlike ``rarity`` (``-log`` of the running frequency, which grows with the tokens seen so far and
+    is high for any token seen only a few times), this is a plain 0/1 per token, so the block's mean is
+    the share of tokens it introduces, comparable at every position: a needle (new words, new digits)
+    in a haystack of already-seen function words stands out.
+    """
+
+    summaries = ("mean",)
+    doc = "1 if the token was not seen earlier in the episode, else 0 (mean: share of new tokens; 0 .. 1)"
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor:
+        out = []
+        for tok in ctx.token_ids.tolist():
+            out.append(0.0 if tok in ctx.seen else 1.0)
+            ctx.seen.add(tok)
+        return torch.tensor(out)
 
 
 @register_feature("attn_var")

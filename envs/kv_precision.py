@@ -46,7 +46,7 @@ from envs.budget import block_bit_sum, check_budget, check_reachable, fallback_a
 from envs.cache_kwarg import with_cache
 from envs.episodes import EpisodeSet, episode_set, parse_episode_set
 from envs.evidence import evidence_char_spans, overlapping_blocks, token_char_spans
-from envs.features import DEFAULT_FEATURES, FULL_BITS, BlockContext, FeatureSet
+from envs.features import DEFAULT_FEATURES, FULL_BITS, BlockContext, FeatureSet, TokenVocabulary
 from envs.fingerprint import process_fingerprint_id
 from envs.hellaswag import HellaSwagItem, item_rng, load_hellaswag
 from envs.model import load_model, resolve_device, resolve_dtype
@@ -379,7 +379,8 @@ class KVPrecisionEnv(gym.Env):
             check_reachable(
                 self.config.bit_budget, self.bits, len(prompt_ids), self.config.sink_tokens, f"row {item.row}"
             )
-        observer = BlockObserver(self.feature_set, len(blocks))
+        vocab = TokenVocabulary.from_tokenizer(self.tokenizer) if "vocab" in self.feature_set.needs else None
+        observer = BlockObserver(self.feature_set, len(blocks), vocab)
         self._episode = _Episode(
             item, prompt_ids, endings, blocks, reference, self._new_cache(), observer, context=context
         )

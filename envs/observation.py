@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from envs.features import BlockContext, EpisodeState, FeatureSet, RunningFrequency
+from envs.features import BlockContext, EpisodeState, FeatureSet, RunningFrequency, TokenVocabulary
 
 __all__ = ["BlockObserver"]
 
@@ -20,10 +20,14 @@ __all__ = ["BlockObserver"]
 class BlockObserver:
     """Observations of the consecutive blocks of one episode (or one generation)."""
 
-    def __init__(self, feature_set: FeatureSet, n_blocks: int):
+    def __init__(self, feature_set: FeatureSet, n_blocks: int, vocab: TokenVocabulary | None = None):
+        if "vocab" in feature_set.needs and vocab is None:
+            raise ValueError("the features need the tokenizer's vocabulary: pass vocab=TokenVocabulary.from_tokenizer(...)")
         self.feature_set = feature_set
         self.n_blocks = n_blocks
+        self.vocab = vocab
         self.frequency = RunningFrequency()
+        self.seen: set[int] = set()  # token ids of the blocks observed so far (``novelty``)
         self.block_index = 0  # index of the next block to observe
         self.position = 0  # sequence position of the next block's first token
 
@@ -49,6 +53,8 @@ class BlockObserver:
             targets=targets,
             state=state,
             frequency=self.frequency,
+            seen=self.seen,
+            vocab=self.vocab,
             attentions=attentions,
             saliency=saliency,
             cache=cache,

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from agents.registry import make_policy
 from envs.cache_kwarg import with_cache
 from envs.scoring import score_requests
-from envs.features import FeatureSet
+from envs.features import FeatureSet, TokenVocabulary
 from envs.kv_precision import EnvConfig
 from envs.model import load_model
 from envs.observation import BlockObserver
@@ -63,7 +63,7 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "Write a short description of Scooby-Doo and the Mystery Inc. gang.",
     "Explain the process of photosynthesis in one paragraph.",
 )
-SUPPORTED_NEEDS = frozenset({"attentions"})
+SUPPORTED_NEEDS = frozenset({"attentions", "vocab"})
 
 
 @dataclass
@@ -96,7 +96,7 @@ class FeatureTracker:
     :class:`~envs.observation.BlockObserver` (``n_blocks`` is the expected number of blocks).
     """
 
-    def __init__(self, feature_set: FeatureSet, n_blocks: int = 1):
+    def __init__(self, feature_set: FeatureSet, n_blocks: int = 1, vocab: TokenVocabulary | None = None):
         unsupported = feature_set.needs - SUPPORTED_NEEDS
         if unsupported:
             raise ValueError(
@@ -104,7 +104,9 @@ class FeatureTracker:
                 "drop them from env.features"
             )
         self.feature_set = feature_set
-        self.observer = BlockObserver(feature_set, n_blocks)
+        if "vocab" in feature_set.needs and vocab is None:
+            raise ValueError("features needing the tokenizer's vocabulary (digits) need vocab=TokenVocabulary(...)")
+        self.observer = BlockObserver(feature_set, n_blocks, vocab)
         self.needs_attentions = "attentions" in feature_set.needs
         self.chunks: list[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None, float]] = []
         self.incoming: torch.Tensor | None = None
@@ -187,7 +189,9 @@ def generate_one(model, tokenizer, policy, prompt: str, cfg: GenerateConfig) -> 
     bits = tuple(cfg.env.bits)
     ids = encode_prompt(tokenizer, prompt, cfg.chat_template).to(model.device)
     n_blocks = max(1, math.ceil((ids.shape[1] + cfg.max_new_tokens) / cfg.env.interval))
-    tracker = FeatureTracker(FeatureSet(cfg.env.features), n_blocks)
+    feature_set = FeatureSet(cfg.env.features)
+    vocab = TokenVocabulary.from_tokenizer(tokenizer) if "vocab" in feature_set.needs else None
+    tracker = FeatureTracker(feature_set, n_blocks, vocab)
     decisions: list[dict[str, Any]] = []
 
     def hook(cache: MixedPrecisionKVCache) -> int:

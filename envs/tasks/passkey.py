@@ -38,6 +38,7 @@ NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "I
          "Karen", "Louis", "Maria", "Nora", "Oscar", "Peter", "Rosa", "Simon", "Tina", "Victor")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _KEY_LOW, _KEY_HIGH = 10000, 100000  # five digits
+DISTRACTORS = ("random", "near")  # how distractor keys beyond the other named keys are drawn
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,11 @@ def _question(name: str | None) -> str:
     return f"Question: What is the pass key of {name}?\nAnswer: The pass key of {name} is"
 
 
+def _asked(name: str | None) -> str:
+    """The question alone, asked after the instruction with ``question_first`` (before the haystack)."""
+    return "What is the pass key?" if name is None else f"What is the pass key of {name}?"
+
+
 def haystack_sentences(source: Sequence[HellaSwagItem]) -> list[str]:
     """Whole sentences of the HellaSwag contexts, without digits, deduplicated, in row order."""
     seen: dict[str, None] = {}
@@ -109,16 +115,26 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
 
 @register_task("passkey")
 class PasskeyTask(Task):
-    """Options: ``length`` (prompt tokens at most, default 1024; up to the model's context), ``depth``
+    """Options: ``length`` (prompt tokens at most, default 512; up to the model's context), ``depth``
     (a fraction in [0, 1], or [lo, hi] drawn per item; default [0, 1]), ``keys`` (named keys hidden,
-    one asked; default 1), ``candidates`` (answers scored, default 4), ``items`` (rows 0..items-1,
-    default 1500), ``seed`` (default 0)."""
+    one asked; default 2), ``candidates`` (answers scored, default 4), ``items`` (rows 0..items-1,
+    default 1500), ``seed`` (default 0), ``question_first`` (also ask the question right after the
+    instruction; default false), ``distractors`` ("random" five-digit numbers, or "near": the key with
+    one digit changed; default "random").
+
+    Why the defaults (README, "The passkey task's defaults"; 30 held-out items on the embedded model):
+    at 512 tokens with two named keys fp16 picks the right key ~90% of the time and fixed 2-bit far
+    less; with one key every setting down to 2 bits still ranks the key first (the candidates cannot
+    tell them apart, even "near" ones), with three keys fp16 falls to ~77% (it confuses the names), and
+    asking the question first *lowers* it (46% at three keys). 512 tokens is 8 blocks of 64: half the
+    cost of 1024 on CPUs."""
 
     exact_match = True
     uses_shots = False  # the haystack is the context; the env's ``shots`` does not apply
 
-    def __init__(self, length: int = 1024, depth: float | Sequence[float] = (0.0, 1.0), keys: int = 1,
-                 candidates: int = 4, items: int = 1500, seed: int = 0):
+    def __init__(self, length: int = 512, depth: float | Sequence[float] = (0.0, 1.0), keys: int = 2,
+                 candidates: int = 4, items: int = 1500, seed: int = 0, question_first: bool = False,
+                 distractors: str = "random"):
         self.length = _positive_int("length", length)
         self.depth = _depth_range(depth)
         self.keys = _positive_int("keys", keys)
@@ -129,6 +145,12 @@ class PasskeyTask(Task):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"passkey seed must be an integer, got {seed!r}")
         self.seed = seed
+        if not isinstance(question_first, bool):
+            raise ValueError(f"passkey question_first must be true or false, got {question_first!r}")
+        self.question_first = question_first
+        if distractors not in DISTRACTORS:
+            raise ValueError(f"passkey distractors must be one of {DISTRACTORS}, got {distractors!r}")
+        self.distractors = distractors
         self._tokenizer = None
         self._sentences: list[str] = []
         self._sentence_tokens: dict[int, int] = {}
@@ -168,7 +190,7 @@ class PasskeyTask(Task):
         # distractors: the other named keys first, then fresh five-digit numbers, never the key
         candidates = [keys[asked]] + [k for i, k in enumerate(keys) if i != asked][: self.candidates - 1]
         while len(candidates) < self.candidates:
-            key = str(int(rng.integers(_KEY_LOW, _KEY_HIGH)))
+            key = self._distractor(keys[asked], rng)
             if key not in candidates and key not in keys:
                 candidates.append(key)
         order = rng.permutation(len(candidates))
@@ -178,6 +200,15 @@ class PasskeyTask(Task):
             depth=depths[asked], name=names[asked],
             needles=tuple(zip(names, keys, depths, strict=True)),
         )
+
+    def _distractor(self, key: str, rng: np.random.Generator) -> str:
+        """A fresh five-digit number ("random"), or the key with one digit changed ("near": only a model that
+        read every digit of the needle tells them apart; the first digit alone no longer decides)."""
+        if self.distractors == "random":
+            return str(int(rng.integers(_KEY_LOW, _KEY_HIGH)))
+        position = int(rng.integers(len(key)))
+        digits = [d for d in "0123456789" if d != key[position] and not (position == 0 and d == "0")]
+        return key[:position] + digits[int(rng.integers(len(digits)))] + key[position + 1:]
 
     # --- prompts --------------------------------------------------------------------------------
     def context(self, item: PasskeyItem, shots: Sequence[Any] = ()) -> str:
@@ -241,7 +272,8 @@ class PasskeyTask(Task):
                 sentences.append(needle)
             if i < n:
                 sentences.append(filler[i])
-        text = INSTRUCTION + " ".join(sentences) + "\n\n" + _question(item.name)
+        head = INSTRUCTION + (f"{_asked(item.name)}\n\n" if self.question_first else "")
+        text = head + " ".join(sentences) + "\n\n" + _question(item.name)
         return PasskeyPrompt(text, tuple(sentences), needle_index, n)
 
     def _count(self, text: str) -> int:

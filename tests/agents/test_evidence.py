@@ -25,7 +25,7 @@ BUDGETS = (2.5, 3.0, 4.0, 8.0)
 def _env(tiny_model, depth, **overrides) -> KVPrecisionEnv:
     model, tokenizer = tiny_model
     config = dict(model="tiny-random-llama", task="passkey", interval=32, group_size=32, eval_size=4, bits=MENU,
-                  task_options={"length": 384, "items": 8, "depth": depth})
+                  task_options={"length": 384, "items": 8, "depth": depth, "keys": 1})
     return KVPrecisionEnv(lm=model, tokenizer=tokenizer, items=SOURCE, **{**config, **overrides})
 
 

@@ -16,7 +16,7 @@ def _passkey_env(tiny_model, **options) -> KVPrecisionEnv:
     model, tokenizer = tiny_model
     return KVPrecisionEnv(
         lm=model, tokenizer=tokenizer, items=SOURCE, model="tiny-random-llama", task="passkey", interval=INTERVAL,
-        group_size=32, eval_size=4, split="eval", task_options={"length": LENGTH, "items": 12, **options},
+        group_size=32, eval_size=4, split="eval", task_options={"length": LENGTH, "items": 12, "keys": 1, **options},
     )
 
 

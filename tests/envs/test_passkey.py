@@ -16,7 +16,7 @@ ENV = dict(model="tiny-random-llama", task="passkey", interval=64, group_size=32
 
 
 def _loaded(tiny_model, **options):
-    task = make_task("passkey", {"length": LENGTH, "items": 24, **options})
+    task = make_task("passkey", {"length": LENGTH, "items": 24, "keys": 1, **options})
     items = task.load(SOURCE, tiny_model[1], max_positions=2048)
     return task, items
 
@@ -24,7 +24,7 @@ def _loaded(tiny_model, **options):
 def _env(tiny_model, **options):
     model, tokenizer = tiny_model
     return KVPrecisionEnv(lm=model, tokenizer=tokenizer, items=SOURCE,
-                          **{**ENV, "task_options": {"length": LENGTH, "items": 12, **options}})
+                          **{**ENV, "task_options": {"length": LENGTH, "items": 12, "keys": 1, **options}})
 
 
 def test_haystack_is_whole_digit_free_sentences():
@@ -77,6 +77,40 @@ def test_several_keys_one_asked(tiny_model):
         assert others <= set(item.endings)  # the other named keys are distractors
 
 
+@pytest.mark.parametrize("keys", [1, 3])
+def test_near_distractors_change_one_digit(tiny_model, keys):
+    _, items = _loaded(tiny_model, keys=keys, distractors="near", candidates=6)
+    _, plain = _loaded(tiny_model, keys=keys)
+    changed_positions = set()
+    for item, same in zip(items, plain, strict=True):
+        assert item.needles == same.needles and item.key == same.key  # only the distractors differ
+        others = {key for name, key, _ in item.needles if name != item.name}
+        for e in item.endings:
+            if e == item.key or e in others:
+                continue
+            diff = [i for i in range(5) if e[i] != item.key[i]]
+            assert len(diff) == 1 and e[0] != "0" and len(e) == 5 and e.isdigit()
+            changed_positions.update(diff)
+        assert len(set(item.endings)) == 6 and sum(e == item.key for e in item.endings) == 1
+    assert changed_positions == set(range(5))
+
+
+@pytest.mark.parametrize("keys", [1, 3])
+def test_question_first_asks_before_the_haystack(tiny_model, keys):
+    task, items = _loaded(tiny_model, keys=keys, question_first=True)
+    plain, _ = _loaded(tiny_model, keys=keys)
+    tok = tiny_model[1]
+    for item in items[:6]:
+        prompt = task.prompt(item)
+        asked = "What is the pass key?" if keys == 1 else f"What is the pass key of {item.name}?"
+        head, _, rest = prompt.text.partition("\n\n")  # the instruction, then the question, then the haystack
+        assert rest.startswith(asked + "\n\n" + prompt.sentences[0])
+        assert prompt.text.count(asked) == 2  # asked first and at the end
+        assert len(tok.encode(prompt.text)) <= LENGTH
+        assert prompt.filler <= plain.prompt(item).filler  # the question's tokens come out of the filler
+        assert prompt.sentences[prompt.needle_index] == plain.prompt(item).sentences[plain.prompt(item).needle_index]
+
+
 @pytest.mark.parametrize("options", [{}, {"keys": 4, "candidates": 3}, {"candidates": 6}])
 def test_distractors_never_equal_the_key(tiny_model, options):
     _, items = _loaded(tiny_model, **options)
@@ -98,6 +132,8 @@ def test_distractors_never_equal_the_key(tiny_model, options):
         ({"keys": 21}, "at most 20"),
         ({"candidates": 1}, "candidates must be an integer >= 2"),
         ({"colour": "red"}, "colour"),
+        ({"question_first": "yes"}, "question_first must be true or false"),
+        ({"distractors": "close"}, "distractors must be one of"),
     ],
 )
 def test_bad_options_are_clear_errors(options, message):

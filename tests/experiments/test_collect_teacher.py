@@ -19,7 +19,7 @@ from experiments import collect, train_mlp
 
 BUDGET = 3.0
 PASSKEY = EnvConfig(model="tiny-random-llama", task="passkey", interval=32, group_size=32, eval_size=4,
-                    bit_budget=BUDGET, task_options={"length": 320, "items": 12, "depth": [0.0, 1.0]})
+                    bit_budget=BUDGET, task_options={"length": 320, "items": 12, "depth": [0.0, 1.0], "keys": 1})
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -34,7 +34,7 @@ def test_oracle_and_static_records_are_like_every_policys(tmp_path):
 
 def test_evidence_teacher_evaluates_like_every_policy(tmp_path):
     env = EnvConfig(model="tiny-random-llama", task="passkey", interval=32, group_size=32, eval_size=4, split="eval",
-                    bit_budget=3.0, task_options={"length": 320, "items": 12, "depth": 0.5})
+                    bit_budget=3.0, task_options={"length": 320, "items": 12, "depth": 0.5, "keys": 1})
     cfg = EvaluateConfig(env=env, policies=["fixed:2", "evidence"], items=1, references=("fixed:2",),
                          out_dir=str(tmp_path / "eval"), progress=False)
     evaluate.run(cfg)

@@ -273,3 +273,13 @@ def test_generate_compares_policies_with_degeneration_measures_and_sinks(tmp_pat
         assert 0.0 <= rec["rep_4"] <= 1.0 and math.isfinite(rec["fp16_ppl"]) and rec["fp16_ppl"] > 1.0
     low = doc["results"][0]
     assert 2.0 < low["avg_bits"] < 16.0  # 2-bit blocks plus 4 fp16 sink tokens
+
+
+def test_generate_computes_the_digits_feature(tmp_path):
+    """Content features that read the vocabulary work during generation as in the env."""
+    cfg = _gen_cfg(tmp_path, "fixed:4")
+    cfg.env = EnvConfig(model="tiny-random-llama", interval=8, features=("entropy", "digits", "novelty"))
+    (rec,) = json.loads(generate.run(cfg)["results"].read_text())["results"]
+    obs = rec["decisions"][0]["obs"]
+    assert {"digits_mean", "digits_max", "novelty_mean"} <= set(obs)
+    assert 0.0 <= obs["digits_mean"] <= obs["digits_max"] <= 1.0
