@@ -38,6 +38,7 @@ NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "I
          "Karen", "Louis", "Maria", "Nora", "Oscar", "Peter", "Rosa", "Simon", "Tina", "Victor")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _KEY_LOW, _KEY_HIGH = 10000, 100000  # five digits
+EVIDENCE = ("all", "asked")  # what PasskeyTask.evidence names
 DISTRACTORS = ("random", "near")  # how distractor keys beyond the other named keys are drawn
 
 
@@ -120,7 +121,8 @@ class PasskeyTask(Task):
     one asked; default 2), ``candidates`` (answers scored, default 4), ``items`` (rows 0..items-1,
     default 1500), ``seed`` (default 0), ``question_first`` (also ask the question right after the
     instruction; default false), ``distractors`` ("random" five-digit numbers, or "near": the key with
-    one digit changed; default "random").
+    one digit changed; default "random"), ``evidence`` (what :meth:`evidence` names: "all" needles,
+    the default, or the "asked" one only).
 
     Why the defaults (README, "The passkey task's defaults"; 30 held-out items on the embedded model):
     at 512 tokens with two named keys fp16 picks the right key ~90% of the time and fixed 2-bit far
@@ -134,7 +136,7 @@ class PasskeyTask(Task):
 
     def __init__(self, length: int = 512, depth: float | Sequence[float] = (0.0, 1.0), keys: int = 2,
                  candidates: int = 4, items: int = 1500, seed: int = 0, question_first: bool = False,
-                 distractors: str = "random"):
+                 distractors: str = "random", evidence: str = "all"):
         self.length = _positive_int("length", length)
         self.depth = _depth_range(depth)
         self.keys = _positive_int("keys", keys)
@@ -151,6 +153,9 @@ class PasskeyTask(Task):
         if distractors not in DISTRACTORS:
             raise ValueError(f"passkey distractors must be one of {DISTRACTORS}, got {distractors!r}")
         self.distractors = distractors
+        if evidence not in EVIDENCE:
+            raise ValueError(f"passkey evidence must be one of {EVIDENCE}, got {evidence!r}")
+        self.evidence_kind = evidence
         self._tokenizer = None
         self._sentences: list[str] = []
         self._sentence_tokens: dict[int, int] = {}
@@ -218,11 +223,18 @@ class PasskeyTask(Task):
         return item.key
 
     def evidence(self, item: PasskeyItem) -> list[str]:
-        """The needle sentence of the asked key only. With ``keys > 1`` the other needles are
-        distractors: keeping them precise helps the model confuse keys, not retrieve the asked one, so
-        a teacher that spends bits on them teaches the wrong thing (the name in the question is what
-        tells the asked needle apart, and the controller sees the tokens of every needle alike)."""
-        return [_needle(item.name, item.key)]
+        """Every needle sentence (``evidence: all``, the default), or the asked key's only ("asked").
+
+        Why all by default: the question comes last, so a controller streaming the prompt cannot know
+        which needle will be asked when it commits their blocks, and a teacher that keeps only the
+        asked one labels look-alike blocks differently, which no student can imitate. Measured on 10
+        pool items (results/sensitivity_passkey/needle_blocks.txt): lowering the *other* needle's block
+        to 2 bits costs the gold key -1.23 nats on average (the asked one's -1.51, other blocks -0.42),
+        so keeping the distractor precise helps retrieval rather than confusing it. "asked" is the
+        privileged upper bound."""
+        if self.evidence_kind == "asked":
+            return [_needle(item.name, item.key)]
+        return [_needle(name, key) for name, key, _ in item.needles]
 
     def prompt(self, item: PasskeyItem) -> PasskeyPrompt:
         """The item's prompt: the most filler sentences that keep it within ``length`` tokens."""

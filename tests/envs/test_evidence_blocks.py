@@ -61,8 +61,26 @@ def test_needle_block_moves_later_with_depth(tiny_model):
     assert first[0.0] < first[0.5] < first[1.0]
 
 
+def test_several_keys_every_needle_by_default(tiny_model):
+    """The question comes last: by default every needle is evidence (a streaming controller cannot tell
+    the asked one), and its blocks include the asked needle's."""
+    env = _passkey_env(tiny_model, keys=3, depth=0.5, length=640)
+    item = env.items[0]
+    env.reset(options={"row": item.row})
+    needles = env.task.evidence(item)
+    assert len(needles) == 3 and all(f"is {key}" in n for n, (_, key, _) in zip(needles, item.needles, strict=True))
+    asked = _passkey_env(tiny_model, keys=3, depth=0.5, length=640, evidence="asked")
+    asked.reset(options={"row": item.row})
+    assert set(asked.evidence_blocks()) <= set(env.evidence_blocks())
+    assert len(env.evidence_blocks()) >= 2  # needles at different depths
+    with pytest.raises(ValueError, match="evidence must be one of"):
+        _passkey_env(tiny_model, evidence="some")
+    env.close()
+    asked.close()
+
+
 def test_several_keys_only_the_asked_needle(tiny_model):
-    env = _passkey_env(tiny_model, keys=3, depth=0.5, length=640)  # three needles need room
+    env = _passkey_env(tiny_model, keys=3, depth=0.5, length=640, evidence="asked")
     item = env.items[0]
     env.reset(options={"row": item.row})
     (needle,) = env.task.evidence(item)
