@@ -12,7 +12,10 @@ Its plan for one item (``plan(env, row)``), under the env's ``bit_budget`` (None
 
 1. **Evidence blocks** get the most precise menu setting (with ``evidence:<setting>``: the named one,
    or the most precise one below it when the named one does not fit) such that the plan stays within
-   the budget with the cheapest setting on every other block. All evidence blocks get the same setting.
+   the budget with the cheapest setting on every other block. All evidence blocks get the same setting,
+   unless the budget cannot raise them all: then they are raised one at a time, in prompt order, each to
+   the dearest setting that still fits (a streaming controller can only do that: it cannot know whether
+   a later block will hold evidence too; without it a tight budget would protect no evidence at all).
 2. **Every other block** gets the dearest setting that fits when the remaining budget is spread
    evenly over them, never dearer than the evidence setting; then, from the last block (the question)
    backwards, each is raised to the dearest setting that still fits. Why spend the spare budget
@@ -92,6 +95,13 @@ def plan_settings(
             level = rank
             break
     plan = with_blocks(evidence, order[level])
+    if level == 0 and len(evidence) > 1:
+        # 1b. a budget too tight to raise every evidence block: raise as many as fit, in prompt order
+        for b in evidence:
+            for rank in range(cap, 0, -1):
+                if fits(with_blocks([b], order[rank])):
+                    plan = with_blocks([b], order[rank])
+                    break
     if budget is None or not others:
         return plan
     # 2a. the other blocks: the dearest even level that fits, never above the evidence setting

@@ -10,6 +10,7 @@ cols = controller) and the resolved ``config.yaml``; per-epoch losses go to wand
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,14 @@ from pathlib import Path
 import numpy as np
 import wandb
 
-from agents.mlp import DEFAULT_BITS, DEFAULT_FEATURES, LossWeights, format_confusion, train_controller
+from agents.mlp import (
+    DEFAULT_BITS,
+    DEFAULT_FEATURES,
+    LABEL_COLUMNS,
+    LossWeights,
+    format_confusion,
+    train_controller,
+)
 from envs.settings import Setting, setting_name
 from experiments import tracking
 from experiments.config import parse_config, save_config
@@ -25,6 +33,8 @@ from experiments.io import write_json
 
 MODEL_NAME = "mlp.pt"
 CONFUSION_NAME = "confusion.json"
+#: collect CSV columns that are not observation entries: the episode keys and the labels
+NON_OBSERVATION_COLUMNS = ("item", "block", *LABEL_COLUMNS)
 
 
 @dataclass
@@ -44,6 +54,13 @@ class TrainMLPConfig:
     progress: bool = True
 
 
+def unused_observations(csv_path: Path, features: Sequence[str]) -> list[str]:
+    """The observation columns of a collect CSV that ``features`` leaves out (the controller never sees them)."""
+    with open(csv_path, newline="") as f:
+        header = next(csv.reader(f), [])
+    return [c for c in header if c not in (*features, *NON_OBSERVATION_COLUMNS)]
+
+
 def run(cfg: TrainMLPConfig) -> dict[str, Path]:
     """Train, save the controller and its confusion matrix; returns the paths written."""
     csv_path = Path(cfg.csv)
@@ -52,6 +69,10 @@ def run(cfg: TrainMLPConfig) -> dict[str, Path]:
             f"controller training data {csv_path} not found; collect it first with "
             "`python -m experiments.collect` or point --set csv=PATH at an existing file"
         )
+    unused = unused_observations(csv_path, cfg.features)
+    if unused:  # a quiet default here once left a passkey controller blind to the needles (digits)
+        print(f"[train_mlp] the controller reads {list(cfg.features)}; the CSV also holds {unused}, "
+              "unused (list them in `features` to use them)")
     out_dir = Path(cfg.out_dir)
     paths = {"config": save_config(cfg, out_dir / "config.yaml")}
     wb = tracking.init_run(project=cfg.wandb_project, group=cfg.wandb_group, name="train_mlp", config=cfg,

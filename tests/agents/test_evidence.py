@@ -120,3 +120,15 @@ def test_plan_settings_on_numbers():
     assert plan_settings(menu, 16.0, spans, [1], 0, evidence_setting=4) == [1, 1, 1, 1]
     # no budget: evidence at the dearest, the rest at the cheapest
     assert plan_settings(menu, None, spans, [1, 2], 0) == [0, 2, 2, 0]
+
+
+def test_a_budget_too_tight_for_every_evidence_block_raises_them_in_order():
+    menu = (2, 4, 16)
+    spans = [(0, 10), (10, 20), (20, 30), (30, 40)]
+    # budget 2.5: 100 bits; the cheapest everywhere is 80; both evidence blocks at 4 cost 120 (too much), one
+    # at 4 costs 100: the first evidence block gets it, the second stays at the cheapest
+    assert plan_settings(menu, 2.5, spans, [1, 3], 0) == [0, 1, 0, 0]
+    # when both fit at one setting, both get it (the common level), as before
+    assert plan_settings(menu, 3.0, spans, [1, 3], 0) == [0, 1, 0, 1]
+    # nothing fits beyond the cheapest: the plan stays cheapest everywhere
+    assert plan_settings(menu, 2.2, spans, [1, 3], 0) == [0, 0, 0, 0]

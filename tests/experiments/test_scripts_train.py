@@ -146,6 +146,13 @@ def test_train_mlp_controller_loads_as_policy(mlp_path):
     assert 0 <= int(pol.predict(np.ones(len(NAMES), np.float32))[0]) < len(BITS)
 
 
+def test_train_mlp_names_the_observation_columns_it_leaves_out(collected):
+    _, paths = collected
+    default = train_mlp.TrainMLPConfig().features
+    assert train_mlp.unused_observations(paths["csv"], default) == [n for n in NAMES if n not in (*default,)]
+    assert train_mlp.unused_observations(paths["csv"], NAMES) == []
+
+
 def test_train_mlp_missing_csv_is_a_clear_error(tmp_path):
     cfg = train_mlp.TrainMLPConfig(csv=str(tmp_path / "nope.csv"), out_dir=str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="experiments.collect"):
