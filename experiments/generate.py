@@ -47,11 +47,11 @@ from tqdm.auto import tqdm
 
 from agents.registry import make_policy
 from envs.cache_kwarg import with_cache
-from envs.scoring import score_requests
 from envs.features import FeatureSet, TokenVocabulary
 from envs.kv_precision import EnvConfig
 from envs.model import load_model
 from envs.observation import BlockObserver
+from envs.scoring import score_requests
 from experiments import tracking
 from experiments.config import parse_config, save_config
 from experiments.io import seed_everything, write_json

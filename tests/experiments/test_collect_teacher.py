@@ -8,7 +8,6 @@ import csv
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 
 from agents import make_policy
 from agents.rollout import rollout
@@ -22,14 +21,7 @@ PASSKEY = EnvConfig(model="tiny-random-llama", task="passkey", interval=32, grou
                     bit_budget=BUDGET, task_options={"length": 320, "items": 12, "depth": [0.0, 1.0], "keys": 1})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet():
-    before = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_MODE", "disabled")
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 
 
 def _read_csv(path):

@@ -28,14 +28,7 @@ NAMES = FeatureSet(TINY.features).observation_names
 BITS = (2, 4, 8, 16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet():
-    before = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_MODE", "disabled")
-        torch.set_num_threads(1)  # a tiny model on a busy 2-core machine: threads only add sync cost
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 
 
 def _read_csv(path):

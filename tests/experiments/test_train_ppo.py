@@ -7,7 +7,6 @@ import math
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from sb3_contrib import MaskablePPO
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -25,14 +24,7 @@ BITS = (2, 4, 8, 16)
 FAST = {"n_steps": 16, "batch_size": 8, "n_epochs": 1, "gamma": 1.0, "gae_lambda": 0.95}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet():
-    before = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_MODE", "disabled")
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 
 
 class _RecordingRun:
