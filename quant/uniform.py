@@ -1,8 +1,9 @@
 """Uniform (min-max) quantization with real bit packing.
 
 A :class:`QuantizedTensor` is what the KV cache stores: packed integer codes plus fp16 scales and
-zero-points. Memory is real: 2-bit codes sit four to a byte and 4-bit codes two to a byte, so
-:meth:`QuantizedTensor.nbytes` counts what the process actually holds, not a simulation.
+zero-points. Memory is real: 2-bit codes sit four to a byte, 4-bit codes two to a byte and 3-bit codes
+in 3/8 of a byte, so :meth:`QuantizedTensor.nbytes` counts what the process actually holds, not a
+simulation.
 
 Conventions:
 
@@ -10,8 +11,11 @@ Conventions:
   (KIVI: keys along the token axis, i.e. per channel; values along the head dimension, i.e. per token).
 * Codes are always packed along the **last** dimension, so tensors quantized along any other axis
   can still be appended to along the token axis (the cache relies on that).
-* 3-bit codes are stored one per byte: packing 8 codes into 3 bytes is possible but would make
-  appending along the last dimension awkward, and 3 bits is not in the environment's default set.
+* 3-bit codes are stored as two bit planes along the last dimension: the low two bits of every code
+  packed like 2-bit codes, then the high bit packed eight to a byte (``[ceil(n/4) | ceil(n/8)]``
+  bytes). Planes keep unpacking to the fast byte-widening kernels below (8 codes in 3 bytes would
+  straddle byte boundaries); the price is that 3-bit tensors cannot be concatenated along the last
+  dimension, which the cache never does (it appends along the token axis).
 * 16 bits means "kept in fp16": no codes, no scales, just the half-precision tensor.
 """
 
@@ -25,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8, 16)
-_CODES_PER_BYTE = {2: 4, 3: 1, 4: 2, 8: 1}
+#: Codes per byte of one packed plane (1 bit: the high-bit plane of 3-bit codes).
+_CODES_PER_BYTE = {1: 8, 2: 4, 4: 2, 8: 1}
 
 
 def check_bits(bits: int) -> int:
@@ -35,19 +40,33 @@ def check_bits(bits: int) -> int:
     return int(bits)
 
 
-def codes_per_byte(bits: int) -> int:
-    return _CODES_PER_BYTE[check_bits(bits)] if bits != 16 else 0
+def packed_length(length: int, bits: int) -> int:
+    """Bytes that ``length`` codes of ``bits`` occupy along the packed (last) dimension."""
+    bits = check_bits(bits)
+    if bits == 16:
+        raise ValueError("16-bit tensors are stored as fp16 and have no codes to pack")
+    if bits == 3:
+        return math.ceil(length / 4) + math.ceil(length / 8)
+    return math.ceil(length / _CODES_PER_BYTE[bits])
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes (< 2**bits) along the last dimension into uint8.
 
     The last dimension is zero-padded to a multiple of the codes per byte; :func:`unpack_codes`
-    needs the original length to drop that padding.
+    needs the original length to drop that padding. 3-bit codes become two planes (module docstring).
     """
-    per_byte = codes_per_byte(bits)
-    if per_byte == 0:
+    bits = check_bits(bits)
+    if bits == 16:
         raise ValueError("16-bit tensors are stored as fp16 and have no codes to pack")
+    if bits == 3:
+        codes = codes.to(torch.uint8)
+        return torch.cat([_pack_plane(codes & 3, 2), _pack_plane(codes >> 2, 1)], dim=-1)
+    return _pack_plane(codes, bits)
+
+
+def _pack_plane(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    per_byte = _CODES_PER_BYTE[bits]
     if per_byte == 1:  # a copy, so that the stored codes never alias the caller's tensor
         return codes.to(torch.uint8, memory_format=torch.contiguous_format, copy=True)
     codes = codes.to(torch.uint8)
@@ -61,7 +80,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed
 
 
-_WIDE_DTYPE = {2: torch.int32, 4: torch.int16}  # one packed byte widened to one byte per code
+#: One packed byte widened to one byte per code.
+_WIDE_DTYPE = {1: torch.int64, 2: torch.int32, 4: torch.int16}
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
@@ -69,13 +89,22 @@ def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
 
     Why not ``(packed.unsqueeze(-1) >> shifts) & mask``: that broadcasts over an inner dimension of
     2 or 4 elements, which PyTorch's CPU kernels do not vectorise; it was the largest cost of a
-    decode step. Instead each byte is widened to an integer of ``codes_per_byte`` bytes and every
-    code is moved into its own byte, so that viewing the result as uint8 (little-endian) lays the
-    codes out in order. Only contiguous elementwise kernels run: ~15x faster at 4 bits.
+    decode step. Instead each byte is widened to an integer of as many bytes as it holds codes and
+    every code is moved into its own byte, so that viewing the result as uint8 (little-endian) lays
+    the codes out in order. Only contiguous elementwise kernels run: ~15x faster at 4 bits.
     """
-    per_byte = codes_per_byte(bits)
-    if per_byte == 0:
+    bits = check_bits(bits)
+    if bits == 16:
         raise ValueError("16-bit tensors are stored as fp16 and have no codes to unpack")
+    if bits == 3:
+        split = math.ceil(length / 4)
+        low = _unpack_plane(packed[..., :split], 2, length)
+        return low.bitwise_or_(_unpack_plane(packed[..., split:], 1, length) << 2)
+    return _unpack_plane(packed, bits, length)
+
+
+def _unpack_plane(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    per_byte = _CODES_PER_BYTE[bits]
     if per_byte == 1:
         return packed[..., :length]
     mask = (1 << bits) - 1
@@ -360,8 +389,11 @@ def concat(parts: list[QuantizedTensor], dim: int) -> QuantizedTensor:
             )
     if dim == first.axis and not all(p.complete_groups for p in parts[:-1]):
         raise ValueError("parts before the last must end on a complete group along the quantized axis")
+    if dim == len(first.shape) - 1 and first.bits == 3:
+        raise ValueError("3-bit codes are stored in two bit planes along the last dimension: "
+                         "they cannot be concatenated along it")
     if dim == len(first.shape) - 1 and first.bits != 16:
-        per_byte = codes_per_byte(first.bits)
+        per_byte = _CODES_PER_BYTE[first.bits]
         if any(p.shape[-1] % per_byte for p in parts[:-1]):
             raise ValueError("parts must fill whole bytes along the packed (last) dimension")
     shape = list(first.shape)
@@ -382,7 +414,6 @@ def expected_nbytes(
     numel = math.prod(shape)
     if bits == 16:
         return 2 * numel
-    per_byte = codes_per_byte(bits)
-    code_bytes = numel // shape[-1] * math.ceil(shape[-1] / per_byte)
+    code_bytes = numel // shape[-1] * packed_length(shape[-1], bits)
     groups = numel // shape[axis] * math.ceil(shape[axis] / group_size)
     return code_bytes + groups * 2 * (1 if symmetric else 2)

@@ -141,6 +141,11 @@ def test_segments_merge_only_when_key_and_value_bits_both_match(tiny):
         ]
 
 
+def _row_bytes(bits: int, head_dim: int) -> int:
+    """Bytes of one row of ``head_dim`` packed codes; 3-bit: a 2-bit plane and a 1-bit plane."""
+    return math.ceil(head_dim / 4) + math.ceil(head_dim / 8) if bits == 3 else math.ceil(head_dim * bits / 8)
+
+
 def _hand_pair_nbytes(blocks, bits, sink=0, heads=2, head_dim=16, layers=2):
     """Storage by hand, block by block: sink tokens as fp16 K and V; the rest of a block as packed
     key codes + fp16 scale and zero per (channel, group of tokens) at the key bits, and packed value
@@ -150,7 +155,7 @@ def _hand_pair_nbytes(blocks, bits, sink=0, heads=2, head_dim=16, layers=2):
     def one(b, n, axis_groups):
         if b == 16:
             return 2 * heads * n * head_dim
-        codes = heads * n * math.ceil(head_dim / {2: 4, 3: 1, 4: 2, 8: 1}[b])
+        codes = heads * n * _row_bytes(b, head_dim)
         return codes + 4 * axis_groups
 
     per_layer = start = 0
@@ -186,8 +191,7 @@ def _hand_nbytes(blocks, bits, heads=2, head_dim=16, layers=2):
         if b == 16:
             per_layer += 2 * (2 * heads * n * head_dim)
             continue
-        per_byte = {2: 4, 3: 1, 4: 2, 8: 1}[b]
-        codes = heads * n * math.ceil(head_dim / per_byte)
+        codes = heads * n * _row_bytes(b, head_dim)
         key_groups = heads * math.ceil(n / GROUP) * head_dim
         value_groups = heads * n * math.ceil(head_dim / GROUP)
         per_layer += 2 * codes + 4 * (key_groups + value_groups)

@@ -16,6 +16,7 @@ from quant.uniform import (
     dequantize_cat,
     expected_nbytes,
     pack_codes,
+    packed_length,
     quantize,
     unpack_codes,
 )
@@ -70,11 +71,22 @@ def test_packing_is_lossless(bits, length):
     torch.manual_seed(length)
     codes = torch.randint(0, 1 << bits, (2, 3, length), dtype=torch.uint8)
     packed = pack_codes(codes, bits)
-    per_byte = 8 // bits if bits in (2, 4) else 1
-    assert packed.dtype == torch.uint8 and packed.shape[-1] == math.ceil(length / per_byte)
+    # 3-bit: a plane of the low two bits (four to a byte), then one of the high bit (eight to a byte)
+    width = math.ceil(length / 4) + math.ceil(length / 8) if bits == 3 else math.ceil(length * bits / 8)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == width == packed_length(length, bits)
     assert torch.equal(unpack_codes(packed, bits, length), codes)
-    if per_byte > 1:
+    if bits in (2, 4):
         assert torch.equal(unpack_codes(packed, bits, length), _reference_unpack(packed, bits, length))
+    if bits == 3:
+        split = math.ceil(length / 4)
+        low = _reference_unpack(packed[..., :split], 2, length)
+        high = _reference_unpack(packed[..., split:], 1, length)
+        assert torch.equal(low | (high << 2), codes)
+
+
+def test_three_bit_codes_take_three_eighths_of_a_byte():
+    codes = torch.randint(0, 8, (5, 7, 64), dtype=torch.uint8)
+    assert pack_codes(codes, 3).numel() == codes.numel() * 3 // 8
 
 
 def test_pack_does_not_alias_its_input():
@@ -92,8 +104,8 @@ def test_nbytes_matches_a_hand_count_and_the_formula(bits, symmetric):
     if bits == 16:
         hand = 2 * 2 * 3 * 130 * 20
     else:
-        per_byte = {2: 4, 3: 1, 4: 2, 8: 1}[bits]
-        code_bytes = 2 * 3 * 130 * math.ceil(20 / per_byte)  # packed along the last dim, padded
+        row_bytes = {2: 5, 3: 5 + 3, 4: 10, 8: 20}[bits]  # 20 codes; 3-bit: ceil(20/4) + ceil(20/8)
+        code_bytes = 2 * 3 * 130 * row_bytes  # packed along the last dim, padded
         groups = 2 * 3 * math.ceil(130 / group) * 20  # one group per 64 tokens per channel
         hand = code_bytes + groups * 2 * (1 if symmetric else 2)  # fp16 scale (+ fp16 zero)
     assert qt.nbytes() == hand == expected_nbytes(shape, bits, axis, group, symmetric)
@@ -195,5 +207,7 @@ def test_bad_input_is_rejected_with_a_clear_message():
         concat([quantize(torch.randn(2, 30), 4, axis=-1), quantize(x, 4, axis=-1)], dim=-1)
     with pytest.raises(ValueError, match="nothing"):
         concat([], dim=0)
+    with pytest.raises(ValueError, match="bit planes"):
+        concat([quantize(x, 3, axis=-2), quantize(x, 3, axis=-2)], dim=-1)
     with pytest.raises(ValueError, match="16-bit"):
         pack_codes(torch.zeros(4, dtype=torch.uint8), 16)
