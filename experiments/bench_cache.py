@@ -17,6 +17,7 @@ greedily, with each cache in turn:
   policy hook commits every ``--interval`` tokens. ``ours-mixed`` cycles 2, 4, 8, 16 per block.
   ``ours-4-kept`` / ``ours-mixed-kept`` (not in the default run): the same with ``keep_dequantized``,
   as the env runs it (each block dequantized once; the float prefix is held on top of the codes).
+  ``ours-3`` / ``ours-k3v2`` (not in the default run either): 3-bit codes, packed in two bit planes.
   After decoding, the last pending block is committed too, and the bytes held are compared with the
   storage formula (:func:`quant.uniform.expected_nbytes`); ``bytes_with_pending`` is the count just
   before that commit (pending tokens sit in the model's dtype).
@@ -86,6 +87,8 @@ DEFAULT_SPECS: tuple[CacheSpec, ...] = (
 EXTRA_SPECS: tuple[CacheSpec, ...] = (
     CacheSpec("ours-4-kept", "ours", 4, keep_dequantized=True),
     CacheSpec("ours-mixed-kept", "ours", 0, keep_dequantized=True),
+    CacheSpec("ours-3", "ours", 3),  # 3-bit codes in two bit planes (quant.uniform)
+    CacheSpec("ours-k3v2", "ours", (3, 2)),  # the passkey study's best fixed setting within 2.5 bits
 )
 
 
