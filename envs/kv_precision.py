@@ -54,7 +54,7 @@ from envs.observation import BlockObserver
 from envs.quantities import FORWARD_OUTPUTS, StepRecord, StepState, StepView
 from envs.reference_store import ReferenceKey, ReferenceStore, model_digest, tokens_digest
 from envs.rewards import DEFAULT_REWARDS, RewardFunction
-from envs.scoring import continuation_logprobs, encode_pair
+from envs.scoring import CACHED_SCORING, can_pack, continuation_logprobs, encode_pair
 from envs.settings import Setting, normalize_menu, normalize_setting, setting_name
 from envs.tasks import Task, TaskItem, make_task
 from quant.baselines import CACHE_KINDS, EpisodeCache, check_cache_bits, episode_cache
@@ -300,6 +300,8 @@ class KVPrecisionEnv(gym.Env):
         if (lm is None) != (tokenizer is None):
             raise ValueError("pass both lm (a loaded model) and tokenizer, or neither")
         self._loaded = _shared_model(cfg) if lm is None else _Loaded(lm, tokenizer)
+        #: whether the endings are scored in one packed row (envs.scoring.can_pack: no sliding windows)
+        self._pack_endings: bool = can_pack(self.model)
         #: the layers of each layer group (ValueError here if layer_groups does not divide the layers)
         self.layer_group_layers: list[range] = layer_groups(_num_layers(self.model), cfg.layer_groups)
         #: the task (envs.tasks) its items, prompts and candidates come from
@@ -792,8 +794,15 @@ class KVPrecisionEnv(gym.Env):
     def _score_endings(
         self, cache: EpisodeCache, prompt_ids: list[int], last_logits: torch.Tensor, endings: list[list[int]]
     ) -> np.ndarray:
-        """Summed log-prob of each ending given the cached prompt: in one batched forward where the cache
-        can branch along the batch, else in as few forwards as it allows (quanto: one per ending)."""
+        """Summed log-prob of each ending given the cached prompt: in one forward of one packed row where
+        the cache can branch and the model allows packing (envs.scoring), else in as few batched
+        forwards as the cache allows (quanto: one per ending)."""
+        if cache.branch_limit is None and self._pack_endings:
+            with torch.inference_mode(), cache.branch(1):
+                scores = continuation_logprobs(
+                    self.model, prompt_ids, endings, cache=cache, prefix_last_logits=last_logits
+                )
+            return np.asarray(scores, dtype=np.float64)
         width = cache.branch_limit or len(endings)
         scores: list[float] = []
         for first in range(0, len(endings), width):
@@ -921,6 +930,7 @@ class KVPrecisionEnv(gym.Env):
             device=model.device.type,
             tokens=tokens_digest(prompt_ids, endings),
             fingerprint=process_fingerprint_id(model.device, model.dtype),
+            scoring=CACHED_SCORING if self._pack_endings else "rows",
         )
 
 

@@ -51,13 +51,17 @@ class ReferenceKey:
     # which pass of these tokens: "" = the full-precision reference; else e.g. a baseline pass's
     # "baseline|setting=k4v2|cache=mixed|..." (everything the pass depends on beyond the fields above)
     variant: str = ""
+    # how the endings were scored against the cache (envs.scoring.CACHED_SCORING: one packed row, or
+    # "rows"): the layout moves scores by float noise, so entries of another layout are not reused
+    scoring: str = ""
 
     def as_dict(self) -> dict[str, str]:
-        """The key's fields; an empty ``variant`` is left out, so reference keys (and their stored
-        entries) are the same as before variants existed."""
+        """The key's fields; an empty ``variant`` or ``scoring`` is left out, so keys without them (and
+        their stored entries) are the same as before those fields existed."""
         fields = asdict(self)
-        if not fields["variant"]:
-            del fields["variant"]
+        for name in ("variant", "scoring"):
+            if not fields[name]:
+                del fields[name]
         return fields
 
     def as_json(self) -> str:

@@ -14,9 +14,16 @@ import torch
 
 from envs.cache_kwarg import with_cache
 
-__all__ = ["encode_pair", "score_requests", "continuation_logprobs", "choose", "TARGET_DELIMITER"]
+__all__ = [
+    "encode_pair", "score_requests", "continuation_logprobs", "can_pack", "choose", "TARGET_DELIMITER",
+    "CACHED_SCORING",
+]
 
 TARGET_DELIMITER = " "
+#: How :func:`continuation_logprobs` lays out continuations against a cache of batch 1 (all of them in
+#: one packed row). Stored references name it (envs.reference_store): the layout changes the float
+#: noise of the scores, so entries scored another way are recomputed rather than mixed.
+CACHED_SCORING = "packed-v1"
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -47,7 +54,7 @@ def _gather_sums(logits: torch.Tensor, targets: list[list[int]], offsets: list[i
     out = []
     for b, (tgt, off) in enumerate(zip(targets, offsets, strict=True)):
         logprobs = torch.log_softmax(logits[b, off : off + len(tgt)].float(), dim=-1)
-        ids = torch.tensor(tgt, device=logits.device)
+        ids = torch.tensor(tgt, dtype=torch.long, device=logits.device)
         out.append(float(logprobs[torch.arange(len(tgt), device=logits.device), ids].sum()))
     return out
 
@@ -98,6 +105,21 @@ def score_requests(model, requests: Sequence[tuple[list[int], list[int]]], pad_i
     return _gather_sums(logits, targets, [o - start for o in offsets])
 
 
+def can_pack(model) -> bool:
+    """Whether continuations may be packed into one row against a cache (:func:`continuation_logprobs`).
+
+    The packed row's 4D mask goes to every layer as it is, so a model with sliding-window or chunked
+    layers (whose own masks would cut the prefix) must score one row per continuation instead."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return True
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None) or ()
+    if any("sliding" in str(t) or "chunked" in str(t) for t in layer_types):
+        return False
+    return not (getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
+
+
 @torch.inference_mode()
 def continuation_logprobs(
     model,
@@ -110,11 +132,15 @@ def continuation_logprobs(
     """Summed log-prob of each continuation after a shared prefix.
 
     Without a cache the prefix is re-run per row (one forward, lm-eval's arithmetic). With
-    ``cache`` already holding the prefix -- expanded along the batch to
-    ``len(continuations)`` rows -- only continuation tokens are run: the first token's log-prob
-    comes from ``prefix_last_logits`` (the logits at the prefix's last position, shape ``[V]``,
-    ``[1, V]`` or ``[B, V]``) and the rest from one forward against the cache. That forward
-    appends the continuation tokens to the cache; crop or discard it afterwards.
+    ``cache`` already holding the prefix only continuation tokens are run: the first token's
+    log-prob comes from ``prefix_last_logits`` (the logits at the prefix's last position, shape
+    ``[V]``, ``[1, V]`` or ``[B, V]``) and the rest from one forward against the cache, which
+    appends the continuation tokens to it (crop or discard it afterwards). The cache's batch says
+    how: ``len(continuations)`` rows (the prefix expanded along the batch), one continuation per
+    row, right-padded; or batch 1, every continuation packed into one row, each with its own
+    positions and a block-diagonal causal mask over the new tokens (:data:`CACHED_SCORING`): no
+    padding is computed and the prefix is read once instead of once per continuation. Packing
+    needs :func:`can_pack`.
     """
     conts = [list(c) for c in continuations]
     if not conts or any(not c for c in conts):
@@ -134,16 +160,49 @@ def continuation_logprobs(
         return scores
 
     cache_batch = _cache_batch(cache)
-    if cache_batch is not None and cache_batch != len(conts):
-        raise ValueError(f"cache batch is {cache_batch} but there are {len(conts)} continuations; expand it first")
+    packed = cache_batch == 1 and len(conts) > 1
+    if cache_batch is not None and not packed and cache_batch != len(conts):
+        raise ValueError(f"cache batch is {cache_batch} but there are {len(conts)} continuations; "
+                         "expand it to one row per continuation, or pass a batch of 1 to pack them")
     past = cache.get_seq_length()
     if past != len(prefix_ids):
         raise ValueError(f"cache holds {past} tokens but the prefix has {len(prefix_ids)}")
+    rest = _packed_rest(model, cache, past, conts) if packed else _row_rest(model, cache, conts, pad_id)
+    return [s + r for s, r in zip(scores, rest, strict=True)]
+
+
+def _row_rest(model, cache, conts: list[list[int]], pad_id: int) -> list[float]:
+    """Log-probs of every continuation's tokens after its first: one right-padded row each."""
     device = next(model.parameters()).device
     inputs = _right_pad([c[:-1] for c in conts], pad_id, device)
     logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits
-    rest = _gather_sums(logits, [c[1:] for c in conts], [0] * len(conts))
-    return [s + r for s, r in zip(scores, rest, strict=True)]
+    return _gather_sums(logits, [c[1:] for c in conts], [0] * len(conts))
+
+
+def _packed_rest(model, cache, past: int, conts: list[list[int]]) -> list[float]:
+    """Log-probs of every continuation's tokens after its first, all continuations in one row.
+
+    Continuation ``i``'s inputs ``c[:-1]`` sit side by side at positions ``past, past + 1, ...``
+    each (as if each alone followed the prefix); a token sees the whole prefix and the earlier
+    tokens of its own continuation only. The mask is additive (0 or the dtype's minimum), which
+    eager and SDPA attention both read."""
+    device = next(model.parameters()).device
+    pieces = [c[:-1] for c in conts]
+    lengths = torch.tensor([len(p) for p in pieces], device=device)
+    ids = torch.tensor([t for p in pieces for t in p], device=device)
+    starts = torch.cumsum(lengths, 0) - lengths
+    segment = torch.repeat_interleave(torch.arange(len(pieces), device=device), lengths)
+    local = torch.arange(len(ids), device=device) - starts[segment]
+    visible = (segment[:, None] == segment[None, :]) & (local[:, None] >= local[None, :])
+    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+    mask = torch.zeros(1, 1, len(ids), past + len(ids), dtype=dtype, device=device)
+    mask[0, 0, :, past:].masked_fill_(~visible, torch.finfo(dtype).min)
+    logits = model(
+        input_ids=ids.unsqueeze(0), position_ids=(past + local).unsqueeze(0), attention_mask=mask,
+        **with_cache(model, cache), use_cache=True,
+    ).logits
+    offsets = starts.tolist()
+    return _gather_sums(logits.expand(len(conts), -1, -1), [c[1:] for c in conts], offsets)
 
 
 def choose(scores: Sequence[float], endings: Sequence[str]) -> tuple[int, int]:

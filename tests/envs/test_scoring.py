@@ -3,7 +3,7 @@ import torch
 from transformers import DynamicCache
 
 from envs.cache_kwarg import cache_keyword, with_cache
-from envs.scoring import choose, continuation_logprobs, encode_pair, score_requests
+from envs.scoring import can_pack, choose, continuation_logprobs, encode_pair, score_requests
 
 ENDINGS = [" is ripping level tiles off.", " starts pulling up roofing.", " the end", " x"]
 
@@ -55,12 +55,44 @@ def test_cache_path_matches_full_forward(tiny_model):
         continuation_logprobs(model, prefix, conts, cache=cache)
 
 
+def test_packed_row_matches_full_forward_and_one_row_per_continuation(tiny_model):
+    """A cache of batch 1: every continuation in one row (own positions, block-diagonal mask)."""
+    model, tok = tiny_model
+    prefix = tok.encode("Some boys are in a room joking and playing around. when they")
+    conts = [tok.encode(e) for e in ENDINGS] + [tok.encode(" y")[:1]]  # one of a single token
+    assert len(conts[-1]) == 1 and len({len(c) for c in conts}) > 2  # ragged: packing must not pad
+
+    def prefilled(rows):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            out = model(torch.tensor([prefix]), **with_cache(model, cache), use_cache=True)
+        if rows > 1:
+            cache.batch_repeat_interleave(rows)
+        return cache, out.logits[0, -1]
+
+    cache, last = prefilled(1)
+    packed = continuation_logprobs(model, prefix, conts, cache=cache, prefix_last_logits=last)
+    assert cache.get_seq_length() == len(prefix) + sum(len(c) - 1 for c in conts)  # appended, as documented
+    cache, last = prefilled(len(conts))
+    rows = continuation_logprobs(model, prefix, conts, cache=cache, prefix_last_logits=last)
+    assert packed == pytest.approx(rows, abs=1e-4)
+    assert packed == pytest.approx([_one_at_a_time(model, prefix, c) for c in conts], abs=1e-4)
+    assert can_pack(model)
+
+
+def test_models_with_sliding_windows_are_not_packed(tiny_model):
+    model, _ = tiny_model
+    config = model.config.__class__(**{**model.config.to_dict(), "sliding_window": 16})
+    assert not can_pack(type("M", (), {"config": config})())
+
+
 def test_cache_batch_mismatch_is_reported(tiny_model):
     model, tok = tiny_model
     prefix = tok.encode("short prompt")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         out = model(torch.tensor([prefix]), **with_cache(model, cache), use_cache=True)
+    cache.batch_repeat_interleave(3)
     with pytest.raises(ValueError, match="expand"):
         continuation_logprobs(model, prefix, [[5, 6], [7, 8]], cache=cache, prefix_last_logits=out.logits[0, -1])
 
