@@ -164,6 +164,9 @@ def continuation_logprobs(
     if cache_batch is not None and not packed and cache_batch != len(conts):
         raise ValueError(f"cache batch is {cache_batch} but there are {len(conts)} continuations; "
                          "expand it to one row per continuation, or pass a batch of 1 to pack them")
+    if packed and not can_pack(model):
+        raise ValueError("this model has sliding-window or chunked attention layers, which a packed row's mask "
+                         f"would override: expand the cache to {len(conts)} rows (one per continuation)")
     past = cache.get_seq_length()
     if past != len(prefix_ids):
         raise ValueError(f"cache holds {past} tokens but the prefix has {len(prefix_ids)}")

@@ -81,9 +81,16 @@ def test_packed_row_matches_full_forward_and_one_row_per_continuation(tiny_model
 
 
 def test_models_with_sliding_windows_are_not_packed(tiny_model):
-    model, _ = tiny_model
+    model, tok = tiny_model
     config = model.config.__class__(**{**model.config.to_dict(), "sliding_window": 16})
-    assert not can_pack(type("M", (), {"config": config})())
+    windowed = type("Windowed", (), {"config": config})()
+    assert not can_pack(windowed)
+    prefix = tok.encode("short prompt")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(torch.tensor([prefix]), **with_cache(model, cache), use_cache=True)
+    with pytest.raises(ValueError, match="sliding-window"):
+        continuation_logprobs(windowed, prefix, [[3, 4], [5, 6]], cache=cache, prefix_last_logits=out.logits[0, -1])
 
 
 def test_cache_batch_mismatch_is_reported(tiny_model):
