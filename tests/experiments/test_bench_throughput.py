@@ -36,3 +36,14 @@ def test_batched_row_runs_the_single_envs_rows(tmp_path, capsys):
                                      "--shots", "0", "--rows", "single", "batched", "--out", str(tmp_path / "b.json")])
     assert results["batched"]["episodes"] == 3 and results["batched"]["episodes_per_s"] > 0  # each row once
     assert "batched vector env (2)" in capsys.readouterr().out
+
+
+def test_references_are_stored_before_any_runner_is_timed(tmp_path, monkeypatch):
+    """Otherwise the first runner pays every reference pass and the later ones read them for free."""
+    import envs.reference_store as reference_store
+
+    monkeypatch.setattr(reference_store, "default_reference_root", lambda: tmp_path / "references")
+    args = bench_throughput.parse_args(["--model", "tiny-random-llama", "--episodes", "3", "--num-envs", "2",
+                                        "--shots", "0"])
+    assert bench_throughput.store_references(args) == 4  # the warm-up row and the 3 measured ones
+    assert len(list((tmp_path / "references").glob("*.safetensors"))) == 4
