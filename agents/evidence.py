@@ -13,9 +13,11 @@ Its plan for one item (``plan(env, row)``), under the env's ``bit_budget`` (None
 1. **Evidence blocks** get the most precise menu setting (with ``evidence:<setting>``: the named one,
    or the most precise one below it when the named one does not fit) such that the plan stays within
    the budget with the cheapest setting on every other block. All evidence blocks get the same setting,
-   unless the budget cannot raise them all: then they are raised one at a time, in prompt order, each to
-   the dearest setting that still fits (a streaming controller can only do that: it cannot know whether
-   a later block will hold evidence too; without it a tight budget would protect no evidence at all).
+   unless the budget cannot raise them all to one setting: then they are raised one at a time, in prompt
+   order, each to the dearest setting that still leaves the cheapest raise for every later evidence block
+   (else to the cheapest raise, while it fits). Without this a tight budget would protect no evidence at
+   all; with "dearest that fits" alone the first needle took the whole budget (a finer menu, K3V2 at 2.5
+   bits, protects two needles where K4V2 protects one).
 2. **Every other block** gets the dearest setting that fits when the remaining budget is spread
    evenly over them, never dearer than the evidence setting; then, from the last block (the question)
    backwards, each is raised to the dearest setting that still fits. Why spend the spare budget
@@ -26,8 +28,8 @@ Its plan for one item (``plan(env, row)``), under the env's ``bit_budget`` (None
    Without a budget there is nothing to spread: the other blocks get the cheapest setting, so the
    labels say exactly "evidence here, not there".
 
-Whether a plan fits is decided by the env's own budget helpers (``envs.budget.feasible_mask`` walked
-block by block, as the env's ``action_masks`` does), so the replayed plan is never pushed back by the
+Whether a plan fits is decided by the env's own budget helpers (``envs.budget.plan_fits``: the mask
+walked block by block, as the env's ``action_masks`` does), so the replayed plan is never pushed back by the
 env and never ends over budget. The plan is deterministic (no randomness; ties keep the menu's cost
 order from ``envs.settings.settings_by_cost``).
 """
@@ -38,29 +40,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from agents.oracle import Action, PlanningPolicy
-from envs.budget import block_bit_sum, feasible_mask
+from envs.budget import plan_fits
 from envs.settings import Setting, normalize_setting, parse_setting, setting_name, settings_by_cost
 
-__all__ = ["EvidencePolicy", "plan_settings", "plan_fits"]
-
-
-def plan_fits(
-    menu: Sequence[Setting], budget: float | None, blocks: Sequence[tuple[int, int]], plan: Sequence[int],
-    sink_tokens: int,
-) -> bool:
-    """Whether committing ``plan[i]`` (menu indices) for block ``i`` keeps every step feasible under the
-    env's mask (``envs.budget.feasible_mask``, the ledger kept as the env keeps it), i.e. the replay is
-    never pushed back and ends within ``budget``. Always True without a budget."""
-    if budget is None:
-        return True
-    total = blocks[-1][1]
-    committed = 0.0
-    for (start, end), index in zip(blocks, plan, strict=True):
-        mask = feasible_mask(menu, budget, start, committed, end - start, total - end, sink_tokens)
-        if not mask[index]:
-            return False
-        committed += block_bit_sum(menu[index], start, end, sink_tokens)
-    return True
+__all__ = ["EvidencePolicy", "plan_settings"]
 
 
 def plan_settings(
@@ -95,13 +78,20 @@ def plan_settings(
             level = rank
             break
     plan = with_blocks(evidence, order[level])
-    if level == 0 and len(evidence) > 1:
-        # 1b. a budget too tight to raise every evidence block: raise as many as fit, in prompt order
-        for b in evidence:
+    if level == 0 and len(evidence) > 1 and cap > 0:
+        # 1b. a budget too tight to raise every evidence block to one setting: in prompt order, each is
+        # raised as far as it can while every later one can still get the cheapest raise; when even that
+        # leaves no room, it takes the cheapest raise if that fits (so as many as fit are raised at all)
+        for i, b in enumerate(evidence):
+            later = evidence[i + 1 :]
             for rank in range(cap, 0, -1):
-                if fits(with_blocks([b], order[rank])):
-                    plan = with_blocks([b], order[rank])
+                candidate = with_blocks([b], order[rank])
+                if fits([order[1] if j in later else index for j, index in enumerate(candidate)]):
+                    plan = candidate
                     break
+            else:
+                if fits(with_blocks([b], order[1])):
+                    plan = with_blocks([b], order[1])
     if budget is None or not others:
         return plan
     # 2a. the other blocks: the dearest even level that fits, never above the evidence setting

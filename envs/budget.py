@@ -41,6 +41,7 @@ __all__ = [
     "feasible_mask",
     "masked_actions",
     "min_average_bits",
+    "plan_fits",
     "sink_count",
 ]
 
@@ -183,3 +184,22 @@ def masked_actions(menu: Sequence[Setting], actions: Any, masks: Any) -> np.ndar
         dtype=np.int64,
     )
     return out.reshape(acts.shape)
+
+
+def plan_fits(
+    menu: Sequence[Setting], budget: float | None, blocks: Sequence[tuple[int, int]], plan: Sequence[int],
+    sink_tokens: int,
+) -> bool:
+    """Whether committing ``plan[i]`` (menu indices) for block ``i`` keeps every step feasible under the
+    env's mask (``feasible_mask``, the ledger kept as the env keeps it), i.e. the replay is
+    never pushed back and ends within ``budget``. Always True without a budget."""
+    if budget is None:
+        return True
+    total = blocks[-1][1]
+    committed = 0.0
+    for (start, end), index in zip(blocks, plan, strict=True):
+        mask = feasible_mask(menu, budget, start, committed, end - start, total - end, sink_tokens)
+        if not mask[index]:
+            return False
+        committed += block_bit_sum(menu[index], start, end, sink_tokens)
+    return True

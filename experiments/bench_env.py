@@ -112,12 +112,15 @@ def instrument(env) -> Iterator[PhaseTimer]:
 
 
 @torch.inference_mode()
-def bare_forward_ms(model, cache, block_ids: Sequence[int], repeats: int = 1) -> float:
+def bare_forward_ms(model, cache, block_ids: Sequence[int] | Sequence[Sequence[int]], repeats: int = 1) -> float:
     """Median ms of a plain ``model(block, cache=cache)``; the cache ends holding the block.
 
-    Between repeats the cache is cropped back, so every repeat runs against the same prefix.
+    ``block_ids``: one row of token ids, or several rows of equal length run as one batch (the cache's
+    batch then has as many rows). Between repeats the cache is cropped back, so every repeat runs
+    against the same prefix.
     """
-    ids = torch.tensor([list(block_ids)], device=model.device)
+    rows = [list(r) for r in block_ids] if len(block_ids) and isinstance(block_ids[0], Sequence) else [list(block_ids)]
+    ids = torch.tensor(rows, device=model.device)
     times = []
     for r in range(repeats):
         if r:

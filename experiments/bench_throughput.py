@@ -140,6 +140,29 @@ def bench_ray(args: argparse.Namespace) -> dict[str, Any]:
             "startup_seconds": done_at[n - 1], "workers": n, "threads": cfg.threads}
 
 
+def bare_batching_gain(model, prompts: Sequence[Sequence[int]], interval: int) -> dict[str, float] | None:
+    """What batching buys the bare model on this machine, the ceiling of the batched env's gain: the bare
+    SDPA forwards of the common full blocks of ``prompts`` (one cache each, row by row) against the same
+    blocks with all rows in one batch (one cache of ``len(prompts)`` rows). Block by block, the two are
+    interleaved so that load from other processes hits both alike. On a few CPU cores a 64-token block
+    already fills the vector units, so the gain is small; on a GPU it is large. None when the prompts
+    share no full block."""
+    from transformers import DynamicCache
+
+    blocks = min(len(p) for p in prompts) // interval
+    if blocks < 1:
+        return None
+    singles = [DynamicCache(config=model.config) for _ in prompts]
+    batch = DynamicCache(config=model.config)
+    single_ms = batched_ms = 0.0
+    for b in range(blocks):
+        part = [list(p[b * interval : (b + 1) * interval]) for p in prompts]
+        single_ms += sum(bare_forward_ms(model, cache, ids) for cache, ids in zip(singles, part))
+        batched_ms += bare_forward_ms(model, batch, part)
+    return {"rows": len(prompts), "blocks": blocks, "single_seconds": single_ms / 1000,
+            "batched_seconds": batched_ms / 1000, "gain": single_ms / batched_ms}
+
+
 def bench_batched(args: argparse.Namespace) -> dict[str, Any]:
     """The batched vector env (``vectorization_mode="vector_entry_point"``, one forward per step for all
     its rows) on the single env's ``episodes`` held-out rows, given as reset's row queue: each row runs
@@ -162,9 +185,15 @@ def bench_batched(args: argparse.Namespace) -> dict[str, Any]:
         _, _, terminated, truncated, _ = vec.step(actions)
         finished += int(np.sum(terminated | truncated))
     wall = time.perf_counter() - t0
+    from envs.model import load_model
+
+    env = vec.envs[0]
+    sdpa, _ = load_model(args.model, dtype=env.model.dtype, device=env.model.device, attn_implementation="sdpa")
+    prompts = [env.episode_inputs(row)[1] for row in rows[1 : n + 1]]
+    gain = bare_batching_gain(sdpa, prompts, env.config.interval) if len(prompts) == n else None
     vec.close()
     return {"episodes": finished, "seconds": wall, "episodes_per_s": finished / wall,
-            "num_envs": n, "threads": torch.get_num_threads()}
+            "num_envs": n, "threads": torch.get_num_threads(), "bare_batching": gain}
 
 
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
@@ -182,6 +211,10 @@ def format_table(results: dict[str, dict[str, Any]], n: int) -> str:
         lines.append(f"{labels[name]:<24} {r['episodes']:>8} {r['episodes_per_s']:>11.3f} {ratio} {r['threads']:>8}")
     if "single" in results:
         lines.append(f"\nwhole env / bare SDPA forward (single env): {results['single']['whole_env_over_bare_sdpa']:.2f}x")
+    gain = results.get("batched", {}).get("bare_batching")
+    if gain:
+        lines.append(f"bare SDPA forward, {gain['rows']} rows in one batch / one at a time ({gain['blocks']} blocks each): "
+                     f"{gain['gain']:.2f}x (the ceiling of the batched env's gain on this machine)")
     if "ray" in results:
         lines.append(f"Ray startup (Ray, actors, models, first episodes): {results['ray']['startup_seconds']:.1f} s")
     return "\n".join(lines)

@@ -24,6 +24,11 @@ Records are keyed by the policy's canonical name (``agents.registry.canonical_na
 policy (``oracle``, ``oracle:k4v2``: evaluation only, it searches with each item's own passes) plans
 each item's actions, which are then replayed like any schedule; its ``ms`` includes the planning.
 ``static:<schedule.json>`` is a static schedule from ``experiments.search_static``.
+
+Several comparisons can share one ``records.jsonl`` (one per budget, or a second round on another
+menu): ``name`` writes ``summary_<name>.json`` and ``config_<name>.yaml`` instead of overwriting
+``summary.json``, and ``recorded`` lists policies that are only read from the records (never run, so
+they need not fit this env) and are summarised and paired beside the ones that run.
 """
 
 from __future__ import annotations
@@ -59,7 +64,15 @@ class EvaluateConfig:
     # for a costly policy (the oracle); paired differences then use the items both policies ran
     policy_items: dict[str, int] = field(default_factory=dict)
     out_dir: str = "runs/evaluate"
+    # a name for this comparison: its config and summary are written as config_<name>.yaml and
+    # summary_<name>.json, so several comparisons (one per budget, say) share one records.jsonl and
+    # its paired items without overwriting each other's summary; None: config.yaml and summary.json
+    name: str | None = None
     resume: bool = True  # skip (policy, row) pairs already in records.jsonl
+    # policies only read from records.jsonl, never run here: summarised beside the run ones and usable as
+    # references (e.g. another comparison's rows on the same items, from an env with another menu); their
+    # items are those of `items` (and `policy_items`) that they have records for
+    recorded: list[str] = field(default_factory=list)
     # paired differences against these policies (their names, as records and the report spell them)
     references: tuple[str, ...] = ("fp16", "fixed:4")
     # Resuming on a machine whose fingerprint differs from the existing records' is refused:
@@ -156,17 +169,20 @@ def _policy_names(cfg: EvaluateConfig) -> list[str]:
     if twice:
         raise ValueError(f"several policies are named {twice} (policies: {list(cfg.policies)}); "
                          "each policy's records need a name of their own")
-    limited = sorted(set(cfg.policy_items) - set(names))
+    limited = sorted(set(cfg.policy_items) - set(names) - set(cfg.recorded))
     if limited:
         raise ValueError(f"policy_items names {limited}, which no evaluated policy is named; the policies are "
                          f"named {names}")
     bad = {name: n for name, n in cfg.policy_items.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
     if bad:
         raise ValueError(f"policy_items must map policy names to item counts >= 1, got {bad}")
-    unknown = [ref for ref in cfg.references if ref not in names]
+    both = sorted(set(names) & set(cfg.recorded))
+    if both:
+        raise ValueError(f"{both} are both run (policies) and only read (recorded); name each in one list")
+    unknown = [ref for ref in cfg.references if ref not in names and ref not in cfg.recorded]
     if unknown:
-        raise ValueError(f"references {unknown} name no evaluated policy; the policies are named {names} "
-                         "(set references to some of these, or add the policy)")
+        raise ValueError(f"references {unknown} name no evaluated policy; the policies are named "
+                         f"{names + list(cfg.recorded)} (set references to some of these, or add the policy)")
     return names
 
 
@@ -254,12 +270,13 @@ def run(cfg: EvaluateConfig) -> dict:
         raise ValueError(f"backend must be 'sequential' or 'ray', got {cfg.backend!r}")
     if not 0 <= cfg.shard < cfg.shards:
         raise ValueError(f"shard must be in [0, shards), got shard={cfg.shard} shards={cfg.shards}")
+    _named("summary.json", cfg.name)  # a bad name fails before any model is loaded
     names = _policy_names(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    save_config(cfg, out / _named("config.yaml", cfg.name))
     env = KVPrecisionEnv(_eval_env_config(cfg))
     records_path, fingerprints_path = out / "records.jsonl", out / "fingerprints.json"
     try:
@@ -296,16 +313,35 @@ def run(cfg: EvaluateConfig) -> dict:
             print(f"evaluate: shard {cfg.shard}/{cfg.shards} done; {missing} episodes of other shards still to come. "
                   "The last shard to finish (or the same command without shards) writes the summary.")
             return {"records": str(records_path), "summary": None, "policies": None}
-    records = [r for r in records if r["policy"] in runners and r["row"] in wanted[r["policy"]]]
+    wanted |= _wanted_rows(cfg, rows, list(cfg.recorded))
+    records = [r for r in records if r["policy"] in wanted and r["row"] in wanted[r["policy"]]]
+    absent = sorted(set(cfg.recorded) - {r["policy"] for r in records})
+    if absent:
+        raise ValueError(f"recorded policies {absent} have no records among these items in {records_path}")
     policies = summarize_all(records, references=cfg.references)
     known = _load_fingerprints(fingerprints_path)
     fingerprints = {fp: {"records": n, "fingerprint": known.get(fp)} for fp, n in fingerprint_counts(records).items()}
     references = list(cfg.references)
-    summary_path = write_json(out / "summary.json", {"config": _plain(cfg), "references": references,
-                                                     "fingerprints": fingerprints, "policies": policies})
+    summary_path = write_json(summary_file(cfg), {"config": _plain(cfg), "references": references,
+                                              "fingerprints": fingerprints, "policies": policies})
     _log_wandb(cfg, policies, out)
     return {"records": str(records_path), "summary": str(summary_path), "policies": policies,
             "references": references, "fingerprints": fingerprints}
+
+
+def summary_file(cfg: EvaluateConfig) -> Path:
+    """Where :func:`run` writes the summary: ``<out_dir>/summary.json``, or ``summary_<name>.json``."""
+    return Path(cfg.out_dir) / _named("summary.json", cfg.name)
+
+
+def _named(filename: str, name: str | None) -> str:
+    """``summary.json`` -> ``summary_<name>.json`` (the same file without a name)."""
+    if name is None:
+        return filename
+    if not name or "/" in name or name.strip() != name:
+        raise ValueError(f"an evaluation name must be a non-empty file-name part without '/', got {name!r}")
+    stem, dot, suffix = filename.rpartition(".")
+    return f"{stem}_{name}{dot}{suffix}"
 
 
 def _plain(cfg: EvaluateConfig) -> dict:

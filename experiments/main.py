@@ -228,7 +228,7 @@ def run(cfg: MainConfig) -> dict[str, str]:
               f"{len(found['rows'])} pool items, max avg bits {found['max_avg_bits']:.3f}")
     paths["schedule"] = str(schedule)
 
-    summary = Path(cfg.evaluate.out_dir) / "summary.json"
+    summary = evaluate.summary_file(cfg.evaluate)
     if "evaluate" in cfg.stages:  # always called: it resumes by itself and skips finished episodes
         print(f"[main] evaluate ({time.perf_counter() - started:.0f} s into the job)")
         evaluate.run(cfg.evaluate)

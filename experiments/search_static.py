@@ -33,6 +33,10 @@ gives the same schedule. Noise: per-item damage at low bits is chaotic across ma
 min-max quantizer amplifies last-bit float differences), so the search averages over many items
 and accepts only changes that improve that mean; more ``episodes`` make the fit steadier.
 
+Cost: a schedule the budget cannot hold on a row (``envs.budget.plan_fits``: the env's own mask walked
+over the plan) is infeasible without running that row's episode; at a tight budget most single moves
+are, so the search runs a fraction of the episodes it tries.
+
 Writes ``out`` (the schedule JSON, with the budget, the rows, the start and the whole search log) and
 prints the objective before and after. Evaluate it with the policy spec ``static:<out>``.
 """
@@ -50,6 +54,7 @@ from tqdm.auto import tqdm
 
 from agents.rollout import rollout
 from agents.static import StaticSchedulePolicy
+from envs.budget import block_bit_sum, plan_fits
 from envs.episodes import episode_set
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
 from envs.settings import mean_bits, setting_name, settings_by_cost
@@ -82,7 +87,8 @@ class Score:
     feasible: bool  # every episode within the budget and no setting replaced by the env
 
     def as_log(self) -> dict[str, Any]:
-        return {"objective": self.objective, "max_avg_bits": self.max_avg_bits, "feasible": self.feasible}
+        objective = self.objective if math.isfinite(self.objective) else None  # JSON has no NaN
+        return {"objective": objective, "max_avg_bits": self.max_avg_bits, "feasible": self.feasible}
 
 
 class ScheduleScorer:
@@ -95,6 +101,7 @@ class ScheduleScorer:
         self.blocks = {row: math.ceil(len(env.episode_inputs(row)[1]) / interval) for row in self.rows}
         self.cache: dict[tuple[int, str], tuple[float, float, bool]] = {}
         self.episodes_run = 0
+        self.skipped = 0  # schedules' episodes known infeasible from the plan alone, never run
 
     def policy(self, table: np.ndarray) -> StaticSchedulePolicy:
         env = self.env
@@ -115,6 +122,11 @@ class ScheduleScorer:
     def _episode(self, policy: StaticSchedulePolicy, row: int) -> tuple[float, float, bool]:
         actions = policy.actions_for(self.blocks[row])
         key = (row, repr(actions))
+        if key not in self.cache and not self._fits(row, actions):
+            # the env would push a setting back: infeasible without running the model (the objective is
+            # never read for an infeasible schedule); the bits are the plan's nominal average
+            self.cache[key] = (float("nan"), self._nominal_bits(row, actions), True)
+            self.skipped += 1
         if key not in self.cache:
             episode = rollout(self.env, policy, options={"row": row})
             if len(episode.actions) != len(actions):
@@ -129,6 +141,22 @@ class ScheduleScorer:
             if self.bar is not None:
                 self.bar.update()
         return self.cache[key]
+
+    def _spans(self, row: int) -> list[tuple[int, int]]:
+        n, interval = len(self.env.episode_inputs(row)[1]), self.env.config.interval
+        return [(s, min(s + interval, n)) for s in range(0, n, interval)]  # as the env cuts its blocks
+
+    def _fits(self, row: int, actions: list) -> bool:
+        """Whether the env plays ``actions`` as written within the budget (``envs.budget.plan_fits``, the
+        env's own mask walked block by block). Per-group actions are not predicted (True: run them)."""
+        if self.env.layer_groups != 1:
+            return True
+        return plan_fits(self.env.bits, self.budget, self._spans(row), actions, self.env.config.sink_tokens)
+
+    def _nominal_bits(self, row: int, actions: list) -> float:
+        spans = self._spans(row)
+        sinks = self.env.config.sink_tokens
+        return sum(block_bit_sum(self.env.bits[a], s, e, sinks) for (s, e), a in zip(spans, actions)) / spans[-1][1]
 
 
 def search_rows(cfg: SearchStaticConfig, env: KVPrecisionEnv) -> list[int]:
@@ -311,6 +339,7 @@ def run(cfg: SearchStaticConfig) -> dict[str, Any]:
                       "max_avg_bits": start_score.max_avg_bits},
             "passes": passes,
             "episodes_run": scorer.episodes_run,
+            "episodes_skipped": scorer.skipped,  # known over budget from the plan, never run
             "rows": rows,
             "episodes": None if cfg.rows is not None else cfg.episodes,
             "config": config_to_dict(cfg),
@@ -320,7 +349,8 @@ def run(cfg: SearchStaticConfig) -> dict[str, Any]:
     finally:
         env.close()
     return {"out": str(path), "schedule": policy.schedule_names(), "start": policy.meta["start"],
-            "objective": score.objective, "max_avg_bits": score.max_avg_bits, "rows": rows}
+            "objective": score.objective, "max_avg_bits": score.max_avg_bits, "rows": rows,
+            "episodes_run": scorer.episodes_run, "episodes_skipped": scorer.skipped}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "envs"))
 from _passkey_source import SOURCE  # noqa: E402
 
-from agents.evidence import EvidencePolicy, plan_fits, plan_settings  # noqa: E402
+from agents.evidence import EvidencePolicy, plan_settings  # noqa: E402
+from envs.budget import plan_fits  # noqa: E402
 from agents.registry import canonical_name, make_policy  # noqa: E402
 from agents.rollout import Schedule, rollout  # noqa: E402
 from envs.budget import block_bit_sum  # noqa: E402
@@ -132,3 +133,14 @@ def test_a_budget_too_tight_for_every_evidence_block_raises_them_in_order():
     assert plan_settings(menu, 3.0, spans, [1, 3], 0) == [0, 1, 0, 1]
     # nothing fits beyond the cheapest: the plan stays cheapest everywhere
     assert plan_settings(menu, 2.2, spans, [1, 3], 0) == [0, 0, 0, 0]
+
+
+def test_a_tight_budget_leaves_the_cheapest_raise_for_later_evidence_blocks():
+    menu = (2, (3, 2), 4)  # raises cost 5 (K3V2) and 20 (4) bits on a 10-token block
+    spans = [(0, 10), (10, 20), (20, 30), (30, 40)]
+    # budget 2.3: 92 bits, 12 spare: both evidence blocks at K3V2 (10) fit at one setting
+    assert plan_settings(menu, 2.3, spans, [1, 3], 0) == [0, 1, 0, 1]
+    # three evidence blocks, 12 spare: not all three at K3V2 (15); the first two get it, the third nothing
+    assert plan_settings(menu, 2.3, [(0, 10), (10, 20), (20, 30), (30, 40)], [0, 1, 3], 0) == [1, 1, 0, 0]
+    # 22 spare (2.55): all three at K3V2 (15) is the common level, and the spare 7 lifts the other block
+    assert plan_settings(menu, 2.55, spans, [0, 1, 3], 0) == [1, 1, 1, 1]

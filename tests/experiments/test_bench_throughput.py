@@ -35,7 +35,17 @@ def test_batched_row_runs_the_single_envs_rows(tmp_path, capsys):
     results = bench_throughput.main(["--model", "tiny-random-llama", "--episodes", "3", "--num-envs", "2",
                                      "--shots", "0", "--rows", "single", "batched", "--out", str(tmp_path / "b.json")])
     assert results["batched"]["episodes"] == 3 and results["batched"]["episodes_per_s"] > 0  # each row once
-    assert "batched vector env (2)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "batched vector env (2)" in out
+
+
+def test_the_bare_batching_gain_times_the_same_blocks_both_ways(tmp_path, capsys):
+    results = bench_throughput.main(["--model", "tiny-random-llama", "--episodes", "2", "--num-envs", "2", "--shots",
+                                     "0", "--interval", "8", "--rows", "batched", "--out", str(tmp_path / "b.json")])
+    gain = results["batched"]["bare_batching"]
+    assert gain["rows"] == 2 and gain["blocks"] >= 1 and gain["single_seconds"] > 0 and gain["batched_seconds"] > 0
+    assert gain["gain"] == pytest.approx(gain["single_seconds"] / gain["batched_seconds"])
+    assert "2 rows in one batch / one at a time" in capsys.readouterr().out
 
 
 def test_references_are_stored_before_any_runner_is_timed(tmp_path, monkeypatch):

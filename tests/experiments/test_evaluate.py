@@ -239,3 +239,35 @@ def test_policy_items_limit_a_costly_policy_to_the_first_items_and_pair_on_them(
         evaluate.run(_cfg(tmp_path, policy_items={"oracle": 1}))
     with pytest.raises(ValueError, match="policy_items"):
         evaluate.run(_cfg(tmp_path, policy_items={"fp16": 0}))
+
+
+def test_a_named_comparison_writes_its_own_summary_and_shares_the_records(tmp_path):
+    evaluate.run(_cfg(tmp_path, name="b2"))
+    out = tmp_path / "eval"
+    assert (out / "summary_b2.json").exists() and (out / "config_b2.yaml").exists()
+    assert not (out / "summary.json").exists()
+    assert evaluate.summary_file(_cfg(tmp_path, name="b2")) == out / "summary_b2.json"
+    n = len(_records(tmp_path))
+    evaluate.run(_cfg(tmp_path, name="b4", policies=["fp16", "fixed:4"], references=["fp16"]))
+    assert len(_records(tmp_path)) == n  # every episode was already recorded by the first comparison
+    assert set(json.loads((out / "summary_b4.json").read_text())["policies"]) == {"fp16", "fixed:4"}
+    assert set(json.loads((out / "summary_b2.json").read_text())["policies"]) == {"fp16", "fixed:2", "fixed:4"}
+    with pytest.raises(ValueError, match="file-name part"):
+        evaluate.run(_cfg(tmp_path, name="a/b"))
+
+
+def test_recorded_policies_are_summarised_and_paired_without_running(tmp_path):
+    evaluate.run(_cfg(tmp_path, policies=["fp16", "fixed:2"], references=["fp16"]))
+    n = len(_records(tmp_path))
+    # another menu: fixed:2 is no longer runnable here, but its records still pair on the same items
+    env = EnvConfig(model="tiny-random-llama", shots=0, interval=16, group_size=16, eval_size=20, split="eval",
+                    bits=[4, 8, 16])
+    result = evaluate.run(_cfg(tmp_path, env=env, policies=["fp16", "fixed:4"], recorded=["fixed:2"],
+                               references=["fixed:2"], name="other"))
+    assert len(_records(tmp_path)) == n + 3  # only fixed:4 ran
+    assert set(result["policies"]) == {"fp16", "fixed:4", "fixed:2"}
+    assert result["policies"]["fixed:4"]["paired"]["fixed:2"]["items"] == 3
+    with pytest.raises(ValueError, match="both run"):
+        evaluate.run(_cfg(tmp_path, recorded=["fixed:2"]))
+    with pytest.raises(ValueError, match="no records"):
+        evaluate.run(_cfg(tmp_path, policies=["fp16"], recorded=["fixed:8"], references=["fp16"]))

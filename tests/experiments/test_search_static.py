@@ -84,3 +84,16 @@ def test_mixed_start_fills_the_budget_and_swaps_run(tmp_path):
     assert again["schedule"] == result["schedule"]
     with pytest.raises(ValueError, match="start must be"):
         search_static.run(_cfg(tmp_path, "x.json", env=env, start="random"))
+
+
+def test_schedules_the_plan_shows_over_budget_are_not_run_and_the_search_is_unchanged(tmp_path, monkeypatch):
+    env = EnvConfig(model="tiny-random-llama", shots=0, interval=16, group_size=16, eval_size=20, split="train",
+                    bits=(2, (4, 2), 4, 8), sink_tokens=4, bit_budget=BUDGET)
+    fast = search_static.run(_cfg(tmp_path, "f.json", env=env, bins=4, max_passes=1))
+    assert fast["episodes_skipped"] > 0
+    monkeypatch.setattr(search_static.ScheduleScorer, "_fits", lambda self, row, actions: True)  # run them all
+    slow = search_static.run(_cfg(tmp_path, "s.json", env=env, bins=4, max_passes=1))
+    assert slow["episodes_skipped"] == 0 and slow["episodes_run"] == fast["episodes_run"] + fast["episodes_skipped"]
+    assert (fast["schedule"], fast["objective"], fast["start"]) == (slow["schedule"], slow["objective"], slow["start"])
+    feasible = lambda path: [e["feasible"] for e in json.loads(path.read_text())["log"]]  # noqa: E731
+    assert feasible(tmp_path / "f.json") == feasible(tmp_path / "s.json")  # the same verdict on every schedule
