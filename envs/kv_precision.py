@@ -243,6 +243,11 @@ class _Reference:
     pred_norm: int
 
 
+def cut_blocks(length: int, interval: int) -> list[tuple[int, int]]:
+    """``[start, end)`` token blocks of a prompt of ``length`` tokens: ``interval`` each, the last shorter."""
+    return [(s, min(s + interval, length)) for s in range(0, length, interval)]
+
+
 class KVPrecisionEnv(gym.Env):
     """Gymnasium env over real quantized decoding of a task's prompts (see module docstring)."""
 
@@ -375,8 +380,7 @@ class KVPrecisionEnv(gym.Env):
             prompt_ids, endings, n_shots, context = self._tokenize(item, shots)
         reference = self._reference(prompt_ids, endings, item)
         self.timings = {"reference_ms": 1000 * (time.perf_counter() - t0)}
-        interval = self.config.interval
-        blocks = [(s, min(s + interval, len(prompt_ids))) for s in range(0, len(prompt_ids), interval)]
+        blocks = cut_blocks(len(prompt_ids), self.config.interval)
         if self.config.bit_budget is not None:
             check_reachable(
                 self.config.bit_budget, self.bits, len(prompt_ids), self.config.sink_tokens, f"row {item.row}"

@@ -56,7 +56,7 @@ from agents.rollout import rollout
 from agents.static import StaticSchedulePolicy
 from envs.budget import block_bit_sum, plan_fits
 from envs.episodes import episode_set
-from envs.kv_precision import EnvConfig, KVPrecisionEnv
+from envs.kv_precision import EnvConfig, KVPrecisionEnv, cut_blocks
 from envs.settings import mean_bits, setting_name, settings_by_cost
 from experiments.config import config_to_dict, parse_config
 
@@ -98,7 +98,9 @@ class ScheduleScorer:
     def __init__(self, env: KVPrecisionEnv, rows: Sequence[int], budget: float, bar: tqdm | None = None):
         self.env, self.rows, self.budget, self.bar = env, list(rows), float(budget), bar
         interval = env.config.interval
-        self.blocks = {row: math.ceil(len(env.episode_inputs(row)[1]) / interval) for row in self.rows}
+        #: each row's blocks, cut as the env cuts them (the plan check reads them; the episode cache keys on the count)
+        self.spans = {row: cut_blocks(len(env.episode_inputs(row)[1]), interval) for row in self.rows}
+        self.blocks = {row: len(spans) for row, spans in self.spans.items()}
         self.cache: dict[tuple[int, str], tuple[float, float, bool]] = {}
         self.episodes_run = 0
         self.skipped = 0  # schedules' episodes known infeasible from the plan alone, never run
@@ -142,19 +144,15 @@ class ScheduleScorer:
                 self.bar.update()
         return self.cache[key]
 
-    def _spans(self, row: int) -> list[tuple[int, int]]:
-        n, interval = len(self.env.episode_inputs(row)[1]), self.env.config.interval
-        return [(s, min(s + interval, n)) for s in range(0, n, interval)]  # as the env cuts its blocks
-
     def _fits(self, row: int, actions: list) -> bool:
         """Whether the env plays ``actions`` as written within the budget (``envs.budget.plan_fits``, the
         env's own mask walked block by block). Per-group actions are not predicted (True: run them)."""
         if self.env.layer_groups != 1:
             return True
-        return plan_fits(self.env.bits, self.budget, self._spans(row), actions, self.env.config.sink_tokens)
+        return plan_fits(self.env.bits, self.budget, self.spans[row], actions, self.env.config.sink_tokens)
 
     def _nominal_bits(self, row: int, actions: list) -> float:
-        spans = self._spans(row)
+        spans = self.spans[row]
         sinks = self.env.config.sink_tokens
         return sum(block_bit_sum(self.env.bits[a], s, e, sinks) for (s, e), a in zip(spans, actions)) / spans[-1][1]
 
