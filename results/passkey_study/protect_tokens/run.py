@@ -8,15 +8,17 @@ Average bits count 16 for a protected token. Variants:
 - ``2+s4``: nothing protected (must equal the env's fixed:2+s4: a check of this script)
 - ``needle-tokens@B``: only the needle sentences' tokens at B bits (privileged: the generator's evidence)
 - ``needle-blocks@B``: the needle blocks whole at B bits
+- ``learned-tokens@B``: the tokens the learned selector picks (selector.py, fitted on other pool items) at B bits
 - ``digits@B``: every token that holds a digit at B bits (a content rule, but one written for this task)
 - ``surprise-top{k}@B``: per block, the k tokens the model found least likely (-log p of the token given
   the prefix, from the block's own logits) at B bits: a content signal any policy can compute as it streams
 
-Run from the repository root: ``python results/passkey_study/protect_tokens/run.py SHARD SHARDS [ITEMS [VARIANT,...]]``.
+Run from the repository root: ``python results/passkey_study/protect_tokens/run.py SHARD SHARDS [ITEMS [VARIANT,...|all [SPLIT]]]``.
 """
 import json
 import sys
 
+import numpy as np
 import torch
 
 from envs.cache_kwarg import with_cache
@@ -26,15 +28,24 @@ from envs.scoring import continuation_logprobs
 from quant.kv_cache import KEY_AXIS, VALUE_AXIS, MixedPrecisionKVCache, _Segment
 from quant.uniform import quantize
 
+sys.path.insert(0, "results/passkey_study/protect_tokens")
+from selector import token_features  # noqa: E402
+
 torch.set_num_threads(1)
 shard, shards = int(sys.argv[1]), int(sys.argv[2])
 items = int(sys.argv[3]) if len(sys.argv) > 3 else 24
-only = sys.argv[4].split(",") if len(sys.argv) > 4 else None  # a comma list of variant names; default all
+only = sys.argv[4].split(",") if len(sys.argv) > 4 and sys.argv[4] != "all" else None  # comma list; default all
+split = sys.argv[5] if len(sys.argv) > 5 else "train"  # "eval": held-out items (only to evaluate, never to choose)
 SINKS, LOW = 4, 2
-env = KVPrecisionEnv(model="embedded", task="passkey", split="train", eval_size=1000, interval=64,
+env = KVPrecisionEnv(model="embedded", task="passkey", split=split, eval_size=1000, interval=64,
                      bits=[2, 16], sink_tokens=SINKS, features=["digits"], reference_store=True)
 model = env.model
-out = open(f"results/passkey_study/protect_tokens/records_{shard}.jsonl", "a")
+path = f"results/passkey_study/protect_tokens/records_{'' if split == 'train' else split + '_'}{shard}.jsonl"
+try:  # resume: (variant, row) pairs already recorded are not run again
+    done = {(r["policy"], r["row"]) for r in map(json.loads, open(path))}
+except FileNotFoundError:
+    done = set()
+out = open(path, "a")
 
 
 def commit_runs(cache: MixedPrecisionKVCache, start: int, bits: list[int]) -> None:
@@ -85,6 +96,13 @@ def surprise(ids, s, e, logits, prev_last):
     return out
 
 
+def selected_tokens(ids, blocks) -> np.ndarray:
+    """The learned selector's picks (selector.py: fitted on other pool items), for every prompt token."""
+    sel = json.load(open("results/passkey_study/protect_tokens/selector.json"))
+    f = token_features([env.tokenizer.decode([i]) for i in ids], blocks, len(env.tokenizer), ids)
+    return (f - np.array(sel["mean"])) / np.array(sel["std"]) @ np.array(sel["weights"]) + sel["bias"] > sel["threshold"]
+
+
 for item in env.items[:items][shard::shards]:
     env.reset(options={"row": item.row})
     ep = env._episode
@@ -96,6 +114,7 @@ for item in env.items[:items][shard::shards]:
     needle_blk = {i for i, (s, e) in enumerate(blocks) if any(s <= t < e for t in needle_tok)}
 
     state = {"prev": None}
+    learned = selected_tokens(ids, blocks)
 
     def surprise_top(k, high):
         def choose(b, s, e, logits):
@@ -117,10 +136,14 @@ for item in env.items[:items][shard::shards]:
         "surprise-top8@4": surprise_top(8, 4),
         "digits@8": lambda b, s, e, lg: [8 if any(c.isdigit() for c in env.tokenizer.decode([ids[t]])) else LOW
                                          for t in range(s, e)],
+        "learned-tokens@3": lambda b, s, e, lg: [3 if learned[t] else LOW for t in range(s, e)],
+        "learned-tokens@4": lambda b, s, e, lg: [4 if learned[t] else LOW for t in range(s, e)],
     }
     if only:
         variants = {k: variants[k] for k in only}
     for name, fn in variants.items():
+        if (name, item.row) in done:
+            continue
         state["prev"] = None
         scores, avg_bits = episode(ids, blocks, endings, fn)
         rec = {"policy": name, "row": item.row, "tokens": len(ids), "needle_tokens": len(needle_tok),

@@ -11,18 +11,6 @@ import numpy as np
 from scipy import stats
 
 HERE = "results/passkey_study/protect_tokens"
-by: dict[str, dict[int, dict]] = collections.defaultdict(dict)
-for path in sorted(glob.glob(f"{HERE}/records_*.jsonl")):
-    for line in open(path):
-        r = json.loads(line)
-        by[r["policy"]][r["row"]] = r
-rows = sorted(set.intersection(*(set(v) for v in by.values())))
-k3v2 = {}
-for line in open("results/passkey_study/pool_fixed/records.jsonl"):
-    r = json.loads(line)
-    if r["policy"] == "fixed:k3v2":
-        k3v2[r["row"]] = {**r, "correct": r["correct_norm"]}
-both = [r for r in rows if r in k3v2]  # pool_fixed ran the first 24 pool items
 
 
 def ci(x: np.ndarray, fmt: str) -> str:
@@ -36,13 +24,31 @@ def column(records: dict[int, dict], key: str, on: list[int]) -> np.ndarray:
     return np.array([records[r][key] for r in on], dtype=float)
 
 
-print(f"{len(rows)} pool items; the K3V2 columns on the first {len(both)} (pool_fixed's)\n")
-print("| variant | avg bits | acc | Δ log-lik vs fp16 | Δ log-lik vs 2+s4 | Δ log-lik vs K3V2 | Δacc vs K3V2 |")
-print("|---|---|---|---|---|---|---|")
-for name, records in [*by.items(), ("fixed:k3v2 (pool_fixed)", k3v2)]:
-    on = both if records is k3v2 else rows
-    ll = column(records, "loglik_delta", on)
-    print(f"| {name} | {column(records, 'avg_bits', on).mean():.2f} | {column(records, 'correct', on).mean():.3f} | "
-          f"{ll.mean():+.2f} | {ci(ll - column(by['2+s4'], 'loglik_delta', on), '+.2f')} | "
-          f"{ci(column(records, 'loglik_delta', both) - column(k3v2, 'loglik_delta', both), '+.2f')} | "
-          f"{ci(column(records, 'correct', both) - column(k3v2, 'correct', both), '+.3f')} |")
+def main() -> None:
+    by: dict[str, dict[int, dict]] = collections.defaultdict(dict)
+    for path in sorted(glob.glob(f"{HERE}/records_[0-9]*.jsonl")):
+        for line in open(path):
+            r = json.loads(line)
+            by[r["policy"]][r["row"]] = r
+    rows = sorted(set.intersection(*(set(v) for v in by.values())))
+    k3v2 = {}
+    for line in open("results/passkey_study/pool_fixed/records.jsonl"):
+        r = json.loads(line)
+        if r["policy"] == "fixed:k3v2":
+            k3v2[r["row"]] = {**r, "correct": r["correct_norm"]}
+    both = [r for r in rows if r in k3v2]  # pool_fixed ran the first 24 pool items
+
+    print(f"{len(rows)} pool items; the K3V2 columns on the first {len(both)} (pool_fixed's)\n")
+    print("| variant | avg bits | acc | Δ log-lik vs fp16 | Δ log-lik vs 2+s4 | Δ log-lik vs K3V2 | Δacc vs K3V2 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, records in [*by.items(), ("fixed:k3v2 (pool_fixed)", k3v2)]:
+        on = both if records is k3v2 else rows
+        ll = column(records, "loglik_delta", on)
+        print(f"| {name} | {column(records, 'avg_bits', on).mean():.2f} | {column(records, 'correct', on).mean():.3f} | "
+              f"{ll.mean():+.2f} | {ci(ll - column(by['2+s4'], 'loglik_delta', on), '+.2f')} | "
+              f"{ci(column(records, 'loglik_delta', both) - column(k3v2, 'loglik_delta', both), '+.2f')} | "
+              f"{ci(column(records, 'correct', both) - column(k3v2, 'correct', both), '+.3f')} |")
+
+
+if __name__ == "__main__":
+    main()
