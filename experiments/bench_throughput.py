@@ -157,7 +157,7 @@ def bare_batching_gain(model, prompts: Sequence[Sequence[int]], interval: int) -
     single_ms = batched_ms = 0.0
     for b in range(blocks):
         part = [list(p[b * interval : (b + 1) * interval]) for p in prompts]
-        single_ms += sum(bare_forward_ms(model, cache, ids) for cache, ids in zip(singles, part))
+        single_ms += sum(bare_forward_ms(model, cache, ids) for cache, ids in zip(singles, part, strict=True))
         batched_ms += bare_forward_ms(model, batch, part)
     return {"rows": len(prompts), "blocks": blocks, "single_seconds": single_ms / 1000,
             "batched_seconds": batched_ms / 1000, "gain": single_ms / batched_ms}

@@ -154,7 +154,7 @@ class ScheduleScorer:
     def _nominal_bits(self, row: int, actions: list) -> float:
         spans = self.spans[row]
         sinks = self.env.config.sink_tokens
-        return sum(block_bit_sum(self.env.bits[a], s, e, sinks) for (s, e), a in zip(spans, actions)) / spans[-1][1]
+        return sum(block_bit_sum(self.env.bits[a], s, e, sinks) for (s, e), a in zip(spans, actions, strict=True)) / spans[-1][1]
 
 
 def search_rows(cfg: SearchStaticConfig, env: KVPrecisionEnv) -> list[int]:

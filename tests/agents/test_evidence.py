@@ -12,10 +12,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "envs"))
 from _passkey_source import SOURCE  # noqa: E402
 
 from agents.evidence import EvidencePolicy, plan_settings  # noqa: E402
-from envs.budget import plan_fits  # noqa: E402
 from agents.registry import canonical_name, make_policy  # noqa: E402
 from agents.rollout import Schedule, rollout  # noqa: E402
-from envs.budget import block_bit_sum  # noqa: E402
+from envs.budget import (
+    block_bit_sum,  # noqa: E402
+    plan_fits,  # noqa: E402
+)
 from envs.kv_precision import KVPrecisionEnv  # noqa: E402
 from envs.settings import mean_bits, settings_by_cost  # noqa: E402
 
