@@ -62,6 +62,8 @@ class Policy(ABC):
         self.bits: tuple[Setting, ...] = menu
         #: settings per action: 1 (Discrete), or the env's ``layer_groups`` (see :meth:`set_layer_groups`)
         self.layer_groups: int = 1
+        #: token slots of a per-token action (the env's ``interval`` when it has ``protect_bits``, else 0)
+        self.protect_slots: int = 0
 
     # ----------------------------------------------------------------------------------------- helpers
     def column(self, name: str) -> int:
@@ -108,11 +110,43 @@ class Policy(ABC):
             )
         self.layer_groups = int(groups)
 
+    def set_protect_slots(self, slots: int) -> None:
+        """Act for an env with ``protect_bits`` (issue 15): each action is the block's setting, then one 0/1
+        mark per token slot. A policy whose :meth:`act` gives settings only marks nothing (it acts as on an
+        env without per-token choice); one that marks tokens returns ``[n, 1 + slots]`` from :meth:`act`."""
+        if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 0:
+            raise ValueError(f"protect slots must be an integer >= 0, got {slots!r}")
+        if slots and self.layer_groups != 1:
+            raise ValueError("per-token marks need layer_groups 1 (the env refuses protect_bits with layer groups)")
+        self.protect_slots = int(slots)
+
+    def apply_masks(self, actions: np.ndarray, action_masks: Any) -> np.ndarray:
+        """``actions`` pushed under the env's ``action_masks`` as the env itself would (``envs.budget``).
+
+        With per-token marks the settings' part of each mask rules the setting, and a mark on a slot the
+        mask does not allow marking (past the block's end) is cleared."""
+        if not self.protect_slots:
+            return masked_actions(self.bits, actions, action_masks)
+        acts = np.array(actions, dtype=np.int64)
+        rows = acts.reshape(-1, 1 + self.protect_slots)
+        masks = np.asarray(action_masks, dtype=bool).reshape(len(rows), -1)
+        n_menu = len(self.bits)
+        if masks.shape[1] != n_menu + 2 * self.protect_slots:
+            raise ValueError(
+                f"action_masks have {masks.shape[1]} entries per row; per-token actions over a menu of {n_menu} "
+                f"settings and {self.protect_slots} slots need {n_menu + 2 * self.protect_slots}"
+            )
+        rows[:, 0] = masked_actions(self.bits, rows[:, 0], masks[:, :n_menu])
+        may_mark = masks[:, n_menu:].reshape(len(rows), self.protect_slots, 2)[:, :, 1]
+        rows[:, 1:] *= may_mark
+        return rows.reshape(acts.shape)
+
     # ----------------------------------------------------------------------------------- the interface
     @abstractmethod
     def act(self, obs2d: np.ndarray, deterministic: bool = True) -> np.ndarray:
         """Actions (int64 indices into ``bits``) for a 2-D batch of observations: 1-D, one per observation
-        (with layer groups :meth:`predict` gives it to every group), or ``[n, layer_groups]``."""
+        (with layer groups :meth:`predict` gives it to every group), or ``[n, layer_groups]``; with per-token
+        marks (:meth:`set_protect_slots`) a policy that marks tokens gives ``[n, 1 + protect_slots]``."""
 
     def predict(
         self,
@@ -139,13 +173,16 @@ class Policy(ABC):
             )
         single = arr.ndim == 1
         actions = np.asarray(self.act(arr[None, :] if single else arr, deterministic=deterministic)).astype(np.int64)
-        if self.layer_groups == 1:
+        if self.protect_slots:
+            if actions.ndim == 1:  # settings only: no token marked
+                actions = np.concatenate([actions[:, None], np.zeros((len(actions), self.protect_slots), np.int64)], 1)
+        elif self.layer_groups == 1:
             actions = actions.reshape(-1)
         elif actions.ndim == 1:  # one choice per block: every layer group gets it
             actions = np.repeat(actions[:, None], self.layer_groups, axis=1)
         actions = actions[0] if single else actions
         if action_masks is not None:
-            actions = masked_actions(self.bits, actions, action_masks)
+            actions = self.apply_masks(actions, action_masks)
         return actions, state
 
     def __repr__(self) -> str:

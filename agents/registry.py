@@ -19,6 +19,8 @@ A spec is ``[alias=]what``, where ``what`` is one of::
     evidence              privileged evidence teacher: the answer's blocks
                           precise, the rest of the budget from the end    name "evidence"
     evidence:8            ... evidence blocks at most at 8 bits           name "evidence:8"
+    select:selector.json  TokenSelectPolicy: marks tokens to keep at the
+                          env's protect_bits (experiments.train_selector) name "select"
     runs/x/mlp.pt         a bare file: its kind is read from what the file is (mlp, sb3 or rule)
     pkg.module:Class      a plug-in class imported from a dotted path (``pkg.module:Class:arg``)
     my_policies:Class     ... also from a top-level module on ``sys.path`` (one file)
@@ -237,6 +239,8 @@ def make_policy(
     groups = layer_groups if layer_groups is not None else getattr(unwrapped, "layer_groups", 1)
     if groups != 1:
         policy.set_layer_groups(groups)
+    if getattr(unwrapped, "protect_bits", None) is not None:  # per-token marks (EnvConfig.protect_bits)
+        policy.set_protect_slots(unwrapped.config.interval)
     return policy
 
 
@@ -343,3 +347,10 @@ def _evidence(arg, observation_names, bits, env) -> Policy:
     from agents.evidence import EvidencePolicy
 
     return EvidencePolicy(observation_names, bits, evidence_setting=arg or None)
+
+
+@register_policy("select", name=lambda arg: "select")
+def _select(arg, observation_names, bits, env) -> Policy:
+    from agents.token_select import TokenSelectPolicy
+
+    return TokenSelectPolicy(observation_names, bits, _need(arg, "select", "select:runs/train_selector/selector.json"))

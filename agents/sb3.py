@@ -17,7 +17,6 @@ import gymnasium as gym
 import numpy as np
 
 from agents.base import Policy
-from envs.budget import masked_actions
 
 DEFAULT_ALGO = "PPO"
 
@@ -137,7 +136,9 @@ class SB3Policy(Policy):
             bits or list(range(1, n_act + 1)),
         )
         self.name = self.algo.lower()
-        if isinstance(action_space, gym.spaces.MultiDiscrete):
+        if getattr(unwrapped, "protect_bits", None) is not None:  # per-token marks: setting + one 0/1 per slot
+            self.protect_slots = len(action_space.nvec) - 1
+        elif isinstance(action_space, gym.spaces.MultiDiscrete):
             self.layer_groups = len(action_space.nvec)
 
     def _check_spaces(self, expected: tuple[gym.Space, gym.Space] | None) -> None:
@@ -153,6 +154,14 @@ class SB3Policy(Policy):
                     f"{_describe(env_space)}; the agent was trained on a different env config "
                     "(observation features or bits) — retrain it or evaluate with that config"
                 )
+
+    def set_protect_slots(self, slots: int) -> None:
+        """The saved agent's action space fixes its slots (set from the env when it has ``protect_bits``)."""
+        if slots != self.protect_slots:
+            raise ValueError(
+                f"{self.path} acts with {self.protect_slots} token slots but the env has {slots}; retrain it or "
+                "evaluate with that config"
+            )
 
     def set_layer_groups(self, groups: int) -> None:
         """The saved agent's action space fixes its layer groups: ``MultiDiscrete`` of G, or 1 for ``Discrete``."""
@@ -193,5 +202,5 @@ class SB3Policy(Policy):
             )
         actions, state = self.model.predict(obs, state=state, episode_start=episode_start, deterministic=deterministic)
         if action_masks is not None:
-            actions = masked_actions(self.bits, actions, action_masks)
+            actions = self.apply_masks(actions, action_masks)
         return actions, state

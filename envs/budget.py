@@ -42,6 +42,7 @@ __all__ = [
     "masked_actions",
     "min_average_bits",
     "plan_fits",
+    "protect_allowance",
     "sink_count",
 ]
 
@@ -79,10 +80,46 @@ def sink_count(start: int, end: int, sink_tokens: int) -> int:
     return max(0, min(end, sink_tokens) - start)
 
 
-def block_bit_sum(setting: Setting, start: int, end: int, sink_tokens: int) -> float:
-    """Nominal bits of the tokens ``[start, end)`` committed at ``setting`` (sink tokens at 16)."""
+def block_bit_sum(
+    setting: Setting, start: int, end: int, sink_tokens: int, protected: int = 0, protect_setting: Setting = FULL_BITS
+) -> float:
+    """Nominal bits of the tokens ``[start, end)`` committed at ``setting`` (sink tokens at 16), of which
+    ``protected`` tokens (none of them sinks) are kept at ``protect_setting`` instead (the env's per-token choice)."""
     sinks = sink_count(start, end, sink_tokens)
-    return FULL_BITS * sinks + mean_bits(setting) * (end - start - sinks)
+    if not 0 <= protected <= end - start - sinks:
+        raise ValueError(f"protected must be in [0, {end - start - sinks}] (the block's non-sink tokens), got {protected}")
+    return FULL_BITS * sinks + mean_bits(setting) * (end - start - sinks - protected) + mean_bits(protect_setting) * protected
+
+
+def protect_allowance(
+    menu: Sequence[Setting],
+    budget: float,
+    setting: Setting,
+    protect_setting: Setting,
+    committed_tokens: int,
+    committed_bit_sum: float,
+    pending_tokens: int,
+    tokens_left: int,
+    sink_tokens: int,
+) -> int:
+    """How many of the pending block's non-sink tokens may be kept at ``protect_setting`` when the block is
+    committed at ``setting``, so that the budget stays reachable with the cheapest setting (and nothing
+    protected) for every later block: the per-token counterpart of :func:`feasible_mask`.
+
+    Every non-sink token when protection costs no more than the setting. ``setting`` itself must be
+    feasible (the env asks after :func:`fallback_action`); the answer is then >= 0."""
+    start, end = committed_tokens, committed_tokens + pending_tokens
+    plain = pending_tokens - sink_count(start, end, sink_tokens)
+    extra = mean_bits(protect_setting) - mean_bits(setting)
+    if extra <= 0:
+        return plain
+    total = end + tokens_left
+    cheapest = menu[settings_by_cost(menu)[0]]
+    spent = committed_bit_sum + block_bit_sum(setting, start, end, sink_tokens) + block_bit_sum(
+        cheapest, end, total, sink_tokens
+    )
+    spare = budget * total - spent  # every term a multiple of 1/2: exact
+    return max(0, min(plain, math.floor(spare / extra)))
 
 
 def min_average_bits(menu: Sequence[Setting], prompt_tokens: int, sink_tokens: int) -> float:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["evidence_char_spans", "token_char_spans", "overlapping_blocks"]
+__all__ = ["evidence_char_spans", "token_char_spans", "overlapping_blocks", "overlapping_tokens"]
 
 
 def evidence_char_spans(text: str, evidence: Sequence[str]) -> list[tuple[int, int]]:
@@ -74,6 +74,11 @@ def overlapping_blocks(
     blocks: Sequence[tuple[int, int]], token_spans: Sequence[tuple[int, int]], char_spans: Sequence[tuple[int, int]]
 ) -> list[int]:
     """Indices of the ``[start, end)`` token blocks holding a token whose characters overlap any of
-    ``char_spans`` (a token overlaps a span when they share at least one character)."""
-    hit = [any(ts < ce and cs < te for cs, ce in char_spans) for ts, te in token_spans]
+    ``char_spans`` (see :func:`overlapping_tokens`)."""
+    hit = overlapping_tokens(token_spans, char_spans)
     return [b for b, (start, end) in enumerate(blocks) if any(hit[start:end])]
+
+
+def overlapping_tokens(token_spans: Sequence[tuple[int, int]], char_spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token: whether its characters overlap any of ``char_spans`` (they share at least one character)."""
+    return [any(ts < ce and cs < te for cs, ce in char_spans) for ts, te in token_spans]

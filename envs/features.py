@@ -63,8 +63,30 @@ class TokenVocabulary:
     holds digits that the text does not.
     """
 
-    def __init__(self, digit: torch.Tensor):
+    def __init__(
+        self, digit: torch.Tensor, capital: torch.Tensor | None = None, word_start: torch.Tensor | None = None,
+        punct: torch.Tensor | None = None,
+    ):
         self.digit = digit  # [vocab] bool: the token's decoded text holds a decimal digit
+        # [vocab] bool each (all False when not given): the text's first non-space character is an
+        # upper-case letter; the text starts a word (a leading space or newline); the text is punctuation only
+        self.capital = torch.zeros_like(digit) if capital is None else capital
+        self.word_start = torch.zeros_like(digit) if word_start is None else word_start
+        self.punct = torch.zeros_like(digit) if punct is None else punct
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str]) -> TokenVocabulary:
+        """The facts of a vocabulary whose id ``i`` decodes to ``texts[i]``."""
+
+        def mask(test) -> torch.Tensor:
+            return torch.tensor([bool(test(t)) for t in texts], dtype=torch.bool)
+
+        return cls(
+            digit=mask(lambda t: any(c.isdigit() for c in t)),
+            capital=mask(lambda t: t.strip()[:1].isupper()),
+            word_start=mask(lambda t: t[:1] in (" ", "\n")),
+            punct=mask(lambda t: t.strip() and not any(c.isalnum() for c in t)),
+        )
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> TokenVocabulary:
@@ -77,8 +99,7 @@ class TokenVocabulary:
             cacheable = True
         if cached is not None:
             return cached
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        vocab = cls(torch.tensor([any(c.isdigit() for c in t) for t in texts], dtype=torch.bool))
+        vocab = cls.from_texts(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
         if cacheable:
             _VOCABULARIES[tokenizer] = vocab
         return vocab
@@ -220,7 +241,10 @@ class Feature:
         return [f"{self.name}_{s}" for s in self.summaries] if self.per_token else [self.name]
 
     def observe(self, ctx: BlockContext) -> list[float]:
-        value = self.compute(ctx)
+        return self.summarise(self.compute(ctx))
+
+    def summarise(self, value: torch.Tensor | float) -> list[float]:
+        """The observation entries of a computed value: the summaries of a per-token one, else the value."""
         if not self.per_token:
             return [float(value)]
         value = torch.as_tensor(value, dtype=torch.float32)
@@ -266,6 +290,58 @@ class Digits(Feature):
         if ctx.vocab is None:
             raise RuntimeError("digits needs the tokenizer's vocabulary (BlockContext.vocab)")
         return ctx.vocab.digit[ctx.token_ids.cpu()].float()
+
+
+class _VocabularyMask(Feature):
+    """A per-token 0/1 fact read off the tokenizer's vocabulary (:class:`TokenVocabulary`)."""
+
+    summaries = ("mean",)
+    needs = frozenset({"vocab"})
+    mask_name = ""
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor:
+        if ctx.vocab is None:
+            raise RuntimeError(f"{self.name} needs the tokenizer's vocabulary (BlockContext.vocab)")
+        return getattr(ctx.vocab, self.mask_name)[ctx.token_ids.cpu()].float()
+
+
+@register_feature("capital")
+class Capital(_VocabularyMask):
+    """Whether each token starts with an upper-case letter: names, sentence starts, the labels of a key
+    ("The pass key is"); with ``digits`` what a per-token selector reads (issue 15)."""
+
+    mask_name = "capital"
+    doc = "1 if the token's text starts with an upper-case letter, else 0 (mean: share; 0 .. 1)"
+
+
+@register_feature("word_start")
+class WordStart(_VocabularyMask):
+    """Whether each token starts a word (a leading space or newline): separates a number's first piece
+    from its continuation pieces."""
+
+    mask_name = "word_start"
+    doc = "1 if the token's text starts with a space or newline, else 0 (mean: share; 0 .. 1)"
+
+
+@register_feature("punct")
+class Punctuation(_VocabularyMask):
+    """Whether each token is punctuation only (sentence and clause boundaries)."""
+
+    mask_name = "punct"
+    doc = "1 if the token's text is punctuation only (no letter or digit), else 0 (mean: share; 0 .. 1)"
+
+
+@register_feature("token_rank")
+class TokenRank(Feature):
+    """The token's id on a log scale: BPE ids grow as merges get rarer, so a static rarity that needs no
+    counting (unlike ``rarity``, which depends on what the episode has shown so far)."""
+
+    summaries = ("mean",)
+    doc = "log(1 + token id) / log(vocab size) (0 .. 1)"
+
+    def compute(self, ctx: BlockContext) -> torch.Tensor:
+        vocab = ctx.logits.shape[-1]
+        return torch.log1p(ctx.token_ids.cpu().double()).float() / math.log(max(vocab, 2))
 
 
 @register_feature("novelty")
@@ -499,27 +575,53 @@ DEFAULT_FEATURES: tuple[str, ...] = (
 
 
 class FeatureSet:
-    """The chosen features, in order: builds the observation vector and its names."""
+    """The chosen features, in order: builds the observation vector and its names.
 
-    def __init__(self, names: Sequence[str] = DEFAULT_FEATURES):
+    ``names``: features whose block summaries (or state values) come first. ``token_features``: per-token
+    features also exposed token by token, ``slots`` entries each (``digits@0 .. digits@63``: the value of
+    the block's token ``i``, 0 past the block's end), for a policy that chooses tokens, not only a
+    setting (the env's ``protect_bits``). A feature in both lists is computed once per block."""
+
+    def __init__(self, names: Sequence[str] = DEFAULT_FEATURES, token_features: Sequence[str] = (), slots: int = 0):
         if not names:
             raise ValueError("at least one feature is needed")
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate feature names in {list(names)}")
+        for what, group in (("feature", names), ("token feature", token_features)):
+            if len(set(group)) != len(group):
+                raise ValueError(f"duplicate {what} names in {list(group)}")
+        if token_features and slots < 1:
+            raise ValueError(f"token features need slots >= 1 (tokens per block), got {slots}")
         self.features = [FEATURES.get(n)() for n in names]
+        self.token_features = [FEATURES.get(n)() for n in token_features]
+        flat = [f.name for f in self.token_features if not f.per_token]
+        if flat:
+            raise ValueError(f"token features must be per-token features; {flat} give one value per block")
+        self.slots = slots if token_features else 0
         self.observation_names: tuple[str, ...] = tuple(
             entry for f in self.features for entry in f.observation_names()
-        )
-        self.needs: frozenset[str] = frozenset().union(*(f.needs for f in self.features))
-        self.deterministic = all(f.deterministic for f in self.features)
+        ) + tuple(f"{f.name}@{i}" for f in self.token_features for i in range(self.slots))
+        everything = self.features + self.token_features
+        self.needs: frozenset[str] = frozenset().union(*(f.needs for f in everything))
+        self.deterministic = all(f.deterministic for f in everything)
 
     def __len__(self) -> int:
         return len(self.observation_names)
 
     def observe(self, ctx: BlockContext) -> list[float]:
-        return [v for f in self.features for v in f.observe(ctx)]
+        computed: dict[str, Any] = {}  # once per feature: rarity and novelty count what they see
+
+        def value(f: Feature):
+            if f.name not in computed:
+                computed[f.name] = f.compute(ctx)
+            return computed[f.name]
+
+        out = [v for f in self.features for v in f.summarise(value(f))]
+        for f in self.token_features:
+            per_token = torch.as_tensor(value(f), dtype=torch.float32).reshape(-1)[: self.slots]
+            out.extend(per_token.tolist() + [0.0] * (self.slots - len(per_token)))
+        return out
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Observation-space bounds from each feature's declared range."""
         high = [f.high for f in self.features for _ in f.observation_names()]
+        high += [f.high for f in self.token_features for _ in range(self.slots)]
         return np.zeros(len(high), dtype=np.float32), np.asarray(high, dtype=np.float32)

@@ -42,10 +42,17 @@ import torch
 import yaml
 
 from envs import ENV_ID  # noqa: F401  (re-exported)
-from envs.budget import block_bit_sum, check_budget, check_reachable, fallback_action, feasible_mask
+from envs.budget import (
+    block_bit_sum,
+    check_budget,
+    check_reachable,
+    fallback_action,
+    feasible_mask,
+    protect_allowance,
+)
 from envs.cache_kwarg import with_cache
 from envs.episodes import EpisodeSet, episode_set, parse_episode_set
-from envs.evidence import evidence_char_spans, overlapping_blocks, token_char_spans
+from envs.evidence import evidence_char_spans, overlapping_tokens, token_char_spans
 from envs.features import DEFAULT_FEATURES, FULL_BITS, BlockContext, FeatureSet, TokenVocabulary
 from envs.fingerprint import process_fingerprint_id
 from envs.hellaswag import HellaSwagItem, item_rng, load_hellaswag
@@ -92,7 +99,16 @@ class EnvConfig:
     # action is replaced by the most precise feasible setting below it (info["budget_enforced"]).
     # None: no budget. Needs layer_groups: 1 (per-group masks cannot express a budget on their sum).
     bit_budget: float | None = None
+    # per-token precision (issue 15): the tokens of a block that the action marks are stored at this setting
+    # (an int or a [key_bits, value_bits] pair) instead of the block's, each run of them quantized on its own;
+    # the action becomes MultiDiscrete([len(bits)] + [2] * interval): the block's setting, then one 0/1 per
+    # token of the block (entries past a short block's end are ignored). A budget trims the marks that do not
+    # fit (info["protected_tokens"]). None: one setting per block. Needs layer_groups: 1 and cache: mixed.
+    protect_bits: Setting | None = None
     features: tuple[str, ...] = DEFAULT_FEATURES
+    # per-token features also observed token by token after the block summaries (``digits@0 .. digits@63``,
+    # interval entries each, 0 past the block's end): what a policy marking tokens reads (envs.features)
+    token_features: tuple[str, ...] = ()
     rewards: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_REWARDS))
     weight_quant: str = "none"  # "none", "int8-pertensor", "int8", "int4" (see quant.weights)
     group_size: int = 64  # quantization group of the KV cache
@@ -119,8 +135,11 @@ class EnvConfig:
         if unknown:
             raise ValueError(f"unknown env config key(s) {unknown}; known: {sorted(known)}")
         values = dict(values)
-        if values.get("features") is not None:
-            values["features"] = tuple(values["features"])
+        for key in ("features", "token_features"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        if isinstance(values.get("protect_bits"), list):
+            values["protect_bits"] = tuple(values["protect_bits"])
         if values.get("bits") is not None:  # YAML's [4, 2] -> (4, 2); "k4v2" and [4, 4] -> their canonical form
             values["bits"] = tuple(tuple(b) if isinstance(b, list) else b for b in values["bits"])
         return cls(**values)
@@ -143,6 +162,14 @@ class EnvConfig:
         if self.layer_groups < 1:
             raise ValueError(f"layer_groups must be >= 1 (1: one setting for all layers), got {self.layer_groups}")
         check_cache_bits(self.cache, menu, self.sink_tokens, self.layer_groups)
+        if self.protect_bits is not None:
+            normalize_setting(self.protect_bits)  # ValueError on an unsupported width
+            if self.layer_groups != 1 or self.cache != "mixed":
+                raise ValueError(
+                    f"protect_bits needs layer_groups: 1 and cache: mixed (got layer_groups={self.layer_groups}, "
+                    f"cache={self.cache!r}): per-token precision is a feature of our mixed-precision cache's "
+                    "one-setting commit"
+                )
         check_budget(self.bit_budget, menu, self.layer_groups)
         if self.interval < 1:
             raise ValueError(f"interval must be >= 1, got {self.interval}")
@@ -230,7 +257,9 @@ class _Commit:
     block_tokens: int  # tokens of the block just committed
     terminal: bool
     requested: list[Setting] = field(default_factory=list)  # what the action asked for (before the budget)
-    budget_enforced: bool = False  # the budget replaced the requested setting(s)
+    budget_enforced: bool = False  # the budget replaced the requested setting(s) or dropped marked tokens
+    protected: int = 0  # tokens of the block kept at protect_bits (sinks aside), after the budget
+    requested_protected: int = 0  # tokens the action marked (sinks aside)
 
 
 @dataclass
@@ -283,7 +312,9 @@ class KVPrecisionEnv(gym.Env):
         #: the normalized menu (envs.settings): ints, and (key_bits, value_bits) tuples for unequal halves
         self.bits: tuple[Setting, ...] = normalize_menu(cfg.bits)
         self.layer_groups: int = cfg.layer_groups
-        self.feature_set = FeatureSet(cfg.features)
+        self.feature_set = FeatureSet(cfg.features, cfg.token_features, cfg.interval)
+        #: the setting of the tokens an action marks (EnvConfig.protect_bits), None: no per-token choice
+        self.protect_bits: Setting | None = None if cfg.protect_bits is None else normalize_setting(cfg.protect_bits)
         if cfg.cache != "mixed" and self.feature_set.needs & {"cache", "saliency"}:
             raise ValueError(
                 f"features needing {sorted(self.feature_set.needs & {'cache', 'saliency'})} read our mixed-precision "
@@ -297,7 +328,9 @@ class KVPrecisionEnv(gym.Env):
         low, high = self.feature_set.bounds()
         self.observation_space = gym.spaces.Box(low, high, dtype=np.float32)
         self.timings: dict[str, float] = {}  # wall times of the last step (nondeterministic, so not in info)
-        if cfg.layer_groups == 1:
+        if self.protect_bits is not None:  # the block's setting, then one 0/1 mark per token of the block
+            self.action_space = gym.spaces.MultiDiscrete([len(self.bits)] + [2] * cfg.interval)
+        elif cfg.layer_groups == 1:
             self.action_space = gym.spaces.Discrete(len(self.bits))
         else:
             self.action_space = gym.spaces.MultiDiscrete([len(self.bits)] * cfg.layer_groups)
@@ -484,30 +517,48 @@ class KVPrecisionEnv(gym.Env):
             raise RuntimeError("step() before reset()")
         if ep.done:
             raise RuntimeError("step() after the episode terminated: call reset()")
-        indices = self._check_action(action)
+        indices, marks = self._check_action(action)
         requested = [self.bits[a] for a in indices]
+        start, end = ep.blocks[ep.block_index]
+        sinks = self.config.sink_tokens
+        protect = None if marks is None else [m and start + i >= sinks for i, m in enumerate(marks[: end - start])]
+        asked = 0 if protect is None else sum(protect)
         enforced = False
         if self.config.bit_budget is not None:  # layer_groups is 1 (EnvConfig.validate)
-            allowed = fallback_action(self.bits, indices[0], self.action_masks())
+            allowed = fallback_action(self.bits, indices[0], self.action_masks()[: len(self.bits)])
             enforced = allowed != indices[0]
             indices = [allowed]
+            if asked:
+                keep = protect_allowance(
+                    self.bits, self.config.bit_budget, self.bits[allowed], self.protect_bits, start,
+                    ep.committed_bit_sum, end - start, len(ep.prompt_ids) - end, sinks,
+                )
+                if keep < asked:  # the earliest marks are kept, the later ones dropped
+                    enforced = True
+                    marked = [i for i, m in enumerate(protect) if m]
+                    for i in marked[keep:]:
+                        protect[i] = False
         settings = [self.bits[a] for a in indices]
+        protected = 0 if protect is None else sum(protect)
         t0 = time.perf_counter()
         before, before_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
         block_tokens = ep.cache.pending_length
-        if self.layer_groups == 1:
+        if protected:
+            ep.cache.commit(settings[0], protect=protect, protect_bits=self.protect_bits)
+        elif self.layer_groups == 1:
             ep.cache.commit(settings[0])
         else:
             ep.cache.commit_groups(settings)
         after, after_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
-        start, end = ep.blocks[ep.block_index]
-        ep.committed_bit_sum += sum(block_bit_sum(s, start, end, self.config.sink_tokens) for s in settings) / len(
-            settings
-        )  # layer groups are equal-sized, so a block's bits are the mean over groups
+        if protected:
+            ep.committed_bit_sum += block_bit_sum(settings[0], start, end, sinks, protected, self.protect_bits)
+        else:  # layer groups are equal-sized, so a block's bits are the mean over groups
+            ep.committed_bit_sum += sum(block_bit_sum(s, start, end, sinks) for s in settings) / len(settings)
         ep.block_index += 1
         terminal = ep.block_index >= len(ep.blocks)
         return _Commit(
-            settings, t0, before, before_fp16, after, after_fp16, block_tokens, terminal, requested, enforced
+            settings, t0, before, before_fp16, after, after_fp16, block_tokens, terminal, requested, enforced,
+            protected, asked,
         )
 
     def greedy_exact_match(self) -> bool:
@@ -554,28 +605,48 @@ class KVPrecisionEnv(gym.Env):
         ep = self._episode
         if ep is None:
             raise RuntimeError("evidence_blocks() before reset(): evidence belongs to an episode's prompt")
+        hit = self.evidence_tokens()
+        return [b for b, (start, end) in enumerate(ep.blocks) if any(hit[start:end])]
+
+    def evidence_tokens(self) -> list[bool]:
+        """One bool per prompt token of the current episode: whether it overlaps the task's evidence (the
+        token-level :meth:`evidence_blocks`; privileged, for teachers and labels only). All False without
+        evidence (HellaSwag)."""
+        self._check_open()
+        ep = self._episode
+        if ep is None:
+            raise RuntimeError("evidence_tokens() before reset(): evidence belongs to an episode's prompt")
         evidence = self.task.evidence(ep.item)
         if not evidence:
-            return []
+            return [False] * len(ep.prompt_ids)
         spans = evidence_char_spans(ep.context, evidence)
-        tokens = token_char_spans(self.tokenizer, ep.context, ep.prompt_ids)
-        return overlapping_blocks(ep.blocks, tokens, spans)
+        return overlapping_tokens(token_char_spans(self.tokenizer, ep.context, ep.prompt_ids), spans)
 
     def action_masks(self) -> np.ndarray:
         """Bool mask over the actions (sb3-contrib's MaskablePPO convention): True for every setting that,
         committed for the pending block, keeps ``bit_budget`` reachable with the cheapest setting for every
         later block (``envs.budget.feasible_mask``). All True without a budget, before reset and after the
         episode ended; never all False. With ``layer_groups > 1`` (never with a budget): the per-group
-        masks concatenated, ``len(bits) * layer_groups`` entries."""
+        masks concatenated, ``len(bits) * layer_groups`` entries. With ``protect_bits``: the settings' mask
+        (for the block with nothing marked), then ``[may leave, may mark]`` per token slot (a slot past the
+        block's end may only be left; the budget's trim of marks is the env's, after the action)."""
         ep = self._episode
         budget = self.config.bit_budget
         if budget is None or ep is None or ep.done:
-            return np.ones(len(self.bits) * self.layer_groups, dtype=bool)
-        start, end = ep.blocks[ep.block_index]
-        return feasible_mask(
-            self.bits, budget, start, ep.committed_bit_sum, end - start, len(ep.prompt_ids) - end,
-            self.config.sink_tokens,
-        )
+            settings = np.ones(len(self.bits) * self.layer_groups, dtype=bool)
+        else:
+            start, end = ep.blocks[ep.block_index]
+            settings = feasible_mask(
+                self.bits, budget, start, ep.committed_bit_sum, end - start, len(ep.prompt_ids) - end,
+                self.config.sink_tokens,
+            )
+        if self.protect_bits is None:
+            return settings
+        slots = np.ones((self.config.interval, 2), dtype=bool)
+        if ep is not None and not ep.done:
+            start, end = ep.blocks[ep.block_index]
+            slots[end - start :, 1] = False
+        return np.concatenate([settings, slots.reshape(-1)])
 
     def _score_current(self) -> np.ndarray:
         """The terminal phase: score the endings against the episode's (now fully committed) cache."""
@@ -606,6 +677,9 @@ class KVPrecisionEnv(gym.Env):
             "value_bits": [v for _, v in pairs],
             "row": ep.item.row,
         }
+        if self.protect_bits is not None:  # tokens kept at protect_bits (after the budget), and those marked
+            info["protected_tokens"] = commit.protected
+            info["requested_protected_tokens"] = commit.requested_protected
         if not terminal:
             obs = self._observe(ctx)
             start, end = ep.blocks[ep.block_index]
@@ -682,8 +756,23 @@ class KVPrecisionEnv(gym.Env):
         if self._closed:
             raise RuntimeError("the environment is closed")
 
-    def _check_action(self, action) -> list[int]:
-        """Menu indices of an action: one (Discrete), or one per layer group (MultiDiscrete)."""
+    def _check_action(self, action) -> tuple[list[int], list[bool] | None]:
+        """Menu indices of an action (one, or one per layer group) and, with ``protect_bits``, the token marks."""
+        if self.protect_bits is not None:
+            slots = self.config.interval
+            try:
+                raw = np.asarray(action).reshape(1 + slots)
+                values = [int(a) for a in raw]
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"action must be {1 + slots} integers: a setting in [0, {len(self.bits)}), then a 0/1 mark per "
+                    f"token slot; got {action!r}"
+                ) from None
+            if any(v != a for v, a in zip(values, raw, strict=True)) or not 0 <= values[0] < len(self.bits) or any(
+                v not in (0, 1) for v in values[1:]
+            ):
+                raise ValueError(f"action {action!r} outside the action space {self.action_space} (bits {self.bits})")
+            return [values[0]], [bool(v) for v in values[1:]]
         groups = self.layer_groups
         what = (
             f"an integer in [0, {len(self.bits)})" if groups == 1
@@ -699,7 +788,7 @@ class KVPrecisionEnv(gym.Env):
             0 <= i < len(self.bits) for i in indices
         ):
             raise ValueError(f"action {action!r} outside the action space {self.action_space} (bits {self.bits})")
-        return indices
+        return indices, None
 
     def _tokenize(self, item: TaskItem, shots: list[TaskItem]) -> tuple[list[int], list[list[int]], int, str]:
         """Prompt ids, ending ids (as lm-eval forms them), the shots kept and the context text the prompt ids

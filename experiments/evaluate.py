@@ -139,6 +139,8 @@ def _run_policy(env: KVPrecisionEnv, row: int, policy) -> dict:
         # steps whose setting the env replaced to keep its bit budget (0 without a budget)
         "budget_enforced": sum(bool(i.get("budget_enforced", False)) for i in episode.infos),
         **exact,
+        # envs with protect_bits: the prompt tokens the policy kept at protect_bits (after the budget)
+        **({"protected_tokens": sum(i["protected_tokens"] for i in episode.infos)} if env.protect_bits is not None else {}),
     }
 
 

@@ -263,6 +263,11 @@ def run(cfg: GenerateConfig) -> dict[str, Path]:
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
     cfg.env.validate()
+    if cfg.env.protect_bits is not None or cfg.env.token_features:
+        raise ValueError(
+            "generate drives the cache one setting per block; per-token marks (env.protect_bits, env.token_features) "
+            "are not supported while generating yet: set them to null and []"
+        )
     seed_everything(cfg.seed)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

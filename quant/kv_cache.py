@@ -86,7 +86,8 @@ class CommittedBlock(NamedTuple):
     A block committed per layer group (:meth:`MixedPrecisionKVCache.commit_groups`) lists each group's
     ``(key_bits, value_bits)`` in ``group_bits`` (groups of equal numbers of consecutive layers), and its
     ``key_bits``/``value_bits`` are the means over groups (floats unless whole); ``group_bits`` is
-    empty for a block committed at one setting in every layer.
+    empty for a block committed at one setting in every layer. A block committed with ``protect``
+    (:meth:`MixedPrecisionKVCache.commit`) keeps ``protected_tokens`` of its tokens at ``protect_bits``.
     """
 
     key_bits: int | float
@@ -94,6 +95,9 @@ class CommittedBlock(NamedTuple):
     tokens: int
     sink_tokens: int = 0
     group_bits: tuple[tuple[int, int], ...] = ()
+    #: tokens of the block (sinks aside) committed at ``protect_bits`` instead of the block's setting
+    protected_tokens: int = 0
+    protect_bits: tuple[int, int] = (16, 16)
 
 
 def layer_groups(num_layers: int, groups: int) -> list[range]:
@@ -144,26 +148,55 @@ class _Segment:
         return self.keys.nbytes() + self.values.nbytes()
 
 
+#: A run of a block's consecutive tokens stored at one setting: ``(start, length, key_bits, value_bits)``.
+Run = tuple[int, int, int, int]
+
+
+def block_runs(
+    tokens: int, key_bits: int, value_bits: int, sink_tokens: int = 0,
+    protect: Sequence[bool] | None = None, protect_bits: tuple[int, int] = (16, 16),
+) -> list[Run]:
+    """The runs a block of ``tokens`` tokens is stored as: its first ``sink_tokens`` in fp16, the tokens
+    ``protect`` marks at ``protect_bits``, the rest at ``(key_bits, value_bits)``; equal neighbours merged.
+
+    Each run is quantized on its own (its own groups and min-max ranges), so a protected token neither
+    loses precision to, nor stretches the range of, the low-bit tokens around it."""
+    if protect is not None and len(protect) != tokens:
+        raise ValueError(f"protect needs one bool per pending token ({tokens}), got {len(protect)}")
+    bits = []
+    for t in range(tokens):
+        if t < sink_tokens:
+            bits.append((16, 16))
+        elif protect is not None and protect[t]:
+            bits.append(protect_bits)
+        else:
+            bits.append((key_bits, value_bits))
+    runs: list[Run] = []
+    for t, (kb, vb) in enumerate(bits):
+        if runs and runs[-1][2:] == (kb, vb):
+            start, length = runs[-1][:2]
+            runs[-1] = (start, length + 1, kb, vb)
+        else:
+            runs.append((t, 1, kb, vb))
+    return runs
+
+
 def _quantize_block(
-    keys: torch.Tensor, values: torch.Tensor, key_bits: int, value_bits: int, sink_tokens: int,
-    group_size: int, symmetric: bool,
+    keys: torch.Tensor, values: torch.Tensor, runs: Sequence[Run], group_size: int, symmetric: bool,
 ) -> list[_Segment]:
-    """The segments of one committed block: its first ``sink_tokens`` tokens in fp16, the rest at the bits.
+    """The segments of one committed block, one per run of :func:`block_runs`.
 
     Quantization is per group, so the pending keys/values of several layers stacked along the batch
     give, sliced back, exactly each layer's own segments (:meth:`MixedPrecisionKVCache.commit`)."""
     tokens = keys.shape[-2]
     new: list[_Segment] = []
-    for start, length, kb, vb in ((0, sink_tokens, 16, 16), (sink_tokens, tokens - sink_tokens, key_bits, value_bits)):
-        if length:
-            k, v = keys.narrow(-2, start, length), values.narrow(-2, start, length)
-            if length < tokens:  # a 16-bit part of an fp16 model would be a view
-                k, v = k.clone(), v.clone()  # keeping the whole buffer alive
-            new.append(
-                _Segment(
-                    kb, vb, quantize(k, kb, KEY_AXIS, group_size, symmetric), quantize(v, vb, VALUE_AXIS, group_size, symmetric)
-                )
-            )
+    for start, length, kb, vb in runs:
+        k, v = keys.narrow(-2, start, length), values.narrow(-2, start, length)
+        if length < tokens:  # a 16-bit part of an fp16 model would be a view
+            k, v = k.clone(), v.clone()  # keeping the whole buffer alive
+        new.append(
+            _Segment(kb, vb, quantize(k, kb, KEY_AXIS, group_size, symmetric), quantize(v, vb, VALUE_AXIS, group_size, symmetric))
+        )
     return new
 
 
@@ -368,20 +401,24 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def committed_length(self) -> int:
         return sum(s.length for s in self.segments)
 
-    def commit(self, key_bits: int, value_bits: int | None = None, sink_tokens: int = 0) -> None:
+    def commit(
+        self, key_bits: int, value_bits: int | None = None, sink_tokens: int = 0,
+        protect: Sequence[bool] | None = None, protect_bits: tuple[int, int] = (16, 16),
+    ) -> None:
         """Quantize every pending token of this layer as one block: keys at ``key_bits``, values at
         ``value_bits`` (default: ``key_bits``).
 
         The first ``sink_tokens`` pending tokens are stored in fp16 as a segment of their own, so the
-        rest of the block is quantized (its groups, its min-max ranges) without them.
+        rest of the block is quantized (its groups, its min-max ranges) without them; the tokens
+        ``protect`` marks (one bool per pending token) are stored at ``protect_bits``, as runs of their own.
         """
         value_bits = key_bits if value_bits is None else value_bits
         if self.pending_length == 0:
             raise ValueError("nothing pending to commit")
         if not 0 <= sink_tokens <= self.pending_length:
             raise ValueError(f"sink_tokens must be in [0, {self.pending_length}], got {sink_tokens}")
-        self._store(_quantize_block(self.keys, self.values, key_bits, value_bits, sink_tokens, self.group_size,
-                                    self.symmetric))
+        runs = block_runs(self.pending_length, key_bits, value_bits, sink_tokens, protect, protect_bits)
+        self._store(_quantize_block(self.keys, self.values, runs, self.group_size, self.symmetric))
 
     def _store(self, new: list[_Segment], floats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Append a committed block's segments and empty the pending buffer; ``floats``: the block's
@@ -516,13 +553,20 @@ class MixedPrecisionKVCache(Cache):
         return [(b.key_bits, b.value_bits) for b in self.blocks]
 
     def commit(
-        self, bits: BlockBits | None = None, *, key_bits: int | None = None, value_bits: int | None = None
+        self, bits: BlockBits | None = None, *, key_bits: int | None = None, value_bits: int | None = None,
+        protect: Sequence[bool] | None = None, protect_bits: BlockBits = 16,
     ) -> None:
         """Quantize all pending tokens of every layer as one block.
 
         Either ``bits`` (an int for keys and values alike, or a ``(key_bits, value_bits)`` pair), or
         both ``key_bits`` and ``value_bits``. Pending tokens among the first ``sink_tokens`` of the
         sequence are stored in fp16 instead, outside the block's quantization groups.
+
+        ``protect``: one bool per pending token; the marked tokens (sinks aside) are stored at
+        ``protect_bits`` (an int or a pair; default fp16), each run of them quantized on its own, the
+        rest of the block around them at ``bits``. Why per token: where one sentence of a long prompt
+        carries the answer (a pass key), keeping those few tokens precise keeps the answer at a
+        fraction of the bits a whole precise block costs (issue 15). :attr:`blocks` counts them.
         """
         if bits is None and key_bits is None and value_bits is None:
             raise ValueError("commit() needs bits, or key_bits and value_bits")
@@ -534,8 +578,24 @@ class MixedPrecisionKVCache(Cache):
             )
         kb, vb = bit_pair(bits if bits is not None else (key_bits, value_bits))
         pending, sinks = self._check_commit()
-        self._commit_layers(self.layers, kb, vb, sinks)
-        self.blocks.append(CommittedBlock(kb, vb, pending, sinks))
+        mask = self._protect_mask(protect, pending, sinks)
+        pk, pv = bit_pair(protect_bits)
+        runs = block_runs(pending, kb, vb, sinks, mask, (pk, pv))
+        self._commit_layers(self.layers, runs)
+        protected = 0 if mask is None else sum(mask)
+        self.blocks.append(CommittedBlock(kb, vb, pending, sinks, (), protected, (pk, pv)))
+
+    @staticmethod
+    def _protect_mask(protect: Sequence[bool] | None, pending: int, sinks: int) -> list[bool] | None:
+        """``protect`` as a list of bools over the pending tokens, sink tokens cleared (they are fp16 anyway)."""
+        if protect is None:
+            return None
+        if isinstance(protect, torch.Tensor):
+            protect = protect.tolist()
+        mask = list(protect)
+        if len(mask) != pending:
+            raise ValueError(f"protect needs one bool per pending token ({pending}), got {len(mask)}")
+        return [bool(m) and t >= sinks for t, m in enumerate(mask)]
 
     def commit_groups(self, settings: Sequence[BlockBits]) -> None:
         """Quantize all pending tokens as one block, with one setting per group of consecutive layers.
@@ -553,15 +613,15 @@ class MixedPrecisionKVCache(Cache):
             return
         pending, sinks = self._check_commit()
         for (kb, vb), layers in zip(pairs, groups, strict=True):
-            self._commit_layers([self.layers[i] for i in layers], kb, vb, sinks)
+            self._commit_layers([self.layers[i] for i in layers], block_runs(pending, kb, vb, sinks))
         mean_k = _whole(sum(k for k, _ in pairs) / len(pairs))
         mean_v = _whole(sum(v for _, v in pairs) / len(pairs))
         self.blocks.append(CommittedBlock(mean_k, mean_v, pending, sinks, tuple(pairs)))
 
     @staticmethod
-    def _commit_layers(layers: Sequence[MixedPrecisionLayer], key_bits: int, value_bits: int, sinks: int) -> None:
-        """Commit the pending block of ``layers`` at one setting: stacked, as one quantization (and one
-        dequantization for ``keep_dequantized``) over every layer's keys and values at once.
+    def _commit_layers(layers: Sequence[MixedPrecisionLayer], runs: Sequence[Run]) -> None:
+        """Commit the pending block of ``layers`` as ``runs`` (:func:`block_runs`): stacked, as one
+        quantization (and one dequantization for ``keep_dequantized``) over every layer's keys and values.
 
         Why: a block is small, so quantizing it layer by layer was a few dozen tiny tensor ops per
         layer, dominated by per-op overhead. Quantization groups never cross the batch, so slicing the
@@ -577,14 +637,12 @@ class MixedPrecisionKVCache(Cache):
             for layer in layers
         ):
             for layer in layers:
-                layer.commit(key_bits, value_bits, sinks)
+                layer._store(_quantize_block(layer.keys, layer.values, runs, layer.group_size, layer.symmetric))
             return
-        if not 0 <= sinks <= first.pending_length:
-            raise ValueError(f"sink_tokens must be in [0, {first.pending_length}], got {sinks}")
         batch = first.keys.shape[0]
         stacked = _quantize_block(
             torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]),
-            key_bits, value_bits, sinks, first.group_size, first.symmetric,
+            runs, first.group_size, first.symmetric,
         )
         floats = None
         if first.keep_dequantized:
@@ -705,7 +763,8 @@ class MixedPrecisionKVCache(Cache):
         (kv_heads x head_dim per layer: Llama-style decoders, GQA included) this is the token-weighted
         mean of ``(key_bits + value_bits) / 2``: K4V2 is 3 bits. Scales and zero-points are not counted
         (:meth:`nbytes` has the exact bytes); for uniform blocks and no sinks it is exactly the
-        token-weighted mean of the block bits.
+        token-weighted mean of the block bits. Protected tokens (``commit(protect=...)``) count their
+        ``protect_bits``.
         """
         tokens = self.committed_length
         if not tokens:
@@ -713,7 +772,10 @@ class MixedPrecisionKVCache(Cache):
         total = 0
         for block in self.blocks:
             bits = self._mean_bits(block)
-            total += bits * (block.tokens - block.sink_tokens) + 16 * block.sink_tokens
+            plain = block.tokens - block.sink_tokens - block.protected_tokens
+            total += bits * plain + 16 * block.sink_tokens
+            if block.protected_tokens:
+                total += self._block_mean_bits(*block.protect_bits) * block.protected_tokens
         return total / tokens
 
     @contextmanager
