@@ -62,7 +62,7 @@ from envs.quantities import FORWARD_OUTPUTS, StepRecord, StepState, StepView
 from envs.reference_store import ReferenceKey, ReferenceStore, model_digest, tokens_digest
 from envs.rewards import DEFAULT_REWARDS, RewardFunction
 from envs.scoring import CACHED_SCORING, can_pack, continuation_logprobs, encode_pair
-from envs.settings import Setting, normalize_menu, normalize_setting, setting_name
+from envs.settings import Setting, normalize_menu, normalize_setting, parse_setting, setting_name
 from envs.tasks import Task, TaskItem, make_task
 from quant.baselines import CACHE_KINDS, EpisodeCache, check_cache_bits, episode_cache
 from quant.kv_cache import BlockBits, MixedPrecisionKVCache, layer_groups
@@ -87,7 +87,7 @@ class EnvConfig:
     interval: int = 64  # tokens per block (one decision per block)
     # the menu: one action per setting, an int (keys and values at that width) or a [key_bits,
     # value_bits] pair, each of 2/3/4/8/16 (envs.settings), e.g. [2, [4, 2], 4, [8, 4], 16]
-    bits: tuple[Setting, ...] = (2, 4, 8, 16)
+    bits: tuple[Setting | str, ...] = (2, 4, 8, 16)  # a name ("k4v2") is read as envs.settings spells it
     # the first N tokens of the sequence stay fp16 whatever their block's setting (attention sinks;
     # IntactKV, KVQuant); they count 16 bits in avg_bits and their fp16 bytes in kv_bytes
     sink_tokens: int = 0
@@ -104,7 +104,7 @@ class EnvConfig:
     # the action becomes MultiDiscrete([len(bits)] + [2] * interval): the block's setting, then one 0/1 per
     # token of the block (entries past a short block's end are ignored). A budget trims the marks that do not
     # fit (info["protected_tokens"]). None: one setting per block. Needs layer_groups: 1 and cache: mixed.
-    protect_bits: Setting | None = None
+    protect_bits: Setting | str | None = None
     features: tuple[str, ...] = DEFAULT_FEATURES
     # per-token features also observed token by token after the block summaries (``digits@0 .. digits@63``,
     # interval entries each, 0 past the block's end): what a policy marking tokens reads (envs.features)
@@ -127,6 +127,12 @@ class EnvConfig:
     # ``bits``; "quanto" = transformers' QuantizedCache (quanto backend) at the one width ``bits`` lists
     # ([2] or [4]: its bits are fixed, so a menu is an error); "dynamic" = a plain DynamicCache, bits [16].
     cache: str = "mixed"
+
+    def __post_init__(self) -> None:
+        """Settings written by name (``"k4v2"``, as configs and ``--set`` may spell them) become the canonical
+        ints and pairs every reader of the config expects; a name that does not parse is left for :meth:`validate`."""
+        self.bits = tuple(_named_setting(b) for b in self.bits)
+        self.protect_bits = _named_setting(self.protect_bits)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EnvConfig:
@@ -181,6 +187,16 @@ class EnvConfig:
             raise ValueError(f"reference_store must be true, false or a folder, got {self.reference_store!r}")
         if self.episodes is not None and parse_episode_set(self.episodes).split != self.split:
             raise ValueError(f"episode set {self.episodes!r} is not from the env's split {self.split!r}")
+
+
+def _named_setting(value: Any) -> Any:
+    """``parse_setting(value)`` for a string that spells a setting; anything else unchanged."""
+    if isinstance(value, str):
+        try:
+            return parse_setting(value)
+        except ValueError:
+            return value
+    return value
 
 
 class _Loaded:

@@ -245,3 +245,17 @@ def test_token_feature_errors(tiny_model):
         _env(tiny_model, token_features=["digits", "progress"])
     assert EnvConfig.from_dict({**ENV, **PROTECT, "protect_bits": [4, 2]}).protect_bits == (4, 2)
     assert EnvConfig.from_dict({**ENV, **PROTECT}).token_features == tuple(TOKEN_FEATURES)
+
+
+def test_settings_by_name_become_canonical_in_the_config():
+    """``--set env.protect_bits=k8v2`` and ``bits: [2, k4v2]`` are read as envs.settings spells them, so every
+    reader of the config (train_mlp's menu, generate, the fixed policies' overrides) sees ints and pairs."""
+    from experiments.config import load_config
+    from experiments.evaluate import EvaluateConfig
+
+    cfg = load_config(EvaluateConfig, None, ["env.protect_bits=k8v2", "env.bits=[2, k4v2, k4v4]"])
+    assert cfg.env.protect_bits == (8, 2) and cfg.env.bits == (2, (4, 2), 4)
+    assert EnvConfig.from_dict({"bits": ["2", "k3v2"], "protect_bits": "4"}).bits == (2, (3, 2))
+    bad = load_config(EvaluateConfig, None, ["env.protect_bits=x9"]).env
+    with pytest.raises(ValueError, match="cannot read setting 'x9'"):
+        bad.validate()
