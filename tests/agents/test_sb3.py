@@ -97,3 +97,35 @@ def test_file_and_algorithm_errors(ppo_path, tmp_path):
     assert resolve_algorithm("a2c").__name__ == "A2C"
     with pytest.raises(ValueError, match="could not load"):
         SB3Policy(ppo_path, TinyEnv(), algo="DQN")
+
+
+def test_maskable_ppo_marks_tokens_on_a_protect_env(tiny_model, tmp_path):
+    """On an env with protect_bits the action is the setting then one mark per token slot: MaskablePPO learns on
+    it with the env's masks, and SB3Policy acts with its marks (not as 65 layer groups), within the budget."""
+    import sys
+    from pathlib import Path
+
+    from sb3_contrib import MaskablePPO
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "envs"))
+    from _passkey_source import SOURCE
+
+    from agents.rollout import rollout
+    from envs.kv_precision import KVPrecisionEnv
+
+    model, tokenizer = tiny_model
+    env = KVPrecisionEnv(
+        lm=model, tokenizer=tokenizer, items=SOURCE, model="tiny-random-llama", task="passkey", interval=64,
+        group_size=32, eval_size=4, split="train", bits=[2, 4], sink_tokens=4, protect_bits=4,
+        token_features=["digits"], features=["digits"], task_options={"length": 600, "items": 12, "keys": 1},
+        bit_budget=2.5, reference_store=False,
+    )
+    agent = MaskablePPO("MlpPolicy", env, n_steps=32, batch_size=16, n_epochs=1, seed=0)
+    agent.learn(32)
+    agent.save(tmp_path / "ppo.zip")
+    policy = make_policy(f"sb3:MaskablePPO:{tmp_path / 'ppo.zip'}", env=env)
+    assert (policy.protect_slots, policy.layer_groups) == (64, 1)
+    episode = rollout(env, policy, options={"row": env.items[0].row})
+    assert all(np.shape(a) == (65,) for a in episode.actions)
+    assert sum(i["protected_tokens"] for i in episode.infos) > 0  # a random-ish policy marks some tokens
+    assert episode.final_info["avg_bits"] <= 2.5
