@@ -17,6 +17,12 @@ With ``bit_budget`` the episode's average bits can never exceed the budget (``en
 most precise feasible setting below it, with ``info["budget_enforced"]`` and
 ``info["requested_setting"]`` saying so (HAQ's enforcement: random actions and the env checkers work).
 
+With ``protect_bits`` the action also marks tokens of the block (``MultiDiscrete([len(bits)] + [2] *
+interval)``): the marked ones are stored at ``protect_bits``, each run on its own, the rest at the setting, so
+a policy can keep the few tokens that carry an answer precise without paying for their whole block; a budget
+keeps the earliest marks that fit. ``token_features`` shows per-token features token by token, what such a
+policy reads (``agents.token_select``).
+
 Rewards compare with a full-precision reference pass of the same prompt (computed once per prompt,
 kept in memory and stored on disk by ``envs.reference_store``), so the signal is the damage
 quantization did rather than how hard the item is; ``baseline_scores(setting)`` is the same for a
