@@ -547,7 +547,7 @@ class KVPrecisionEnv(gym.Env):
         asked = 0 if protect is None else sum(protect)
         enforced = False
         if self.config.bit_budget is not None:  # layer_groups is 1 (EnvConfig.validate)
-            allowed = fallback_action(self.bits, indices[0], self.action_masks()[: len(self.bits)])
+            allowed = fallback_action(self.bits, indices[0], self._settings_mask())
             enforced = allowed != indices[0]
             indices = [allowed]
             if asked:
@@ -652,23 +652,27 @@ class KVPrecisionEnv(gym.Env):
         masks concatenated, ``len(bits) * layer_groups`` entries. With ``protect_bits``: the settings' mask
         (for the block with nothing marked), then ``[may leave, may mark]`` per token slot (a slot past the
         block's end may only be left; the budget's trim of marks is the env's, after the action)."""
-        ep = self._episode
-        budget = self.config.bit_budget
-        if budget is None or ep is None or ep.done:
-            settings = np.ones(len(self.bits) * self.layer_groups, dtype=bool)
-        else:
-            start, end = ep.blocks[ep.block_index]
-            settings = feasible_mask(
-                self.bits, budget, start, ep.committed_bit_sum, end - start, len(ep.prompt_ids) - end,
-                self.config.sink_tokens,
-            )
+        settings = self._settings_mask()
         if self.protect_bits is None:
             return settings
+        ep = self._episode
         slots = np.ones((self.config.interval, 2), dtype=bool)
         if ep is not None and not ep.done:
             start, end = ep.blocks[ep.block_index]
             slots[end - start :, 1] = False
         return np.concatenate([settings, slots.reshape(-1)])
+
+    def _settings_mask(self) -> np.ndarray:
+        """The settings' part of :meth:`action_masks` (what the budget allows for the pending block)."""
+        ep = self._episode
+        budget = self.config.bit_budget
+        if budget is None or ep is None or ep.done:
+            return np.ones(len(self.bits) * self.layer_groups, dtype=bool)
+        start, end = ep.blocks[ep.block_index]
+        return feasible_mask(
+            self.bits, budget, start, ep.committed_bit_sum, end - start, len(ep.prompt_ids) - end,
+            self.config.sink_tokens,
+        )
 
     def _score_current(self) -> np.ndarray:
         """The terminal phase: score the endings against the episode's (now fully committed) cache."""

@@ -578,7 +578,7 @@ class MixedPrecisionKVCache(Cache):
             )
         kb, vb = bit_pair(bits if bits is not None else (key_bits, value_bits))
         pending, sinks = self._check_commit()
-        mask = self._protect_mask(protect, pending, sinks)
+        mask = self._protect_mask(protect, sinks)
         pk, pv = bit_pair(protect_bits)
         runs = block_runs(pending, kb, vb, sinks, mask, (pk, pv))
         self._commit_layers(self.layers, runs)
@@ -586,16 +586,14 @@ class MixedPrecisionKVCache(Cache):
         self.blocks.append(CommittedBlock(kb, vb, pending, sinks, (), protected, (pk, pv)))
 
     @staticmethod
-    def _protect_mask(protect: Sequence[bool] | None, pending: int, sinks: int) -> list[bool] | None:
-        """``protect`` as a list of bools over the pending tokens, sink tokens cleared (they are fp16 anyway)."""
+    def _protect_mask(protect: Sequence[bool] | None, sinks: int) -> list[bool] | None:
+        """``protect`` as a list of bools, sink tokens cleared (they are fp16 anyway), so :attr:`blocks` counts
+        only the tokens actually kept at ``protect_bits``."""
         if protect is None:
             return None
         if isinstance(protect, torch.Tensor):
             protect = protect.tolist()
-        mask = list(protect)
-        if len(mask) != pending:
-            raise ValueError(f"protect needs one bool per pending token ({pending}), got {len(mask)}")
-        return [bool(m) and t >= sinks for t, m in enumerate(mask)]
+        return [bool(m) and t >= sinks for t, m in enumerate(protect)]  # its length: block_runs checks it
 
     def commit_groups(self, settings: Sequence[BlockBits]) -> None:
         """Quantize all pending tokens as one block, with one setting per group of consecutive layers.
