@@ -111,6 +111,9 @@ class EnvConfig:
     # token of the block (entries past a short block's end are ignored). A budget trims the marks that do not
     # fit (info["protected_tokens"]). None: one setting per block. Needs layer_groups: 1 and cache: mixed.
     protect_bits: Setting | str | None = None
+    # store the keys of every quantized run in a Hadamard-rotated basis (QuaRot; quant.rotation), rotated back
+    # when read: the same bits and bytes, less key error from outlier channels. Needs cache: mixed.
+    rotate_keys: bool = False
     features: tuple[str, ...] = DEFAULT_FEATURES
     # per-token features also observed token by token after the block summaries (``digits@0 .. digits@63``,
     # interval entries each, 0 past the block's end): what a policy marking tokens reads (envs.features)
@@ -182,6 +185,12 @@ class EnvConfig:
                     f"cache={self.cache!r}): per-token precision is a feature of our mixed-precision cache's "
                     "one-setting commit"
                 )
+        if not isinstance(self.rotate_keys, bool):
+            raise ValueError(f"rotate_keys must be true or false, got {self.rotate_keys!r}")
+        if self.rotate_keys and self.cache != "mixed":
+            raise ValueError(
+                f"rotate_keys needs cache: mixed (got {self.cache!r}): rotated keys are a feature of our mixed-precision cache"
+            )
         check_budget(self.bit_budget, menu, self.layer_groups)
         if self.interval < 1:
             raise ValueError(f"interval must be >= 1, got {self.interval}")
@@ -844,7 +853,7 @@ class KVPrecisionEnv(gym.Env):
         counts only the stored codes)."""
         return episode_cache(
             self.config.cache, self.model, self.bits if bits is None else bits, self.config.group_size,
-            self.config.sink_tokens, keep_dequantized=True,
+            self.config.sink_tokens, keep_dequantized=True, rotate_keys=self.config.rotate_keys,
         )
 
     def _forward(self, input_ids: torch.Tensor, cache: EpisodeCache, attentions: bool):
@@ -1014,12 +1023,13 @@ class KVPrecisionEnv(gym.Env):
 
     def _baseline_variant(self, setting: Setting) -> str:
         """What a baseline pass depends on beyond the model and the tokens (the store key's ``variant``):
-        the setting, the cache backend, the fp16 sink tokens, the block boundaries and the quantization
-        group. Layer groups are not in it: every group takes the setting, which is the one-group commit."""
+        the setting, the cache backend, the fp16 sink tokens, the block boundaries, the quantization
+        group and rotated keys (named only when on, so the keys stored before that option stay valid). Layer
+        groups are not in it: every group takes the setting, which is the one-group commit."""
         cfg = self.config
         return (
             f"baseline|setting={setting_name(setting)}|cache={cfg.cache}|sink_tokens={cfg.sink_tokens}"
-            f"|interval={cfg.interval}|group_size={cfg.group_size}"
+            f"|interval={cfg.interval}|group_size={cfg.group_size}" + ("|rotate_keys" if cfg.rotate_keys else "")
         )
 
     def _compute_baseline(

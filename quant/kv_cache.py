@@ -31,6 +31,10 @@ change. The cost: the process holds the committed tokens in the model's dtype as
 ``DynamicCache`` (:meth:`MixedPrecisionKVCache.dequantized_nbytes`); the codes stay the stored truth
 and :meth:`~MixedPrecisionKVCache.nbytes` counts only them. Use it where speed matters more than
 resident memory (the env's short episodes); leave it off to measure or bank the memory saving.
+
+``rotate_keys=True`` stores the keys of every quantized run rotated (each head's keys times an
+orthonormal Hadamard matrix, :mod:`quant.rotation`; QuaRot) and rotates them back when they are read,
+so attention sees keys in their own basis: the same bits and bytes, spread outlier channels.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from quant.rotation import key_rotation
 from quant.uniform import QuantizedTensor, check_bits, concat, dequantize, dequantize_cat, quantize
 
 #: Bits of a block: one width for keys and values, or a (key_bits, value_bits) pair.
@@ -133,12 +138,16 @@ def _empty_like_tokens(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Segment:
-    """Consecutive committed tokens of one layer stored at the same key bits and value bits."""
+    """Consecutive committed tokens of one layer stored at the same key bits and value bits.
+
+    ``rotation``: the keys are stored as ``k @ rotation`` (``rotate_keys``); read them back through
+    :func:`_dequantize_into`, which undoes it. None: stored as they are."""
 
     key_bits: int
     value_bits: int
     keys: QuantizedTensor
     values: QuantizedTensor
+    rotation: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -183,21 +192,44 @@ def block_runs(
 
 def _quantize_block(
     keys: torch.Tensor, values: torch.Tensor, runs: Sequence[Run], group_size: int, symmetric: bool,
+    rotation: torch.Tensor | None = None,
 ) -> list[_Segment]:
     """The segments of one committed block, one per run of :func:`block_runs`.
 
     Quantization is per group, so the pending keys/values of several layers stacked along the batch
-    give, sliced back, exactly each layer's own segments (:meth:`MixedPrecisionKVCache.commit`)."""
+    give, sliced back, exactly each layer's own segments (:meth:`MixedPrecisionKVCache.commit`).
+    ``rotation`` (:func:`quant.rotation.key_rotation`): the keys of every run below 16 bits are
+    quantized in the rotated basis; 16-bit runs (sinks, fp16 marks) are stored as they are."""
     tokens = keys.shape[-2]
     new: list[_Segment] = []
     for start, length, kb, vb in runs:
         k, v = keys.narrow(-2, start, length), values.narrow(-2, start, length)
         if length < tokens:  # a 16-bit part of an fp16 model would be a view
             k, v = k.clone(), v.clone()  # keeping the whole buffer alive
+        rotated = rotation if kb < 16 else None
+        if rotated is not None:
+            k = k.float() @ rotated  # quantize() computes in float32 anyway
         new.append(
-            _Segment(kb, vb, quantize(k, kb, KEY_AXIS, group_size, symmetric), quantize(v, vb, VALUE_AXIS, group_size, symmetric))
+            _Segment(
+                kb, vb, quantize(k, kb, KEY_AXIS, group_size, symmetric),
+                quantize(v, vb, VALUE_AXIS, group_size, symmetric), rotated,
+            )
         )
     return new
+
+
+def _dequantize_into(segments: Sequence[_Segment], name: str, out: torch.Tensor) -> torch.Tensor:
+    """The ``name`` ("keys" or "values") of ``segments``, dequantized and concatenated along the tokens into
+    ``out``; rotated keys are rotated back (``x @ R @ R.T = x``), so every reader sees keys in their own basis."""
+    dequantize_cat([getattr(segment, name) for segment in segments], out, dim=-2)
+    if name == "keys":
+        start = 0
+        for segment in segments:
+            if segment.rotation is not None:
+                part = out.narrow(-2, start, segment.length)
+                part.copy_(part.float() @ segment.rotation.T)
+            start += segment.length
+    return out
 
 
 def _batch_slice(qt: QuantizedTensor, start: int, size: int) -> QuantizedTensor:
@@ -220,11 +252,14 @@ class MixedPrecisionLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, group_size: int = 64, symmetric: bool = False, keep_dequantized: bool = False):
+    def __init__(
+        self, group_size: int = 64, symmetric: bool = False, keep_dequantized: bool = False, rotate_keys: bool = False
+    ):
         super().__init__()
         self.group_size = group_size
         self.symmetric = symmetric
         self.keep_dequantized = keep_dequantized
+        self.rotate_keys = rotate_keys
         self.segments: list[_Segment] = []
         # >1 while the cache is branched along the batch, see MixedPrecisionKVCache.branch
         self.batch_expand = 1
@@ -272,8 +307,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if prefix is not None:  # keep_dequantized: a copy (broadcast along a branched batch)
             out.narrow(-2, 0, committed).copy_(prefix[0 if axis == KEY_AXIS else 1])
         else:
-            parts = [segment.keys if axis == KEY_AXIS else segment.values for segment in self.segments]
-            dequantize_cat(parts, out.narrow(-2, 0, committed), dim=-2)
+            _dequantize_into(self.segments, "keys" if axis == KEY_AXIS else "values", out.narrow(-2, 0, committed))
         out.narrow(-2, committed, pending.shape[-2]).copy_(pending)
         return out
 
@@ -301,11 +335,10 @@ class MixedPrecisionLayer(CacheLayerMixin):
         """``segments`` dequantized into fresh ``dtype`` tensors (keys, values), as ``_assemble`` reads them."""
         out = []
         for name in ("keys", "values"):
-            parts = [getattr(segment, name) for segment in segments]
-            shape = list(parts[0].shape)
-            shape[-2] = sum(p.shape[-2] for p in parts)
-            buffer = torch.empty(shape, dtype=dtype, device=parts[0].data.device)
-            out.append(dequantize_cat(parts, buffer, dim=-2))
+            shape = list(getattr(segments[0], name).shape)
+            shape[-2] = sum(segment.length for segment in segments)
+            buffer = torch.empty(shape, dtype=dtype, device=segments[0].keys.data.device)
+            out.append(_dequantize_into(segments, name, buffer))
         return out[0], out[1]
 
     def _keep_dequantized(self, new: list[_Segment], floats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -351,7 +384,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
             if floats is not None:
                 target.copy_(floats[i])
             else:
-                dequantize_cat([getattr(segment, name) for segment in segments], target, dim=-2)
+                _dequantize_into(segments, name, target)
         self._kept_length = need
 
     def dequantized_nbytes(self) -> int:
@@ -418,7 +451,14 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if not 0 <= sink_tokens <= self.pending_length:
             raise ValueError(f"sink_tokens must be in [0, {self.pending_length}], got {sink_tokens}")
         runs = block_runs(self.pending_length, key_bits, value_bits, sink_tokens, protect, protect_bits)
-        self._store(_quantize_block(self.keys, self.values, runs, self.group_size, self.symmetric))
+        self._store(_quantize_block(self.keys, self.values, runs, self.group_size, self.symmetric, self.rotation))
+
+    @property
+    def rotation(self) -> torch.Tensor | None:
+        """The matrix this layer's quantized keys are stored rotated by (None unless ``rotate_keys``)."""
+        if not self.rotate_keys or self.keys is None:
+            return None
+        return key_rotation(self.keys.shape[-1], self.keys.device)
 
     def _store(self, new: list[_Segment], floats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Append a committed block's segments and empty the pending buffer; ``floats``: the block's
@@ -436,6 +476,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if (
             last is not None
             and (last.key_bits, last.value_bits) == (new.key_bits, new.value_bits)
+            and (last.rotation is None) == (new.rotation is None)
             and last.keys.complete_groups
         ):
             self.segments[-1] = _Segment(
@@ -443,6 +484,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
                 new.value_bits,
                 concat([last.keys, new.keys], dim=-2),
                 concat([last.values, new.values], dim=-2),
+                new.rotation,
             )
         else:
             self.segments.append(new)
@@ -473,6 +515,9 @@ class MixedPrecisionKVCache(Cache):
     their block's bits, outside its quantization groups (they may span several blocks).
     ``keep_dequantized``: also keep the committed prefix dequantized, so forwards copy it rather than
     dequantize it again (faster, same numbers, more resident memory; see the module docstring).
+    ``rotate_keys``: quantize the keys of every run below 16 bits in a rotated basis (each head's keys
+    times an orthonormal Hadamard matrix, :mod:`quant.rotation`) and rotate them back when read: the same
+    bits and bytes, less key error where a few channels dominate (issue 15's 2-bit haystack).
     """
 
     branch_limit: int | None = None  # branch() broadcasts the prefix to any batch (quant.baselines.EpisodeCache)
@@ -488,6 +533,7 @@ class MixedPrecisionKVCache(Cache):
         interval: int = 64,
         sink_tokens: int = 0,
         keep_dequantized: bool = False,
+        rotate_keys: bool = False,
     ):
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -506,9 +552,10 @@ class MixedPrecisionKVCache(Cache):
         self.blocks: list[CommittedBlock] = []  # every committed block, in order
 
         self.keep_dequantized = bool(keep_dequantized)
+        self.rotate_keys = bool(rotate_keys)
 
         def make_layer() -> MixedPrecisionLayer:
-            return MixedPrecisionLayer(group_size, symmetric, self.keep_dequantized)
+            return MixedPrecisionLayer(group_size, symmetric, self.keep_dequantized, self.rotate_keys)
 
         if num_layers is not None:
             super().__init__(layers=[make_layer() for _ in range(num_layers)])
@@ -635,12 +682,14 @@ class MixedPrecisionKVCache(Cache):
             for layer in layers
         ):
             for layer in layers:
-                layer._store(_quantize_block(layer.keys, layer.values, runs, layer.group_size, layer.symmetric))
+                layer._store(
+                    _quantize_block(layer.keys, layer.values, runs, layer.group_size, layer.symmetric, layer.rotation)
+                )
             return
         batch = first.keys.shape[0]
         stacked = _quantize_block(
             torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]),
-            runs, first.group_size, first.symmetric,
+            runs, first.group_size, first.symmetric, first.rotation,
         )
         floats = None
         if first.keep_dequantized:
@@ -650,7 +699,7 @@ class MixedPrecisionKVCache(Cache):
             rows = slice(i * batch, (i + 1) * batch)
             new = [
                 _Segment(s.key_bits, s.value_bits, _batch_slice(s.keys, rows.start, batch),
-                         _batch_slice(s.values, rows.start, batch))
+                         _batch_slice(s.values, rows.start, batch), s.rotation)
                 for s in stacked
             ]
             layer._store(new, None if floats is None else (floats[0][rows], floats[1][rows]))
@@ -714,7 +763,8 @@ class MixedPrecisionKVCache(Cache):
         ``||x_t - deq(q(x_t))||^2`` of keys and values together, divided by the block's mean
         ``||x_t||^2``, then averaged over layers; shape ``[pending tokens]``. Nothing is committed.
         Pending sink tokens (see ``sink_tokens``) have no error and are left out of the quantization,
-        exactly as :meth:`commit` would. Why relative to the block mean rather than to the token's own
+        exactly as :meth:`commit` would; with ``rotate_keys`` keys are quantized rotated, as committed (the
+        rotation is orthonormal, so their error is the same in either basis). Why relative to the block mean rather than to the token's own
         norm: an outlier token (an attention sink, a delimiter with massive activations) stretches
         every per-channel key scale of its group, so the damage shows up as error on its
         *neighbours*, which a per-token relative error would hide.
@@ -733,6 +783,9 @@ class MixedPrecisionKVCache(Cache):
                 if sinks == xf.shape[-2]:
                     continue
                 xq = xf[..., sinks:, :]
+                rotation = layer.rotation if axis == KEY_AXIS and b < 16 else None
+                if rotation is not None:  # orthonormal: the error in the stored basis is the error
+                    xq = xq @ rotation
                 qt = quantize(xq, b, axis, self.group_size, self.symmetric)
                 err[sinks:] += (xq - dequantize(qt, torch.float32)).square().sum(dim=(0, 1, 3))
             rel = err / norm.mean().clamp_min(1e-12)

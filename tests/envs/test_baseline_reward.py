@@ -61,8 +61,9 @@ def counted(monkeypatch):
         ("2", {"sink_tokens": 3}),
         ("2", {"layer_groups": 2}),  # every group at the setting: the one-group commit
         ("4", {"cache": "quanto", "bits": (4,)}),
+        ("2", {"sink_tokens": 3, "rotate_keys": True}),
     ],
-    ids=["k4v2", "k4v2+s4", "2+s3", "2-groups", "quanto4"],
+    ids=["k4v2", "k4v2+s4", "2+s3", "2-groups", "quanto4", "2+s3-rotated"],
 )
 def test_the_baseline_itself_scores_exactly_zero(tiny_model, baseline, overrides):
     env = make_env(tiny_model, **{"bits": MENU, **overrides}, rewards=baseline_rewards(baseline))
@@ -120,8 +121,9 @@ def test_baseline_is_computed_once_per_prompt_and_reloaded_from_the_store(tiny_m
         ({"sink_tokens": 4}, "k4v2"),
         ({"interval": 32}, "k4v2"),
         ({"group_size": 8}, "k4v2"),
+        ({"rotate_keys": True}, "k4v2"),
     ],
-    ids=["setting", "swapped-halves", "sink_tokens", "interval", "group_size"],
+    ids=["setting", "swapped-halves", "sink_tokens", "interval", "group_size", "rotate_keys"],
 )
 def test_a_baseline_stored_under_another_setting_or_config_is_not_reused(
     tiny_model, tmp_path, counted, overrides, baseline

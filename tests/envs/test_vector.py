@@ -105,10 +105,18 @@ def test_rows_of_different_lengths_are_padded(tiny_model):
     vec.close()
 
 
-@pytest.mark.parametrize("bits,action", [((2, 4, 8, 16), 0), ((2, (4, 2), 16), 1)], ids=["2bit", "k4v2"])
-def test_quantized_paired_difference_ci_contains_zero(tiny_model, bits, action):
+@pytest.mark.parametrize(
+    "bits,action,extra",
+    [((2, 4, 8, 16), 0, {}), ((2, (4, 2), 16), 1, {}), ((2, 4, 8, 16), 0, {"rotate_keys": True, "sink_tokens": 2})],
+    ids=["2bit", "k4v2", "2bit-rotated"],
+)
+def test_quantized_paired_difference_ci_contains_zero(tiny_model, bits, action, extra):
     n = 4
-    vec, single = make_vec(tiny_model, num_envs=n, bits=bits, shots=2), make_env(tiny_model, bits=bits, shots=2)
+    vec = make_vec(tiny_model, num_envs=n, bits=bits, shots=2, **extra)
+    single = make_env(tiny_model, bits=bits, shots=2, **extra)
+    if extra.get("rotate_keys"):
+        vec.reset(seed=0)
+        assert all(env._episode.cache.rotate_keys for env in vec.envs)
     batched, alone = [], []
     for seed in range(0, 52, n):
         for i, end in enumerate(first_episodes(vec, action, seed=seed)):
