@@ -111,9 +111,10 @@ class EnvConfig:
     # token of the block (entries past a short block's end are ignored). A budget trims the marks that do not
     # fit (info["protected_tokens"]). None: one setting per block. Needs layer_groups: 1 and cache: mixed.
     protect_bits: Setting | str | None = None
-    # store the keys of every quantized run in a Hadamard-rotated basis (QuaRot; quant.rotation), rotated back
-    # when read: the same bits and bytes, less key error from outlier channels. Needs cache: mixed.
+    # store the keys (values) of every quantized run in a Hadamard-rotated basis (QuaRot; quant.rotation),
+    # rotated back when read: the same bits and bytes. Needs cache: mixed.
     rotate_keys: bool = False
+    rotate_values: bool = False
     features: tuple[str, ...] = DEFAULT_FEATURES
     # per-token features also observed token by token after the block summaries (``digits@0 .. digits@63``,
     # interval entries each, 0 past the block's end): what a policy marking tokens reads (envs.features)
@@ -185,12 +186,14 @@ class EnvConfig:
                     f"cache={self.cache!r}): per-token precision is a feature of our mixed-precision cache's "
                     "one-setting commit"
                 )
-        if not isinstance(self.rotate_keys, bool):
-            raise ValueError(f"rotate_keys must be true or false, got {self.rotate_keys!r}")
-        if self.rotate_keys and self.cache != "mixed":
-            raise ValueError(
-                f"rotate_keys needs cache: mixed (got {self.cache!r}): rotated keys are a feature of our mixed-precision cache"
-            )
+        for key in ("rotate_keys", "rotate_values"):
+            value = getattr(self, key)
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false, got {value!r}")
+            if value and self.cache != "mixed":
+                raise ValueError(
+                    f"{key} needs cache: mixed (got {self.cache!r}): rotation is a feature of our mixed-precision cache"
+                )
         check_budget(self.bit_budget, menu, self.layer_groups)
         if self.interval < 1:
             raise ValueError(f"interval must be >= 1, got {self.interval}")
@@ -854,6 +857,7 @@ class KVPrecisionEnv(gym.Env):
         return episode_cache(
             self.config.cache, self.model, self.bits if bits is None else bits, self.config.group_size,
             self.config.sink_tokens, keep_dequantized=True, rotate_keys=self.config.rotate_keys,
+            rotate_values=self.config.rotate_values,
         )
 
     def _forward(self, input_ids: torch.Tensor, cache: EpisodeCache, attentions: bool):
@@ -1024,12 +1028,13 @@ class KVPrecisionEnv(gym.Env):
     def _baseline_variant(self, setting: Setting) -> str:
         """What a baseline pass depends on beyond the model and the tokens (the store key's ``variant``):
         the setting, the cache backend, the fp16 sink tokens, the block boundaries, the quantization
-        group and rotated keys (named only when on, so the keys stored before that option stay valid). Layer
+        group and rotation (named only when on, so the keys stored before those options stay valid). Layer
         groups are not in it: every group takes the setting, which is the one-group commit."""
         cfg = self.config
         return (
             f"baseline|setting={setting_name(setting)}|cache={cfg.cache}|sink_tokens={cfg.sink_tokens}"
-            f"|interval={cfg.interval}|group_size={cfg.group_size}" + ("|rotate_keys" if cfg.rotate_keys else "")
+            f"|interval={cfg.interval}|group_size={cfg.group_size}"
+            + ("|rotate_keys" if cfg.rotate_keys else "") + ("|rotate_values" if cfg.rotate_values else "")
         )
 
     def _compute_baseline(

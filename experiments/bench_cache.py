@@ -18,7 +18,8 @@ greedily, with each cache in turn:
   ``ours-4-kept`` / ``ours-mixed-kept`` (not in the default run): the same with ``keep_dequantized``,
   as the env runs it (each block dequantized once; the float prefix is held on top of the codes).
   ``ours-3`` / ``ours-k3v2`` (not in the default run either): 3-bit codes, packed in two bit planes.
-  ``ours-4-rot`` / ``ours-4-rot-kept`` (neither): keys stored rotated (``rotate_keys``), the same bytes.
+  ``ours-4-rot`` / ``ours-4-rot-kept`` / ``ours-4-rotkv`` (neither): keys (and values) stored rotated
+  (``rotate_keys``, ``rotate_values``), the same bytes.
   After decoding, the last pending block is committed too, and the bytes held are compared with the
   storage formula (:func:`quant.uniform.expected_nbytes`); ``bytes_with_pending`` is the count just
   before that commit (pending tokens sit in the model's dtype).
@@ -72,6 +73,7 @@ class CacheSpec:
     sink_tokens: int = 0
     keep_dequantized: bool = False  # ours: keep the committed prefix dequantized (speed for memory)
     rotate_keys: bool = False  # ours: keys stored Hadamard-rotated, rotated back when read (quant.rotation)
+    rotate_values: bool = False  # ours: values likewise
 
 
 DEFAULT_SPECS: tuple[CacheSpec, ...] = (
@@ -93,6 +95,7 @@ EXTRA_SPECS: tuple[CacheSpec, ...] = (
     CacheSpec("ours-k3v2", "ours", (3, 2)),  # the passkey study's best fixed setting within 2.5 bits
     CacheSpec("ours-4-rot", "ours", 4, rotate_keys=True),  # the rotation back costs a matmul per read
     CacheSpec("ours-4-rot-kept", "ours", 4, keep_dequantized=True, rotate_keys=True),  # ... or once per block
+    CacheSpec("ours-4-rotkv", "ours", 4, rotate_keys=True, rotate_values=True),
 )
 
 
@@ -151,6 +154,7 @@ def _make_cache(spec: CacheSpec, model, interval: int, group_size: int):
             sink_tokens=spec.sink_tokens,
             keep_dequantized=spec.keep_dequantized,
             rotate_keys=spec.rotate_keys,
+            rotate_values=spec.rotate_values,
         )
     raise ValueError(f"unknown cache kind {spec.kind!r}; use dynamic, quanto or ours")
 

@@ -205,7 +205,8 @@ def generate_one(model, tokenizer, policy, prompt: str, cfg: GenerateConfig) -> 
 
     cache = MixedPrecisionKVCache(config=model.config, group_size=cfg.env.group_size, policy=hook,
                                   interval=cfg.env.interval, sink_tokens=cfg.env.sink_tokens,
-                                  keep_dequantized=cfg.keep_dequantized, rotate_keys=cfg.env.rotate_keys)
+                                  keep_dequantized=cfg.keep_dequantized, rotate_keys=cfg.env.rotate_keys,
+                                  rotate_values=cfg.env.rotate_values)
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.perf_counter()

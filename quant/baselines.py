@@ -270,20 +270,21 @@ def episode_cache(
     sink_tokens: int = 0,
     keep_dequantized: bool = False,
     rotate_keys: bool = False,
+    rotate_values: bool = False,
 ) -> EpisodeCache:
     """A fresh cache of ``kind`` ("mixed", "quanto" or "dynamic") for one episode over ``bits``; the
     first ``sink_tokens`` tokens stay fp16 (mixed only, see :func:`check_cache_bits`).
     ``keep_dequantized``: the mixed cache also keeps its committed prefix dequantized (faster forwards,
-    same numbers, more resident memory); ``rotate_keys``: it stores its quantized keys rotated (mixed
-    only; :class:`~quant.kv_cache.MixedPrecisionKVCache`)."""
+    same numbers, more resident memory); ``rotate_keys`` / ``rotate_values``: it stores its quantized keys
+    (values) rotated (mixed only; :class:`~quant.kv_cache.MixedPrecisionKVCache`)."""
     check_cache_bits(kind, bits, sink_tokens)
-    if rotate_keys and kind != "mixed":
-        raise ValueError(f"rotate_keys needs the mixed cache, got cache {kind!r}")
+    if (rotate_keys or rotate_values) and kind != "mixed":
+        raise ValueError(f"rotate_keys and rotate_values need the mixed cache, got cache {kind!r}")
     config = _config_of(model_or_config)
     if kind == "mixed":
         return MixedPrecisionKVCache(
             config=config, group_size=group_size, sink_tokens=sink_tokens, keep_dequantized=keep_dequantized,
-            rotate_keys=rotate_keys,
+            rotate_keys=rotate_keys, rotate_values=rotate_values,
         )
     if kind == "quanto":
         return QuantoKVCache(config, bit_pair(bits[0])[0], q_group_size=group_size)

@@ -35,6 +35,8 @@ resident memory (the env's short episodes); leave it off to measure or bank the 
 ``rotate_keys=True`` stores the keys of every quantized run rotated (each head's keys times an
 orthonormal Hadamard matrix, :mod:`quant.rotation`; QuaRot) and rotates them back when they are read,
 so attention sees keys in their own basis: the same bits and bytes, spread outlier channels.
+``rotate_values=True`` does the same for the values (quantized per token, so a few large channels
+stretch every token's range: QuaRot's own case).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from quant.rotation import key_rotation
+from quant.rotation import rotation_matrix
 from quant.uniform import QuantizedTensor, check_bits, concat, dequantize, dequantize_cat, quantize
 
 #: Bits of a block: one width for keys and values, or a (key_bits, value_bits) pair.
@@ -140,14 +142,20 @@ def _empty_like_tokens(t: torch.Tensor) -> torch.Tensor:
 class _Segment:
     """Consecutive committed tokens of one layer stored at the same key bits and value bits.
 
-    ``rotation``: the keys are stored as ``k @ rotation`` (``rotate_keys``); read them back through
-    :func:`_dequantize_into`, which undoes it. None: stored as they are."""
+    ``key_rotation`` / ``value_rotation``: the keys (values) are stored as ``k @ key_rotation``
+    (``rotate_keys``, ``rotate_values``); read them back through :func:`_dequantize_into`, which undoes it.
+    None: stored as they are."""
 
     key_bits: int
     value_bits: int
     keys: QuantizedTensor
     values: QuantizedTensor
-    rotation: torch.Tensor | None = None
+    key_rotation: torch.Tensor | None = None
+    value_rotation: torch.Tensor | None = None
+
+    def rotation(self, name: str) -> torch.Tensor | None:
+        """The rotation the segment's ``name`` ("keys" or "values") are stored in (None: as they are)."""
+        return self.key_rotation if name == "keys" else self.value_rotation
 
     @property
     def length(self) -> int:
@@ -192,27 +200,31 @@ def block_runs(
 
 def _quantize_block(
     keys: torch.Tensor, values: torch.Tensor, runs: Sequence[Run], group_size: int, symmetric: bool,
-    rotation: torch.Tensor | None = None,
+    rotations: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> list[_Segment]:
     """The segments of one committed block, one per run of :func:`block_runs`.
 
     Quantization is per group, so the pending keys/values of several layers stacked along the batch
     give, sliced back, exactly each layer's own segments (:meth:`MixedPrecisionKVCache.commit`).
-    ``rotation`` (:func:`quant.rotation.key_rotation`): the keys of every run below 16 bits are
-    quantized in the rotated basis; 16-bit runs (sinks, fp16 marks) are stored as they are."""
+    ``rotations``: (keys', values') matrix (:func:`quant.rotation.rotation_matrix`) or None; the keys (values)
+    of every run below 16 bits are quantized in that rotated basis; 16-bit ones (sinks, fp16 marks) are
+    stored as they are."""
     tokens = keys.shape[-2]
     new: list[_Segment] = []
     for start, length, kb, vb in runs:
         k, v = keys.narrow(-2, start, length), values.narrow(-2, start, length)
         if length < tokens:  # a 16-bit part of an fp16 model would be a view
             k, v = k.clone(), v.clone()  # keeping the whole buffer alive
-        rotated = rotation if kb < 16 else None
-        if rotated is not None:
-            k = k.float() @ rotated  # quantize() computes in float32 anyway
+        key_r = rotations[0] if kb < 16 else None
+        value_r = rotations[1] if vb < 16 else None
+        if key_r is not None:
+            k = k.float() @ key_r  # quantize() computes in float32 anyway
+        if value_r is not None:
+            v = v.float() @ value_r
         new.append(
             _Segment(
                 kb, vb, quantize(k, kb, KEY_AXIS, group_size, symmetric),
-                quantize(v, vb, VALUE_AXIS, group_size, symmetric), rotated,
+                quantize(v, vb, VALUE_AXIS, group_size, symmetric), key_r, value_r,
             )
         )
     return new
@@ -220,15 +232,15 @@ def _quantize_block(
 
 def _dequantize_into(segments: Sequence[_Segment], name: str, out: torch.Tensor) -> torch.Tensor:
     """The ``name`` ("keys" or "values") of ``segments``, dequantized and concatenated along the tokens into
-    ``out``; rotated keys are rotated back (``x @ R @ R.T = x``), so every reader sees keys in their own basis."""
+    ``out``; rotated ones are rotated back (``x @ R @ R.T = x``), so every reader sees them in their own basis."""
     dequantize_cat([getattr(segment, name) for segment in segments], out, dim=-2)
-    if name == "keys":
-        start = 0
-        for segment in segments:
-            if segment.rotation is not None:
-                part = out.narrow(-2, start, segment.length)
-                part.copy_(part.float() @ segment.rotation.T)
-            start += segment.length
+    start = 0
+    for segment in segments:
+        rotation = segment.rotation(name)
+        if rotation is not None:
+            part = out.narrow(-2, start, segment.length)
+            part.copy_(part.float() @ rotation.T)
+        start += segment.length
     return out
 
 
@@ -253,13 +265,15 @@ class MixedPrecisionLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(
-        self, group_size: int = 64, symmetric: bool = False, keep_dequantized: bool = False, rotate_keys: bool = False
+        self, group_size: int = 64, symmetric: bool = False, keep_dequantized: bool = False,
+        rotate_keys: bool = False, rotate_values: bool = False,
     ):
         super().__init__()
         self.group_size = group_size
         self.symmetric = symmetric
         self.keep_dequantized = keep_dequantized
         self.rotate_keys = rotate_keys
+        self.rotate_values = rotate_values
         self.segments: list[_Segment] = []
         # >1 while the cache is branched along the batch, see MixedPrecisionKVCache.branch
         self.batch_expand = 1
@@ -451,14 +465,17 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if not 0 <= sink_tokens <= self.pending_length:
             raise ValueError(f"sink_tokens must be in [0, {self.pending_length}], got {sink_tokens}")
         runs = block_runs(self.pending_length, key_bits, value_bits, sink_tokens, protect, protect_bits)
-        self._store(_quantize_block(self.keys, self.values, runs, self.group_size, self.symmetric, self.rotation))
+        self._store(_quantize_block(self.keys, self.values, runs, self.group_size, self.symmetric, self.rotations))
 
     @property
-    def rotation(self) -> torch.Tensor | None:
-        """The matrix this layer's quantized keys are stored rotated by (None unless ``rotate_keys``)."""
-        if not self.rotate_keys or self.keys is None:
-            return None
-        return key_rotation(self.keys.shape[-1], self.keys.device)
+    def rotations(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The matrices this layer's quantized keys and values are stored rotated by (None: not rotated)."""
+        if self.keys is None:
+            return None, None
+        return (
+            rotation_matrix(self.keys.shape[-1], self.keys.device) if self.rotate_keys else None,
+            rotation_matrix(self.values.shape[-1], self.values.device) if self.rotate_values else None,
+        )
 
     def _store(self, new: list[_Segment], floats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Append a committed block's segments and empty the pending buffer; ``floats``: the block's
@@ -476,7 +493,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if (
             last is not None
             and (last.key_bits, last.value_bits) == (new.key_bits, new.value_bits)
-            and (last.rotation is None) == (new.rotation is None)
+            and (last.key_rotation is None) == (new.key_rotation is None)
+            and (last.value_rotation is None) == (new.value_rotation is None)
             and last.keys.complete_groups
         ):
             self.segments[-1] = _Segment(
@@ -484,7 +502,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
                 new.value_bits,
                 concat([last.keys, new.keys], dim=-2),
                 concat([last.values, new.values], dim=-2),
-                new.rotation,
+                new.key_rotation,
+                new.value_rotation,
             )
         else:
             self.segments.append(new)
@@ -515,9 +534,9 @@ class MixedPrecisionKVCache(Cache):
     their block's bits, outside its quantization groups (they may span several blocks).
     ``keep_dequantized``: also keep the committed prefix dequantized, so forwards copy it rather than
     dequantize it again (faster, same numbers, more resident memory; see the module docstring).
-    ``rotate_keys``: quantize the keys of every run below 16 bits in a rotated basis (each head's keys
-    times an orthonormal Hadamard matrix, :mod:`quant.rotation`) and rotate them back when read: the same
-    bits and bytes, less key error where a few channels dominate (issue 15's 2-bit haystack).
+    ``rotate_keys`` / ``rotate_values``: quantize the keys (values) of every run below 16 bits in a rotated
+    basis (each head's keys times an orthonormal Hadamard matrix, :mod:`quant.rotation`) and rotate them back
+    when read: the same bits and bytes (issue 15's 2-bit haystack).
     """
 
     branch_limit: int | None = None  # branch() broadcasts the prefix to any batch (quant.baselines.EpisodeCache)
@@ -534,6 +553,7 @@ class MixedPrecisionKVCache(Cache):
         sink_tokens: int = 0,
         keep_dequantized: bool = False,
         rotate_keys: bool = False,
+        rotate_values: bool = False,
     ):
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -553,9 +573,12 @@ class MixedPrecisionKVCache(Cache):
 
         self.keep_dequantized = bool(keep_dequantized)
         self.rotate_keys = bool(rotate_keys)
+        self.rotate_values = bool(rotate_values)
 
         def make_layer() -> MixedPrecisionLayer:
-            return MixedPrecisionLayer(group_size, symmetric, self.keep_dequantized, self.rotate_keys)
+            return MixedPrecisionLayer(
+                group_size, symmetric, self.keep_dequantized, self.rotate_keys, self.rotate_values
+            )
 
         if num_layers is not None:
             super().__init__(layers=[make_layer() for _ in range(num_layers)])
@@ -683,13 +706,13 @@ class MixedPrecisionKVCache(Cache):
         ):
             for layer in layers:
                 layer._store(
-                    _quantize_block(layer.keys, layer.values, runs, layer.group_size, layer.symmetric, layer.rotation)
+                    _quantize_block(layer.keys, layer.values, runs, layer.group_size, layer.symmetric, layer.rotations)
                 )
             return
         batch = first.keys.shape[0]
         stacked = _quantize_block(
             torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]),
-            runs, first.group_size, first.symmetric, first.rotation,
+            runs, first.group_size, first.symmetric, first.rotations,
         )
         floats = None
         if first.keep_dequantized:
@@ -699,7 +722,7 @@ class MixedPrecisionKVCache(Cache):
             rows = slice(i * batch, (i + 1) * batch)
             new = [
                 _Segment(s.key_bits, s.value_bits, _batch_slice(s.keys, rows.start, batch),
-                         _batch_slice(s.values, rows.start, batch), s.rotation)
+                         _batch_slice(s.values, rows.start, batch), s.key_rotation, s.value_rotation)
                 for s in stacked
             ]
             layer._store(new, None if floats is None else (floats[0][rows], floats[1][rows]))
@@ -763,8 +786,8 @@ class MixedPrecisionKVCache(Cache):
         ``||x_t - deq(q(x_t))||^2`` of keys and values together, divided by the block's mean
         ``||x_t||^2``, then averaged over layers; shape ``[pending tokens]``. Nothing is committed.
         Pending sink tokens (see ``sink_tokens``) have no error and are left out of the quantization,
-        exactly as :meth:`commit` would; with ``rotate_keys`` keys are quantized rotated, as committed (the
-        rotation is orthonormal, so their error is the same in either basis). Why relative to the block mean rather than to the token's own
+        exactly as :meth:`commit` would; with ``rotate_keys`` (``rotate_values``) keys (values) are quantized
+        rotated, as committed (the rotation is orthonormal, so their error is the same in either basis). Why relative to the block mean rather than to the token's own
         norm: an outlier token (an attention sink, a delimiter with massive activations) stretches
         every per-channel key scale of its group, so the damage shows up as error on its
         *neighbours*, which a per-token relative error would hide.
@@ -775,6 +798,7 @@ class MixedPrecisionKVCache(Cache):
         sinks = self._pending_sinks()
         total = None
         for layer in self.layers:
+            rotations = layer.rotations
             err = torch.zeros(layer.keys.shape[-2], dtype=torch.float32, device=layer.keys.device)
             norm = torch.zeros_like(err)
             for x, axis, b in ((layer.keys, KEY_AXIS, key_bits), (layer.values, VALUE_AXIS, value_bits)):
@@ -783,7 +807,7 @@ class MixedPrecisionKVCache(Cache):
                 if sinks == xf.shape[-2]:
                     continue
                 xq = xf[..., sinks:, :]
-                rotation = layer.rotation if axis == KEY_AXIS and b < 16 else None
+                rotation = rotations[0 if axis == KEY_AXIS else 1] if b < 16 else None
                 if rotation is not None:  # orthonormal: the error in the stored basis is the error
                     xq = xq @ rotation
                 qt = quantize(xq, b, axis, self.group_size, self.symmetric)

@@ -1,4 +1,5 @@
-"""The orthonormal rotation keys are stored in with ``MixedPrecisionKVCache(rotate_keys=True)``.
+"""The orthonormal rotation keys (values) are stored in with ``MixedPrecisionKVCache(rotate_keys=True)``
+(``rotate_values=True``).
 
 Why rotate: keys are quantized per channel (KIVI) with min-max codes, so each channel's levels are
 spent on its own distribution's extremes. Multiplying each head's keys by an orthonormal Hadamard
@@ -24,11 +25,12 @@ import functools
 
 import torch
 
-__all__ = ["key_rotation"]
+__all__ = ["rotation_matrix"]
 
 
-def key_rotation(head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``[head_dim, head_dim]`` float32 orthonormal matrix R: keys are stored as ``k @ R``, read as ``(k @ R) @ R.T``."""
+def rotation_matrix(head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[head_dim, head_dim]`` float32 orthonormal matrix R: keys (values) are stored as ``k @ R``, read as
+    ``(k @ R) @ R.T``. The same tensor every call for a size and device: do not modify it."""
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
     return _rotation(head_dim).to(device)

@@ -122,8 +122,9 @@ def test_baseline_is_computed_once_per_prompt_and_reloaded_from_the_store(tiny_m
         ({"interval": 32}, "k4v2"),
         ({"group_size": 8}, "k4v2"),
         ({"rotate_keys": True}, "k4v2"),
+        ({"rotate_values": True}, "k4v2"),
     ],
-    ids=["setting", "swapped-halves", "sink_tokens", "interval", "group_size", "rotate_keys"],
+    ids=["setting", "swapped-halves", "sink_tokens", "interval", "group_size", "rotate_keys", "rotate_values"],
 )
 def test_a_baseline_stored_under_another_setting_or_config_is_not_reused(
     tiny_model, tmp_path, counted, overrides, baseline

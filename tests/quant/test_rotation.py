@@ -1,6 +1,6 @@
-"""Rotated keys: ``MixedPrecisionKVCache(rotate_keys=True)`` against the same blocks rotated, round-tripped and
-rotated back by hand (``deq(q(k @ R)) @ R.T``; sinks and 16-bit runs as they are), plus what must not change
-(values, bytes, bookkeeping). Whether it helps is an experiment, not a unit property (quant.rotation)."""
+"""Rotated keys and values: ``MixedPrecisionKVCache(rotate_keys=True, rotate_values=...)`` against the same blocks
+rotated, round-tripped and rotated back by hand (``deq(q(k @ R)) @ R.T``; sinks and 16-bit runs as they are),
+plus what must not change (the unrotated half, bytes, bookkeeping). Whether it helps is an experiment, not a unit property (quant.rotation)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from _tiny_llama import tiny_llama
 
 from envs.cache_kwarg import with_cache
 from quant.kv_cache import KEY_AXIS, VALUE_AXIS, MixedPrecisionKVCache, block_runs
-from quant.rotation import key_rotation
+from quant.rotation import rotation_matrix
 from quant.uniform import dequantize, quantize
 
 GROUP = 16
@@ -31,8 +31,10 @@ def _states(tokens: int, seed: int, outlier: float = 8.0) -> list[tuple[torch.Te
     return out
 
 
-def _cache(rotate: bool, sink_tokens: int = 0, keep: bool = False) -> MixedPrecisionKVCache:
-    return MixedPrecisionKVCache(LAYERS, group_size=GROUP, sink_tokens=sink_tokens, keep_dequantized=keep, rotate_keys=rotate)
+def _cache(rotate: bool, sink_tokens: int = 0, keep: bool = False, values: bool = False) -> MixedPrecisionKVCache:
+    return MixedPrecisionKVCache(
+        LAYERS, group_size=GROUP, sink_tokens=sink_tokens, keep_dequantized=keep, rotate_keys=rotate, rotate_values=values
+    )
 
 
 def _feed(cache: MixedPrecisionKVCache, states) -> None:
@@ -45,33 +47,34 @@ def _seen(cache: MixedPrecisionKVCache, probe) -> list[tuple[torch.Tensor, torch
     return [tuple(t.clone() for t in cache.update(k, v, i)) for i, (k, v) in enumerate(probe)]
 
 
-def _by_hand(states, runs, rotate: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each run round-tripped on its own; keys of a run below 16 bits in the rotated basis when ``rotate``."""
-    r = key_rotation(DIM)
+def _round_trip(x: torch.Tensor, bits: int, axis: int, rotate: bool) -> torch.Tensor:
+    if bits == 16:
+        return x.half().float()
+    if rotate:
+        r = rotation_matrix(DIM)
+        return dequantize(quantize(x @ r, bits, axis, GROUP)) @ r.T
+    return dequantize(quantize(x, bits, axis, GROUP))
+
+
+def _by_hand(states, runs, rotate: bool, values: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each run round-tripped on its own; keys (values) below 16 bits in the rotated basis when ``rotate`` (``values``)."""
     out = []
     for k, v in states:
         hk, hv = torch.empty_like(k), torch.empty_like(v)
         for start, length, kb, vb in runs:
-            ks, vs = k[..., start : start + length, :], v[..., start : start + length, :]
-            if kb == 16:
-                hk[..., start : start + length, :] = ks.half().float()
-            elif rotate:
-                hk[..., start : start + length, :] = dequantize(quantize(ks @ r, kb, KEY_AXIS, GROUP)) @ r.T
-            else:
-                hk[..., start : start + length, :] = dequantize(quantize(ks, kb, KEY_AXIS, GROUP))
-            hv[..., start : start + length, :] = (
-                vs.half().float() if vb == 16 else dequantize(quantize(vs, vb, VALUE_AXIS, GROUP))
-            )
+            part = slice(start, start + length)
+            hk[..., part, :] = _round_trip(k[..., part, :], kb, KEY_AXIS, rotate)
+            hv[..., part, :] = _round_trip(v[..., part, :], vb, VALUE_AXIS, values)
         out.append((hk, hv))
     return out
 
 
 @pytest.mark.parametrize("dim", [1, 2, 16, 64, 128, 80, 48])
 def test_rotation_is_orthonormal_and_fixed(dim):
-    r = key_rotation(dim)
+    r = rotation_matrix(dim)
     assert r.shape == (dim, dim) and r.dtype == torch.float32
     torch.testing.assert_close(r @ r.T, torch.eye(dim), atol=1e-5, rtol=0)
-    assert torch.equal(r, key_rotation(dim))  # the same matrix every call (and every machine: no global RNG)
+    assert torch.equal(r, rotation_matrix(dim))  # the same matrix every call (and every machine: no global RNG)
     if dim & (dim - 1) == 0:  # Hadamard: every entry +-1/sqrt(n), so every channel is spread over all
         torch.testing.assert_close(r.abs(), torch.full((dim, dim), dim**-0.5))
 
@@ -79,35 +82,43 @@ def test_rotation_is_orthonormal_and_fixed(dim):
 @pytest.mark.parametrize("bad", [0, -4, 2.5, True, "64"])
 def test_rotation_refuses_bad_head_dim(bad):
     with pytest.raises(ValueError, match="head_dim"):
-        key_rotation(bad)
+        rotation_matrix(bad)
 
 
 @pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("sinks", [0, 3])
-def test_rotated_block_equals_rotation_by_hand(keep, sinks):
+@pytest.mark.parametrize("keys,values", [(True, False), (False, True), (True, True)], ids=["k", "v", "kv"])
+def test_rotated_block_equals_rotation_by_hand(keep, sinks, keys, values):
     states, probe = _states(32, 0), _states(1, 1)
-    cache = _cache(True, sinks, keep)
+    cache = _cache(keys, sinks, keep, values)
     _feed(cache, states)
     protect = [t in (9, 10, 20) for t in range(32)]
     cache.commit((2, 3), protect=protect, protect_bits=16)
     runs = block_runs(32, 2, 3, sinks, protect, (16, 16))
-    for (k, v), (hk, hv) in zip(_seen(cache, probe), _by_hand(states, runs, rotate=True), strict=True):
-        torch.testing.assert_close(k[..., :32, :], hk, atol=1e-5, rtol=1e-5)
-        assert torch.equal(v[..., :32, :], hv)  # values are never rotated
+    for (k, v), (hk, hv) in zip(_seen(cache, probe), _by_hand(states, runs, keys, values), strict=True):
+        for seen, hand, rotated in ((k, hk, keys), (v, hv, values)):
+            if rotated:
+                torch.testing.assert_close(seen[..., :32, :], hand, atol=1e-5, rtol=1e-5)
+            else:  # the half not rotated is bit for bit what the plain cache stores
+                assert torch.equal(seen[..., :32, :], hand)
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_rotation_changes_keys_only_and_no_bytes(keep):
+@pytest.mark.parametrize("keys,values", [(True, False), (False, True)], ids=["k", "v"])
+def test_rotation_changes_its_half_only_and_no_bytes(keep, keys, values):
     states, probe = _states(48, 2), _states(1, 3)
-    plain, rotated = _cache(False, 2, keep), _cache(True, 2, keep)
+    plain, rotated = _cache(False, 2, keep), _cache(keys, 2, keep, values)
     for cache in (plain, rotated):
         _feed(cache, states)
         cache.commit(2, protect=[t == 30 for t in range(48)], protect_bits=4)
-    seen_plain, seen_rot = _seen(plain, probe), _seen(rotated, probe)
-    for (kp, vp), (kr, vr) in zip(seen_plain, seen_rot, strict=True):
-        assert torch.equal(vp, vr)
-        assert torch.equal(kp[..., :2, :], kr[..., :2, :])  # fp16 sinks stored as they are
-        assert not torch.allclose(kp[..., 2:48, :], kr[..., 2:48, :])  # the quantized keys did change
+    for seen_plain, seen_rot in zip(_seen(plain, probe), _seen(rotated, probe), strict=True):
+        for half, rotated_half in ((0, keys), (1, values)):
+            p, r = seen_plain[half], seen_rot[half]
+            assert torch.equal(p[..., :2, :], r[..., :2, :])  # fp16 sinks stored as they are
+            if rotated_half:
+                assert not torch.allclose(p[..., 2:48, :], r[..., 2:48, :])  # the quantized ones did change
+            else:
+                assert torch.equal(p, r)
     assert rotated.nbytes() == plain.nbytes() and rotated.average_bits() == plain.average_bits()
     assert rotated.blocks == plain.blocks
 
@@ -122,7 +133,7 @@ def test_segments_merge_only_alike_and_read_back_exactly():
         _feed(cache, states)
         cache.commit(b)
     layer = cache.layers[0]
-    assert [(s.key_bits, s.rotation is not None, s.length) for s in layer.segments] == [
+    assert [(s.key_bits, s.key_rotation is not None, s.length) for s in layer.segments] == [
         (2, True, 32), (16, False, 16), (2, True, 16)
     ]
     seen = _seen(cache, _states(1, 14))
@@ -148,10 +159,11 @@ def test_stacked_and_per_layer_commits_agree():
         assert torch.equal(ks, kl) and torch.equal(vs, vl)
 
 
-def test_pending_error_is_the_committed_error():
-    """pending_error quantizes keys as the rotated commit does: it predicts the error the commit then makes."""
+@pytest.mark.parametrize("keys,values", [(True, False), (False, True), (True, True)], ids=["k", "v", "kv"])
+def test_pending_error_is_the_committed_error(keys, values):
+    """pending_error quantizes as the rotated commit does: it predicts the error the commit then makes."""
     states, probe = _states(32, 8, outlier=20.0), _states(1, 9)
-    cache = _cache(True)
+    cache = _cache(keys, values=values)
     _feed(cache, states)
     predicted = cache.pending_error(2)
     cache.commit(2)

@@ -1,4 +1,4 @@
-"""``EnvConfig.rotate_keys`` on the tiny model: the env's episode cache stores rotated keys, which changes a
+"""``EnvConfig.rotate_keys`` / ``rotate_values`` on the tiny model: the env's episode cache stores rotated keys, which changes a
 quantized episode and nothing at 16 bits; marks and sinks work with it;
 bad combinations are clear errors. (The baseline pass and its store key:
 tests/envs/test_baseline_reward.py; the batched vector env: tests/envs/test_vector.py.)"""
@@ -24,10 +24,13 @@ def _final(env, row: int, action) -> dict:
             return info
 
 
-def test_the_episode_cache_rotates_and_only_quantized_episodes_change(tiny_model):
+@pytest.mark.parametrize("keys,values", [(True, False), (False, True)], ids=["keys", "values"])
+def test_the_episode_cache_rotates_and_only_quantized_episodes_change(tiny_model, keys, values):
     plain = make_env(tiny_model, bits=MENU, sink_tokens=2)
-    rotated = make_env(tiny_model, bits=MENU, sink_tokens=2, rotate_keys=True)
-    assert rotated._new_cache().rotate_keys and not plain._new_cache().rotate_keys
+    rotated = make_env(tiny_model, bits=MENU, sink_tokens=2, rotate_keys=keys, rotate_values=values)
+    cache = rotated._new_cache()
+    assert (cache.rotate_keys, cache.rotate_values) == (keys, values)
+    assert not (plain._new_cache().rotate_keys or plain._new_cache().rotate_values)
     for row in ROWS:
         full_p, full_r = _final(plain, row, MENU.index(16)), _final(rotated, row, MENU.index(16))
         assert full_p["scores"] == full_r["scores"]
@@ -50,7 +53,7 @@ def test_marks_and_sinks_with_rotation(tiny_model):
     env.reset(options={"row": env.items[0].row})
     env.step(action)
     layer = env._episode.cache.layers[0]
-    assert [(s.key_bits, s.rotation is not None) for s in layer.segments] == [
+    assert [(s.key_bits, s.key_rotation is not None) for s in layer.segments] == [
         (16, False), (2, True), (16, False), (2, True)
     ]
     assert env._episode.cache.blocks[0].protected_tokens == 10
@@ -61,6 +64,8 @@ def test_marks_and_sinks_with_rotation(tiny_model):
     ({"rotate_keys": "yes"}, "rotate_keys must be true or false"),
     ({"rotate_keys": True, "cache": "quanto", "bits": [4]}, "rotate_keys needs cache: mixed"),
     ({"rotate_keys": True, "cache": "dynamic", "bits": [16]}, "rotate_keys needs cache: mixed"),
+    ({"rotate_values": 1}, "rotate_values must be true or false"),
+    ({"rotate_values": True, "cache": "quanto", "bits": [4]}, "rotate_values needs cache: mixed"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
