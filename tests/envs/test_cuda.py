@@ -69,3 +69,14 @@ def test_quanto_baseline_runs_on_the_gpu(cuda_env):
     quanto = cuda_env.sibling(cache="quanto", bits=(4,), sink_tokens=0)
     info = _episode(quanto, cuda_env.pool[0].row, [0])
     assert np.isfinite(info["scores"]).all() and 0 < info["kv_bytes"]
+
+
+def test_rotated_cache_runs_in_bfloat16_on_the_gpu(cuda_env):
+    """Rotated keys and values: the rotation lives on the GPU (quant.rotation keeps one copy per device), the
+    episode's bytes equal the unrotated env's and its scores stay finite."""
+    rotated = cuda_env.sibling(rotate_keys=True, rotate_values=True)
+    row = cuda_env.pool[0].row
+    plain, turned = _episode(cuda_env, row, [0, 1]), _episode(rotated, row, [0, 1])
+    assert turned["kv_bytes"] == plain["kv_bytes"] and np.isfinite(turned["scores"]).all()
+    layer = rotated._episode.cache.layers[0]
+    assert any(s.key_rotation is not None and s.key_rotation.device.type == "cuda" for s in layer.segments)
