@@ -230,10 +230,16 @@ def _quantize_block(
     return new
 
 
-def _dequantize_into(segments: Sequence[_Segment], name: str, out: torch.Tensor) -> torch.Tensor:
+def _dequantize_into(
+    segments: Sequence[_Segment], name: str, out: torch.Tensor, may_rotate: bool = True
+) -> torch.Tensor:
     """The ``name`` ("keys" or "values") of ``segments``, dequantized and concatenated along the tokens into
-    ``out``; rotated ones are rotated back (``x @ R @ R.T = x``), so every reader sees them in their own basis."""
+    ``out``; rotated ones are rotated back (``x @ R @ R.T = x``), so every reader sees them in their own basis.
+    ``may_rotate=False`` (the layer stores that half unrotated) skips the per-segment check: on the per-step
+    read it cost ~9% of assembling a 16-segment layer (measured, 30 layers)."""
     dequantize_cat([getattr(segment, name) for segment in segments], out, dim=-2)
+    if not may_rotate:
+        return out
     start = 0
     for segment in segments:
         rotation = segment.rotation(name)
@@ -321,7 +327,11 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if prefix is not None:  # keep_dequantized: a copy (broadcast along a branched batch)
             out.narrow(-2, 0, committed).copy_(prefix[0 if axis == KEY_AXIS else 1])
         else:
-            _dequantize_into(self.segments, "keys" if axis == KEY_AXIS else "values", out.narrow(-2, 0, committed))
+            keys = axis == KEY_AXIS
+            _dequantize_into(
+                self.segments, "keys" if keys else "values", out.narrow(-2, 0, committed),
+                may_rotate=self.rotate_keys if keys else self.rotate_values,
+            )
         out.narrow(-2, committed, pending.shape[-2]).copy_(pending)
         return out
 
