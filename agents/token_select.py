@@ -17,6 +17,14 @@ tokens per episode as the evidence holds. The block's setting is one fixed menu 
 the selector decides *where* precision goes, the env's budget how much (it drops the latest marks
 that do not fit).
 
+``tail_tokens`` also marks the prompt's last N tokens, whatever they hold: there the question names
+what to retrieve, and every ending attends to it. KIVI keeps its most recent tokens in full precision
+for the same reason. Measured on pool rows 0-47 of the pass-key study (rotated keys, budget 2.5): the
+last 32 tokens marked at 4 bits add +0.14 nats of gold log-likelihood and +6 pt of accuracy to the
+selector (``results/passkey_study/README.md``, section 12). It is a fixed prior, like the sink tokens, not
+a learned part; the policy finds the last block by ``blocks_left`` (0 there) and the block's tokens by
+``token_rank`` (0 in padded slots; a real token is 0 only if its id is 0), so the env must observe both.
+
 Saved as JSON (``select:<path.json>``).
 """
 
@@ -82,6 +90,7 @@ class TokenSelector:
     bias: float
     threshold: float
     setting: str  # the block's setting, as envs.settings names it ("2", "k3v2")
+    tail_tokens: int = 0  # also mark the prompt's last this many tokens (the question); see the module docstring
     info: dict[str, Any] | None = None  # how it was fitted (episodes, precision, recall): not read back
 
     def scores(self, values: np.ndarray) -> np.ndarray:
@@ -104,6 +113,8 @@ class TokenSelector:
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{path} is not a token selector written by TokenSelector.save ({e})") from None
         width = 2 * len(selector.features)
+        if isinstance(selector.tail_tokens, bool) or not isinstance(selector.tail_tokens, int) or selector.tail_tokens < 0:
+            raise ValueError(f"{path}: tail_tokens must be an integer >= 0, got {selector.tail_tokens!r}")
         if not (len(selector.mean) == len(selector.std) == len(selector.weights) == width):
             raise ValueError(f"{path}: mean/std/weights need {width} entries (2 per feature)")
         return selector
@@ -111,18 +122,20 @@ class TokenSelector:
 
 def fit_selector(
     values: Sequence[np.ndarray], labels: Sequence[np.ndarray], features: Sequence[str], setting: Any,
-    window: int = 8, keep_ratio: float = 1.0,
+    window: int = 8, keep_ratio: float = 1.0, tail_tokens: int = 0,
 ) -> TokenSelector:
     """Fit the selector on episodes: ``values[e]`` ``[blocks, F, S]`` per-token values of episode e's blocks,
     ``labels[e]`` ``[blocks, S]``: 1 for an evidence token, 0 for another token, -1 for a slot past the
     block's end (left out of the fit and of the threshold).
 
     Logistic regression (L-BFGS, standardised inputs); the threshold keeps ``keep_ratio`` x the evidence
-    tokens per episode, on these episodes."""
+    tokens per episode, on these episodes. ``tail_tokens`` is stored as given (a prior, not fitted)."""
     if not values or len(values) != len(labels):
         raise ValueError(f"need one label array per episode and at least one episode, got {len(values)} and {len(labels)}")
     if keep_ratio <= 0:
         raise ValueError(f"keep_ratio must be > 0, got {keep_ratio}")
+    if tail_tokens < 0:
+        raise ValueError(f"tail_tokens must be >= 0, got {tail_tokens}")
     xs, ys = [], []
     for v, lab in zip(values, labels, strict=True):
         x = window_features(np.asarray(v, dtype=np.float64), window)
@@ -160,12 +173,13 @@ def fit_selector(
     }
     return TokenSelector(
         list(features), int(window), mean.tolist(), std.tolist(), w.detach().tolist(), float(b.item()), threshold,
-        setting_name(normalize_setting(setting)), info,
+        setting_name(normalize_setting(setting)), tail_tokens=int(tail_tokens), info=info,
     )
 
 
 class TokenSelectPolicy(Policy):
-    """Every block at the selector's setting; the tokens it scores above its threshold marked (``select:<path>``)."""
+    """Every block at the selector's setting; the tokens it scores above its threshold marked (``select:<path>``),
+    and with ``tail_tokens`` the prompt's last tokens too."""
 
     name = "select"
 
@@ -180,6 +194,26 @@ class TokenSelectPolicy(Policy):
                 f"{[setting_name(b) for b in self.bits]} does not offer; add it to the env's bits"
             )
         self.setting_index = self.bits.index(setting)
+        if self.selector.tail_tokens:
+            missing = [f for f in ("blocks_left", "token_rank@0") if f not in self.observation_names]
+            if missing:
+                raise ValueError(
+                    f"{path}: tail_tokens={self.selector.tail_tokens} finds the prompt's last block by the "
+                    "'blocks_left' feature and its tokens by the 'token_rank' token feature; the env observes "
+                    f"neither {missing}: add blocks_left to its features and token_rank to its token_features"
+                )
+            self.last_block_column = self.observation_names.index("blocks_left")
+            self.rank_columns, _ = token_columns(self.observation_names, ["token_rank"])
+
+    def _tail_marks(self, obs2d: np.ndarray) -> np.ndarray:
+        """``[n, slots]``: 1 on the last ``tail_tokens`` tokens of the prompt's last block (``blocks_left`` 0);
+        the block's tokens end at its last slot with a nonzero ``token_rank`` (padded slots are 0)."""
+        marks = np.zeros((len(obs2d), self.slots), np.int64)
+        for i in np.flatnonzero(obs2d[:, self.last_block_column] <= 0):
+            filled = np.flatnonzero(obs2d[i, self.rank_columns] > 0)
+            end = int(filled[-1]) + 1 if len(filled) else 0
+            marks[i, max(end - self.selector.tail_tokens, 0) : end] = 1
+        return marks
 
     def act(self, obs2d: np.ndarray, deterministic: bool = True) -> np.ndarray:
         if self.protect_slots != self.slots:
@@ -189,4 +223,6 @@ class TokenSelectPolicy(Policy):
             )
         values = obs2d[:, self.columns].reshape(len(obs2d), len(self.selector.features), self.slots)
         marks = (self.selector.scores(values) > self.selector.threshold).astype(np.int64)
+        if self.selector.tail_tokens:
+            marks |= self._tail_marks(obs2d)
         return np.concatenate([np.full((len(obs2d), 1), self.setting_index, np.int64), marks], axis=1)

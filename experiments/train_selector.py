@@ -43,6 +43,7 @@ class TrainSelectorConfig:
     window: int = 8  # token slots each side whose mean values the selector also reads
     keep_ratio: float = 1.0  # tokens kept per episode / evidence tokens per episode, on the fitting rows
     setting: str | None = None  # every block's setting ("2", "k3v2"); None: the menu's cheapest
+    tail_tokens: int = 0  # also mark the prompt's last this many tokens (a prior, not fitted; agents.token_select)
     threads: int | None = 1  # torch CPU threads
     out_dir: str = "runs/train_selector"
     wandb_project: str = "kvgym"
@@ -93,6 +94,9 @@ def run(cfg: TrainSelectorConfig) -> dict[str, Path]:
         raise ValueError(f"train_selector fits on pool items only; env.split must be 'train', got {cfg.env.split!r}")
     if not cfg.env.token_features or cfg.env.protect_bits is None:
         raise ValueError("train_selector needs an env with token_features (what it reads) and protect_bits (what it marks)")
+    if cfg.tail_tokens and ("blocks_left" not in cfg.env.features or "token_rank" not in cfg.env.token_features):
+        raise ValueError("tail_tokens needs blocks_left among env.features and token_rank among env.token_features "
+                         "(how the policy finds the prompt's last tokens)")
     if cfg.items < 1 or cfg.offset < 0 or cfg.check_items < 0:
         raise ValueError(f"items must be >= 1 and offset, check_items >= 0; got {cfg.items}, {cfg.offset}, {cfg.check_items}")
     if cfg.threads is not None:
@@ -114,7 +118,7 @@ def run(cfg: TrainSelectorConfig) -> dict[str, Path]:
                 for row in tqdm(rows, desc="pool episodes", disable=not cfg.progress)]
         fit, check = data[: cfg.items], data[cfg.items :]
         selector = fit_selector([v for v, _ in fit], [lab for _, lab in fit], cfg.env.token_features, setting,
-                                cfg.window, cfg.keep_ratio)
+                                cfg.window, cfg.keep_ratio, cfg.tail_tokens)
         report = {"fit_rows": rows[: cfg.items], "check_rows": rows[cfg.items :], "fit": found(selector, fit)}
         if check:
             report["check"] = found(selector, check)

@@ -156,6 +156,11 @@ def test_save_load_roundtrip(tmp_path):
     path = selector.save(tmp_path / "sub" / "selector.json")
     loaded = TokenSelector.load(path)
     assert dataclasses.asdict(loaded) == dataclasses.asdict(selector)
+    assert fit_selector(values, labels, ["flag", "noise"], 2, window=3, tail_tokens=16).tail_tokens == 16
+    doc = json.loads(path.read_text())
+    del doc["tail_tokens"]  # a selector saved before tail_tokens existed loads with none
+    path.write_text(json.dumps(doc))
+    assert TokenSelector.load(path).tail_tokens == 0
     assert np.array_equal(loaded.scores(values[0]), selector.scores(values[0]))
 
 
@@ -221,6 +226,43 @@ def test_masks_clear_marks_past_a_short_blocks_end(env, tmp_path):
         assert masked[1:].tolist() == [int(i < end - start) for i in range(SLOTS)]
         obs, _, done, _, info = env.step(masked)
     assert done and info["requested_protected_tokens"] == spans[-1][1] - spans[-1][0]
+
+
+@pytest.mark.parametrize("tail", [5, 200])
+def test_tail_tokens_mark_the_prompts_last_tokens_and_nothing_else(tiny_model, tmp_path, tail):
+    """A selector that scores no token above its threshold, with ``tail_tokens``: only the last block's last
+    ``tail`` tokens are marked (all of that block when it is shorter; never an earlier block)."""
+    env = _env(tiny_model, features=["blocks_left"])
+    path = dataclasses.replace(_selector(["digits"], [0.0, 0.0], bias=-1.0, threshold=0.0), tail_tokens=tail).save(
+        tmp_path / "tail.json")
+    policy = make_policy(f"select:{path}", env=env)
+    row = env.items[2].row
+    episode = rollout(env, policy, options={"row": row})
+    spans = env.block_spans()
+    last = spans[-1][1] - spans[-1][0]
+    assert [info["protected_tokens"] for info in episode.infos] == [0] * (len(spans) - 1) + [min(tail, last)]
+    final, _ = policy.predict(episode.observations[-1])
+    assert final[1:].tolist() == [int(last - tail <= i < last) for i in range(SLOTS)]
+    env.close()
+
+
+def test_tail_tokens_need_blocks_left_and_token_rank(env, tiny_model, tmp_path):
+    path = dataclasses.replace(_selector(["digits"], [1.0, 0.0]), tail_tokens=8).save(tmp_path / "tail.json")
+    with pytest.raises(ValueError, match="blocks_left"):
+        make_policy(f"select:{path}", env=env)  # the module's env observes token_rank but not blocks_left
+    no_rank = _env(tiny_model, features=["blocks_left"], token_features=["digits"])
+    with pytest.raises(ValueError, match="token_rank"):
+        make_policy(f"select:{path}", env=no_rank)
+    no_rank.close()
+    doc = dataclasses.asdict(_selector(["digits"], [1.0, 0.0]))
+    doc["tail_tokens"] = -1
+    bad = tmp_path / "bad_tail.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="tail_tokens must be an integer >= 0"):
+        TokenSelector.load(bad)
+    values, labels = _synthetic(episodes=2)
+    with pytest.raises(ValueError, match="tail_tokens"):
+        fit_selector(values, labels, ["flag", "noise"], 2, tail_tokens=-3)
 
 
 def test_select_policy_errors(env, tiny_model, tmp_path):

@@ -26,7 +26,7 @@ def _sets(hellaswag_path, out_dir, **extra) -> dict[str, str]:
         "env.data_path": str(hellaswag_path), "env.split": "train", "env.eval_size": "4", "env.interval": "64",
         "env.group_size": "32", "env.bits": "[2, 4]", "env.sink_tokens": "4", "env.protect_bits": "4",
         "env.features": "[digits, blocks_left]", "env.token_features": "[" + ", ".join(TOKEN_FEATURES) + "]",
-        "items": str(ITEMS), "check_items": str(CHECK_ITEMS), "window": "4", "setting": "2", "progress": "false",
+        "items": str(ITEMS), "check_items": str(CHECK_ITEMS), "window": "4", "setting": "2", "tail_tokens": "8", "progress": "false",
         "out_dir": str(out_dir), **extra,
     }
 
@@ -48,6 +48,7 @@ def test_writes_selector_fit_and_config(trained):
     assert all(p.is_file() for p in paths.values())
     selector = TokenSelector.load(paths["selector"])
     assert selector.features == TOKEN_FEATURES and selector.window == 4 and selector.setting == "2"
+    assert selector.tail_tokens == 8  # stored as configured, not fitted
     assert len(selector.weights) == 2 * len(TOKEN_FEATURES)
     fit = json.loads(paths["fit"].read_text())
     assert len(fit["fit_rows"]) == ITEMS and len(fit["check_rows"]) == CHECK_ITEMS
@@ -104,6 +105,7 @@ def test_the_selector_loads_as_a_policy_and_runs_on_held_out_items(trained):
     ({"env.protect_bits": "null"}, "needs an env with token_features .* and protect_bits"),
     ({"env.token_features": "[]"}, "needs an env with token_features"),
     ({"items": "0"}, "items must be >= 1"),
+    ({"env.features": "[digits]"}, "tail_tokens needs blocks_left"),
 ])
 def test_refusals_before_any_work(tmp_path, hellaswag_path, extra, message):
     out = tmp_path / "refused"

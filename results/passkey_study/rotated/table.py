@@ -1,5 +1,6 @@
-"""Section 11's tables from the evaluation summaries (nothing re-run): per budget, every row's accuracy, bits
-and gold log-likelihood, and the rotated selector's paired 95% CIs against each baseline.
+"""Sections 11 and 12's tables from the evaluation summaries (nothing re-run): per budget, every row's accuracy,
+bits and gold log-likelihood, and the rotated selector's paired 95% CIs against each baseline (section 12: the
+selector that also marks the prompt's last 32 tokens).
 
 Run from the repository root: python results/passkey_study/rotated/table.py
 """
@@ -14,6 +15,8 @@ BUDGETS = {
                                 "static-fine-b2.5", "select-b2.5"]),
     "2.25": ("rot-select-b2.25", ["fp16", "rot-2+s4", "rot-static-fine-b2.25", "fixed:2+s4", "static-fine-b2.25",
                                   "select-b2.25"]),
+    "2.5, tail 32 (section 12)": ("rot-select-tail32-b2.5", ["fp16", "rotkv-k3v2", "rot-k3v2", "rot-static-fine-b2.5",
+                                                            "rot-select-b2.5", "fixed:k3v2"]),
 }
 
 
