@@ -195,12 +195,13 @@ class TokenSelectPolicy(Policy):
             )
         self.setting_index = self.bits.index(setting)
         if self.selector.tail_tokens:
-            missing = [f for f in ("blocks_left", "token_rank@0") if f not in self.observation_names]
+            missing = [f for f, name in (("blocks_left", "blocks_left"), ("token_rank", "token_rank@0"))
+                       if name not in self.observation_names]
             if missing:
                 raise ValueError(
                     f"{path}: tail_tokens={self.selector.tail_tokens} finds the prompt's last block by the "
-                    "'blocks_left' feature and its tokens by the 'token_rank' token feature; the env observes "
-                    f"neither {missing}: add blocks_left to its features and token_rank to its token_features"
+                    "'blocks_left' feature and its tokens by the 'token_rank' token feature; the env does not "
+                    f"observe {missing}: add blocks_left to its features and token_rank to its token_features"
                 )
             self.last_block_column = self.observation_names.index("blocks_left")
             self.rank_columns, _ = token_columns(self.observation_names, ["token_rank"])
