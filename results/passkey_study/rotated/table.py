@@ -13,7 +13,7 @@ SUMMARIES = [json.loads(p.read_text()) for p in sorted(EVAL.glob("summary_*.json
 BUDGETS = {
     "2.5": ("rot-select-b2.5", ["fp16", "rot-k3v2", "rotkv-k3v2", "rot-2+s4", "rot-static-fine-b2.5", "fixed:k3v2",
                                 "static-fine-b2.5", "select-b2.5"]),
-    "2.25": ("rot-select-b2.25", ["fp16", "rot-2+s4", "rot-static-fine-b2.25", "fixed:2+s4", "static-fine-b2.25",
+    "2.25": ("rot-select-b2.25", ["fp16", "rotkv-2+s4", "rot-2+s4", "rot-static-fine-b2.25", "fixed:2+s4", "static-fine-b2.25",
                                   "select-b2.25"]),
     "2.5, tail 32 (section 12)": ("rot-select-tail32-b2.5", ["fp16", "rotkv-k3v2", "rot-k3v2", "rot-static-fine-b2.5",
                                                             "rot-select-b2.5", "fixed:k3v2"]),

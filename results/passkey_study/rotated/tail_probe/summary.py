@@ -18,11 +18,16 @@ for f in sorted(HERE.glob("records_*.jsonl")):
     for line in open(f):
         r = json.loads(line)
         runs[name][r["row"]] = r
+
+
+def mean(recs: dict[int, dict], key: str) -> float:
+    return sum(r[key] for r in recs.values()) / len(recs)
+
+
 for name, recs in runs.items():
     rows = sorted(recs)
-    mean = lambda k: sum(recs[r][k] for r in rows) / len(rows)  # noqa: E731
-    print(f"{name:12s} items {len(rows)} acc {mean('correct'):.3f} exact {mean('exact_match'):.3f} "
-          f"Δ log-lik vs fp16 {mean('loglik_delta'):+.3f} bits {mean('avg_bits'):.3f}")
+    print(f"{name:12s} items {len(rows)} acc {mean(recs, 'correct'):.3f} exact {mean(recs, 'exact_match'):.3f} "
+          f"Δ log-lik vs fp16 {mean(recs, 'loglik_delta'):+.3f} bits {mean(recs, 'avg_bits'):.3f}")
     for ref in ("rot-select-b2.5", "fp16"):
         for key in ("loglik_delta", "correct"):
             ci = paired_diff_ci([recs[r][key] for r in rows], [pool[ref][r][key] for r in rows])
