@@ -44,7 +44,11 @@ from agents.base import Policy
 from envs.io import atomic_write
 from envs.settings import normalize_setting, setting_name
 
-__all__ = ["TokenSelector", "TokenSelectPolicy", "fit_selector", "token_columns", "window_features"]
+__all__ = ["TAIL_FEATURES", "TokenSelector", "TokenSelectPolicy", "fit_selector", "token_columns", "window_features"]
+
+#: what ``tail_tokens`` reads: the state feature that is 0 at the prompt's last block, and the token feature
+#: that is 0 only in a block's padded slots
+TAIL_FEATURES: tuple[str, str] = ("blocks_left", "token_rank")
 
 
 def token_columns(observation_names: Sequence[str], features: Sequence[str]) -> tuple[list[int], int]:
@@ -195,7 +199,8 @@ class TokenSelectPolicy(Policy):
             )
         self.setting_index = self.bits.index(setting)
         if self.selector.tail_tokens:
-            missing = [f for f, name in (("blocks_left", "blocks_left"), ("token_rank", "token_rank@0"))
+            last_block, rank = TAIL_FEATURES
+            missing = [f for f, name in ((last_block, last_block), (rank, f"{rank}@0"))
                        if name not in self.observation_names]
             if missing:
                 raise ValueError(
@@ -203,8 +208,8 @@ class TokenSelectPolicy(Policy):
                     "'blocks_left' feature and its tokens by the 'token_rank' token feature; the env does not "
                     f"observe {missing}: add blocks_left to its features and token_rank to its token_features"
                 )
-            self.last_block_column = self.observation_names.index("blocks_left")
-            self.rank_columns, _ = token_columns(self.observation_names, ["token_rank"])
+            self.last_block_column = self.observation_names.index(last_block)
+            self.rank_columns, _ = token_columns(self.observation_names, [rank])
 
     def _tail_marks(self, obs2d: np.ndarray) -> np.ndarray:
         """``[n, slots]``: 1 on the last ``tail_tokens`` tokens of the prompt's last block (``blocks_left`` 0);

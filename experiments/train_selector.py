@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from agents.fixed import FixedBitsPolicy
 from agents.rollout import rollout
-from agents.token_select import TokenSelector, fit_selector, token_columns
+from agents.token_select import TAIL_FEATURES, TokenSelector, fit_selector, token_columns
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
 from envs.settings import Setting, mean_bits, parse_setting, setting_name
 from experiments import tracking
@@ -94,8 +94,9 @@ def run(cfg: TrainSelectorConfig) -> dict[str, Path]:
         raise ValueError(f"train_selector fits on pool items only; env.split must be 'train', got {cfg.env.split!r}")
     if not cfg.env.token_features or cfg.env.protect_bits is None:
         raise ValueError("train_selector needs an env with token_features (what it reads) and protect_bits (what it marks)")
-    if cfg.tail_tokens and ("blocks_left" not in cfg.env.features or "token_rank" not in cfg.env.token_features):
-        raise ValueError("tail_tokens needs blocks_left among env.features and token_rank among env.token_features "
+    last_block, rank = TAIL_FEATURES
+    if cfg.tail_tokens and (last_block not in cfg.env.features or rank not in cfg.env.token_features):
+        raise ValueError(f"tail_tokens needs {last_block} among env.features and {rank} among env.token_features "
                          "(how the policy finds the prompt's last tokens)")
     if cfg.items < 1 or cfg.offset < 0 or cfg.check_items < 0:
         raise ValueError(f"items must be >= 1 and offset, check_items >= 0; got {cfg.items}, {cfg.offset}, {cfg.check_items}")
