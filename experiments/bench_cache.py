@@ -91,6 +91,7 @@ DEFAULT_SPECS: tuple[CacheSpec, ...] = (
 EXTRA_SPECS: tuple[CacheSpec, ...] = (
     CacheSpec("ours-4-kept", "ours", 4, keep_dequantized=True),
     CacheSpec("ours-mixed-kept", "ours", 0, keep_dequantized=True),
+    CacheSpec("ours-mixed-s4", "ours", 0, sink_tokens=4),  # the v2 menu keeps 4 fp16 sink tokens
     CacheSpec("ours-3", "ours", 3),  # 3-bit codes in two bit planes (quant.uniform)
     CacheSpec("ours-k3v2", "ours", (3, 2)),  # the passkey study's best fixed setting within 2.5 bits
     CacheSpec("ours-4-rot", "ours", 4, rotate_keys=True),  # the rotation back costs a matmul per read

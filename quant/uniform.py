@@ -312,59 +312,143 @@ def dequantize(
     return out
 
 
-def dequantize_cat(parts: list[QuantizedTensor], out: torch.Tensor, dim: int = -2) -> torch.Tensor:
-    """Dequantize the concatenation along ``dim`` of parts whose bits may differ, into ``out``.
+def narrow(qt: QuantizedTensor, dim: int, start: int, length: int) -> QuantizedTensor:
+    """Elements ``[start, start + length)`` of ``qt`` along ``dim``, as views of its codes and parameters.
 
-    What the cache does every step with a layer's segments. Per part only the code-to-float copy is
-    done separately, and parts of equal bits are unpacked together; the multiply-add runs once over
-    everything, with the parts' (small) scales and zero-points concatenated, whenever the groups of
-    the parts line up (every part but the last ends on a complete group along ``dim``, or ``dim``
-    is not the quantized axis). That keeps a cache of many alternating-bits blocks cheap to read.
-    """
+    Along the quantized axis ``start`` must begin a group; along the packed (last) dimension only a
+    16-bit tensor can be sliced (codes share bytes there)."""
+    ndim = len(qt.shape)
+    dim = _normalise_axis(dim, ndim)
+    if not (0 <= start and length >= 0 and start + length <= qt.shape[dim]):
+        raise ValueError(f"[{start}, {start + length}) is outside the {qt.shape[dim]} elements along dim {dim}")
+    if dim == ndim - 1 and qt.bits != 16:
+        raise ValueError("codes are packed along the last dimension: a quantized tensor cannot be sliced along it")
+    params = [qt.scale, qt.zero]
+    if qt.bits != 16:
+        if dim == qt.axis:
+            if start % qt.group_size:
+                raise ValueError(f"start {start} does not begin a group of {qt.group_size} along the quantized axis")
+            first, stop = start // qt.group_size, math.ceil((start + length) / qt.group_size)
+            params = [None if t is None else t.narrow(dim, first, stop - first) for t in params]
+        else:
+            params = [None if t is None else t.narrow(dim, start, length) for t in params]
+    shape = list(qt.shape)
+    shape[dim] = length
+    return QuantizedTensor(
+        qt.data.narrow(dim, start, length), params[0], params[1], qt.bits, tuple(shape), qt.axis, qt.group_size,
+        qt.symmetric,
+    )
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """The parts of one concatenation, regrouped to be read many times (:func:`gather`).
+
+    ``chunks``: parts of equal bits joined into one tensor, each with the ``(start, length)`` ranges its
+    parts take along ``dim``, in order (neighbouring parts in one range). ``parts``: the original parts in order, as views into the chunks,
+    so whoever stores the parts can keep these instead and hold every code once. ``aligned``: the groups
+    of every part but the last are complete along the quantized axis (or ``dim`` is not that axis), so
+    one multiply-add can run over the whole concatenation."""
+
+    chunks: tuple[tuple[QuantizedTensor, tuple[tuple[int, int], ...]], ...]
+    parts: tuple[QuantizedTensor, ...]
+    dim: int
+    shape: tuple[int, ...]
+    aligned: bool
+
+
+def gather(parts: list[QuantizedTensor], dim: int = -2) -> Gathered:
+    """Join the parts of equal bits of the concatenation of ``parts`` along ``dim`` (their bits may differ).
+
+    Parts join while the groups line up: along the quantized axis each part but the last of a chunk
+    must end on a complete group; along the packed (last) dimension nothing joins. Why: a cache of
+    blocks at alternating bits never merges them into one segment, and re-joining their codes on
+    every read (or dequantizing them part by part, where the groups do not line up) was most of the
+    cost of reading it (:func:`dequantize_gathered`)."""
     if not parts:
         raise ValueError("nothing to dequantize")
     first = parts[0]
     ndim = len(first.shape)
-    dim, axis = _normalise_axis(dim, ndim), first.axis
-    if any((p.axis, p.group_size, p.symmetric) != (axis, first.group_size, first.symmetric) for p in parts):
+    dim = _normalise_axis(dim, ndim)
+    if any((p.axis, p.group_size, p.symmetric) != (first.axis, first.group_size, first.symmetric) for p in parts):
         raise ValueError("parts must share axis, group size and mode")
-    shape = list(first.shape)
-    shape[dim] = sum(p.shape[dim] for p in parts)
-    _check_out(out, tuple(shape))
-    misaligned = dim == axis and not all(p.shape[axis] % p.group_size == 0 for p in parts[:-1])
-    if misaligned or dim == ndim - 1:  # groups, or packed bytes, do not line up: part by part
-        start = 0
-        for p in parts:
-            dequantize(p, out=out.narrow(dim, start, p.shape[dim]))
-            start += p.shape[dim]
-        return out
     starts = [0]
     for p in parts:
         starts.append(starts[-1] + p.shape[dim])
-    by_bits: dict[int, list[int]] = {}
+    runs: list[list[int]] = []  # indices of the parts of each chunk
+    open_run: dict[int, list[int]] = {}  # bits -> the chunk parts of those bits still join
     for i, p in enumerate(parts):
-        by_bits.setdefault(p.bits, []).append(i)
-    for bits, idx in by_bits.items():
-        if bits == 16:
-            for i in idx:
-                out.narrow(dim, starts[i], parts[i].shape[dim]).copy_(parts[i].data)
-            continue
-        packed = [parts[i].data for i in idx]
-        codes = unpack_codes(torch.cat(packed, dim) if len(packed) > 1 else packed[0], bits, first.shape[-1])
-        offset = 0
-        for i in idx:
-            n = parts[i].shape[dim]
-            out.narrow(dim, starts[i], n).copy_(codes.narrow(dim, offset, n))
-            offset += n
-    if first.symmetric or len(parts) == 1:  # zero-points depend on the bits: per part
+        run = open_run.get(p.bits)
+        if run is None or dim == ndim - 1:
+            run = []
+            runs.append(run)
+        run.append(i)
+        open_run[p.bits] = run if dim != first.axis or p.complete_groups else None
+    chunks, views = [], list(parts)
+    for run in runs:
+        joined = concat([parts[i] for i in run], dim) if len(run) > 1 else parts[run[0]]
+        ranges: list[tuple[int, int]] = []
+        for i in run:  # neighbouring parts make one range
+            if ranges and sum(ranges[-1]) == starts[i]:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + parts[i].shape[dim])
+            else:
+                ranges.append((starts[i], parts[i].shape[dim]))
+        chunks.append((joined, tuple(ranges)))
+        if len(run) > 1:
+            offset = 0
+            for i in run:
+                views[i] = narrow(joined, dim, offset, parts[i].shape[dim])
+                offset += parts[i].shape[dim]
+    shape = list(first.shape)
+    shape[dim] = starts[-1]
+    # 16-bit parts have no groups but take the place of theirs in the concatenated parameters
+    aligned = dim != ndim - 1 and (dim != first.axis or all(p.shape[dim] % p.group_size == 0 for p in parts[:-1]))
+    return Gathered(tuple(chunks), tuple(views), dim, tuple(shape), aligned)
+
+
+def dequantize_gathered(gathered: Gathered, out: torch.Tensor) -> torch.Tensor:
+    """Dequantize the concatenation ``gathered`` stands for into ``out`` (which may have a larger batch that
+    the parts broadcast to); the same arithmetic per element as dequantizing part by part.
+
+    Aligned: each chunk's codes are unpacked once and copied into their places, then one multiply-add
+    runs over everything with the parts' parameters concatenated (a 16-bit part gets 0 and 1): the
+    fewest ops per read. Otherwise each chunk is dequantized whole and its parts copied into place."""
+    _check_out(out, gathered.shape)
+    dim = gathered.dim
+    if len(gathered.chunks) == 1 or not gathered.aligned:
+        for qt, ranges in gathered.chunks:
+            if len(ranges) == 1:
+                dequantize(qt, out=out.narrow(dim, ranges[0][0], qt.shape[dim]))
+            else:
+                _scatter(dequantize(qt, out.dtype), ranges, out, dim)
+        return out
+    for qt, ranges in gathered.chunks:
+        _scatter(qt.data if qt.bits == 16 else unpack_codes(qt.data, qt.bits, qt.shape[-1]), ranges, out, dim)
+    parts = gathered.parts
+    if parts[0].symmetric:  # zero-points depend on the bits: per part
         params = [_params(p, out.dtype) for p in parts]
-        zero = torch.cat([z for z, _ in params], dim) if len(parts) > 1 else params[0][0]
-        scale = torch.cat([s for _, s in params], dim) if len(parts) > 1 else params[0][1]
+        zero, scale = torch.cat([z for z, _ in params], dim), torch.cat([s for _, s in params], dim)
     else:  # concatenate the fp16 parameters first, convert once: 2 ops instead of 2 per part
         zero = torch.cat([_fp16_param(p, "zero") for p in parts], dim).to(out.dtype)
         scale = torch.cat([_fp16_param(p, "scale") for p in parts], dim).to(out.dtype)
-    _affine_(out, zero, scale, axis, first.group_size)
+    _affine_(out, zero, scale, parts[0].axis, parts[0].group_size)
     return out
+
+
+def _scatter(values: torch.Tensor, ranges: tuple[tuple[int, int], ...], out: torch.Tensor, dim: int) -> None:
+    """Copy consecutive slices of ``values`` along ``dim`` to the ``(start, length)`` ranges of ``out``."""
+    offset = 0
+    for start, n in ranges:
+        out.narrow(dim, start, n).copy_(values.narrow(dim, offset, n))
+        offset += n
+
+
+def dequantize_cat(parts: list[QuantizedTensor], out: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """Dequantize the concatenation along ``dim`` of parts whose bits may differ, into ``out``.
+
+    Read once, as here, it gathers the parts first; a reader that comes back every step (the cache)
+    keeps the :func:`gather` result and calls :func:`dequantize_gathered`."""
+    return dequantize_gathered(gather(parts, dim), out)
 
 
 def concat(parts: list[QuantizedTensor], dim: int) -> QuantizedTensor:

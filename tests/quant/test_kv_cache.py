@@ -141,6 +141,27 @@ def test_segments_merge_only_when_key_and_value_bits_both_match(tiny):
         ]
 
 
+def test_reading_alternating_bits_gathers_each_width_once_and_a_commit_starts_over(tiny):
+    """After a read every layer's segments of one width are views of one joined tensor (the per-step
+    read unpacks each width once), the bytes held are unchanged, and the next commit is read too."""
+    model, ids = tiny
+    cache = MixedPrecisionKVCache(config=model.config, group_size=GROUP)
+    blocks, bits = (64, 64, 64, 64, 30), (2, 4, 2, 4, None)
+    _run_blocks(model, cache, ids, blocks[:4], bits[:4])
+    before = cache.nbytes()
+    _run_blocks(model, cache, ids[:, 256:], blocks[4:], bits[4:])  # a forward reads the committed tokens
+    assert cache.nbytes() == before + sum(2 * layer.keys.numel() * 4 for layer in cache.layers)  # + fp32 pending
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            storages = [getattr(s, name).data.untyped_storage().data_ptr() for s in layer.segments]
+            assert storages[0] == storages[2] and storages[1] == storages[3] and storages[0] != storages[1]
+    cache.commit(8)
+    assert all(not layer._gathered for layer in cache.layers)
+    logits = _run_blocks(model, cache, ids[:, 286:], (20,), (None,))
+    reference = _reference_blocks(model, ids[:, :306], (*blocks, 20), (*bits[:4], 8, None))
+    assert torch.allclose(logits, reference, atol=1e-5, rtol=1e-5)
+
+
 def _row_bytes(bits: int, head_dim: int) -> int:
     """Bytes of one row of ``head_dim`` packed codes; 3-bit: a 2-bit plane and a 1-bit plane."""
     return math.ceil(head_dim / 4) + math.ceil(head_dim / 8) if bits == 3 else math.ceil(head_dim * bits / 8)

@@ -14,7 +14,10 @@ from quant.uniform import (
     concat,
     dequantize,
     dequantize_cat,
+    dequantize_gathered,
     expected_nbytes,
+    gather,
+    narrow,
     pack_codes,
     packed_length,
     quantize,
@@ -181,6 +184,62 @@ def test_dequantize_cat_of_mixed_bits_equals_concatenated_dequantize(axis, symme
     assert torch.equal(wide, torch.cat([dequantize(p) for p in along_packed], dim=-1))
     with pytest.raises(ValueError, match="share axis"):
         dequantize_cat([parts[0], quantize(torch.randn(1, 3, 64, 64), 4, axis=axis, group_size=32)], buffer)
+
+
+@pytest.mark.parametrize("axis", [-2, -1])
+def test_gather_joins_equal_bits_and_its_views_hold_each_code_once(axis):
+    """The cache's per-step read: 2-, 4-bit and fp16 parts alternating; each width becomes one chunk with
+    the positions its parts take, and the parts come back as views into the chunks, equal to the originals."""
+    torch.manual_seed(3)
+    parts = [quantize(torch.randn(1, 3, 64, 64), b, axis=axis, group_size=64) for b in (2, 4, 16, 2, 4, 16)]
+    g = gather(parts, dim=-2)
+    assert [qt.bits for qt, _ in g.chunks] == [2, 4, 16]
+    assert g.aligned
+    for (qt, ranges), first in zip(g.chunks, (0, 64, 128), strict=True):
+        assert qt.shape[-2] == 128
+        assert ranges == ((first, 64), (first + 192, 64))
+    for i, (view, part) in enumerate(zip(g.parts, parts, strict=True)):
+        chunk = g.chunks[i % 3][0]
+        assert view.data.untyped_storage().data_ptr() == chunk.data.untyped_storage().data_ptr()
+        assert view.nbytes() == part.nbytes()
+        assert torch.equal(dequantize(view), dequantize(part))
+    out = torch.full((2, 3, 384, 64), float("nan"))  # a larger batch: the parts broadcast (the cache's branch)
+    expected = torch.cat([dequantize(p) for p in parts], dim=-2).expand(2, -1, -1, -1)
+    assert torch.equal(dequantize_gathered(g, out), expected)
+
+
+def test_gather_starts_a_new_chunk_after_a_partial_group():
+    """Along the quantized axis a part that ends mid-group cannot be joined to (its last group would
+    take the next part's tokens), and one multiply-add cannot span the parts; along the other axis it can,
+    and neighbouring parts of a chunk make one range."""
+    torch.manual_seed(4)
+    for axis, chunks in ((-2, [((0, 30),), ((30, 64), (100, 64))]), (-1, [((0, 94), (100, 64))])):
+        parts = [quantize(torch.randn(1, 2, n, 64), b, axis=axis, group_size=64) for n, b in ((30, 4), (64, 4), (6, 2),
+                                                                                              (64, 4))]
+        g = gather(parts, dim=-2)
+        assert [ranges for _, ranges in g.chunks if _.bits == 4] == chunks
+        assert g.aligned == (axis == -1)
+        out = torch.empty(1, 2, 164, 64)
+        assert torch.equal(dequantize_gathered(g, out), torch.cat([dequantize(p) for p in parts], dim=-2))
+    # fp16 sink tokens before a quantized block: no groups of their own to complete, but they would still
+    # take one group's place in the concatenated parameters, so no shared multiply-add (seen failing)
+    sinks = [quantize(torch.randn(1, 2, 4, 64), 16, axis=-2), quantize(torch.randn(1, 2, 44, 64), 2, axis=-2)]
+    g = gather(sinks, dim=-2)
+    assert not g.aligned
+    assert torch.equal(dequantize_gathered(g, torch.empty(1, 2, 48, 64)), torch.cat([dequantize(p) for p in sinks], -2))
+
+
+def test_narrow_is_a_view_and_refuses_what_would_split_a_group_or_a_byte():
+    qt = quantize(torch.randn(1, 2, 128, 64), 2, axis=-2, group_size=64)
+    part = narrow(qt, -2, 64, 64)
+    assert part.data.untyped_storage().data_ptr() == qt.data.untyped_storage().data_ptr()
+    assert torch.equal(dequantize(part), dequantize(qt)[..., 64:, :])
+    with pytest.raises(ValueError, match="does not begin a group"):
+        narrow(qt, -2, 32, 64)
+    with pytest.raises(ValueError, match="packed along the last dimension"):
+        narrow(qt, -1, 0, 32)
+    with pytest.raises(ValueError, match="outside"):
+        narrow(qt, -2, 64, 65)
 
 
 def test_dequantize_honours_dtype():
