@@ -15,13 +15,16 @@ differ are left out, and each paired entry says how many ``items`` it rests on.
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 from scipy import stats
 
 from envs.fingerprint import UNKNOWN
+from experiments.io import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,10 @@ class CI:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+    def text(self, scale: float = 1.0) -> str:
+        """``+0.38 [+0.19, +0.57]``: signed, two decimals, times ``scale`` (100 for points of accuracy)."""
+        return f"{scale * self.mean:+.2f} [{scale * self.lo:+.2f}, {scale * self.hi:+.2f}]"
 
 
 def mean_ci(x: Iterable[float], level: float = 0.95) -> CI:
@@ -62,6 +69,16 @@ def paired_diff_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) 
     if len(a) != len(b):
         raise ValueError(f"paired_diff_ci needs aligned sequences of equal length, got {len(a)} and {len(b)}")
     return mean_ci([float(x) - float(y) for x, y in zip(a, b, strict=True)], level)
+
+
+def records_by_policy(paths: Iterable[str | os.PathLike]) -> dict[str, dict[int, dict]]:
+    """Evaluation records of several ``records.jsonl`` files as ``{policy: {row: record}}``, the form the
+    results folders' paired tables read (a later file's record of the same policy and row wins)."""
+    by_policy: dict[str, dict[int, dict]] = defaultdict(dict)
+    for path in paths:
+        for record in read_jsonl(path):
+            by_policy[record["policy"]][record["row"]] = record
+    return by_policy
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

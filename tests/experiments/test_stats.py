@@ -13,6 +13,7 @@ from experiments.stats import (
     mean_ci,
     paired_diff_ci,
     proportion_ci,
+    records_by_policy,
     spearman,
     summarize_all,
     summarize_policy,
@@ -180,3 +181,17 @@ def test_pairs_only_records_of_the_same_fingerprint():
         r["fingerprint"] = "m3"
     with pytest.raises(ValueError, match="shares a fingerprint"):
         summarize_policy(a, {"fp16": b}, ("fp16",))
+
+
+def test_ci_text_signs_and_scales():
+    assert CI(0.0038, -0.0121, 0.0197).text(100) == "+0.38 [-1.21, +1.97]"
+    assert CI(-1.5, -2.0, -1.0).text() == "-1.50 [-2.00, -1.00]"
+
+
+def test_records_by_policy_keys_policy_then_row_and_a_later_file_wins(tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text('{"policy": "fp16", "row": 3, "x": 1}\n{"policy": "fixed:4", "row": 3, "x": 2}\n')
+    second.write_text('{"policy": "fp16", "row": 3, "x": 5}\n{"policy": "fp16", "row": 7, "x": 6}\n')
+    records = records_by_policy([first, second])
+    assert {p: {r: rec["x"] for r, rec in rows.items()} for p, rows in records.items()} == {
+        "fp16": {3: 5, 7: 6}, "fixed:4": {3: 2}}

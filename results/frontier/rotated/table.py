@@ -3,18 +3,12 @@ records (pool_k.yaml, pool_kv.yaml) and the frontier's (results/frontier/evaluat
 
 Run from the repository root: python results/frontier/rotated/table.py  (-> table.md)
 """
-import json
-from collections import defaultdict
 from pathlib import Path
 
-from experiments.stats import paired_diff_ci
+from experiments.stats import paired_diff_ci, records_by_policy
 
 HERE = Path(__file__).parent
-records: dict[str, dict[int, dict]] = defaultdict(dict)
-for path in (Path("results/frontier/evaluate/records.jsonl"), HERE / "records.jsonl"):
-    for line in path.open():
-        r = json.loads(line)
-        records[r["policy"]][r["row"]] = r
+records = records_by_policy([Path("results/frontier/evaluate/records.jsonl"), HERE / "records.jsonl"])
 
 
 def mean(policy: str, key: str, rows: list[int]) -> float:
@@ -22,8 +16,7 @@ def mean(policy: str, key: str, rows: list[int]) -> float:
 
 
 def ci(a: str, b: str, key: str, rows: list[int], scale: float = 1.0) -> str:
-    d = paired_diff_ci([records[a][r][key] for r in rows], [records[b][r][key] for r in rows])
-    return f"{scale * d.mean:+.2f} [{scale * d.lo:+.2f}, {scale * d.hi:+.2f}]"
+    return paired_diff_ci([records[a][r][key] for r in rows], [records[b][r][key] for r in rows]).text(scale)
 
 
 lines = ["HellaSwag 5-shot, pool rows, paired by row (the rows every listed variant of a setting ran); acc_norm "
