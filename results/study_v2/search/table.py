@@ -36,10 +36,10 @@ def ci(a: str, b: str, key: str, rows: list[int], scale: float = 1.0) -> str:
 lines = ["HellaSwag 5-shot, pool rows, paired by row; acc_norm differences in points, gold log-lik in nats "
          "(against the fp16 pass of the same prompt).", ""]
 for budget, fixed in BUDGETS.items():
-    static, ppo = f"static-b{budget}", f"ppo-b{budget}"
+    static = f"static-b{budget}"
     if not records[static]:
         continue
-    learned = [ppo] if records[ppo] else []
+    learned = sorted(p for p in records if p.startswith("ppo") and p.endswith(f"-b{budget}"))  # ppo-b3.0, ppo18k-b3.0
     rows = sorted(r for r in records[static] if all(r in records[p] for p in ["fp16", *learned, *fixed]))
     if learned:
         rows = [r for r in rows if r not in PPO_TRAINED_ON]
