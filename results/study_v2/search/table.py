@@ -9,6 +9,8 @@ Run from the repository root: python results/study_v2/search/table.py  (-> table
 """
 from pathlib import Path
 
+import yaml
+
 from envs.episodes import episode_set
 from envs.hellaswag import default_hellaswag_path, load_hellaswag, split_items
 from experiments.stats import paired_diff_ci, records_by_policy
@@ -22,7 +24,9 @@ BUDGETS = {  # the fixed settings at or under each budget that the frontier ran 
     3.0: ["fixed:k4v2", "rotkv-k4v2", "rotkv-k3v2+s4", "rotkv-k3v2", "rotkv-2+s4"],
     2.5: ["rotkv-k3v2", "rotkv-2+s4", "fixed:2+s4"],
 }
-PPO_TRAINED_ON = set(episode_set("train-0-200", split_items(load_hellaswag(default_hellaswag_path()), 1000, 0).pool).rows)
+PPO_ENV = yaml.safe_load((HERE.parent / "ppo" / "train_b3.0.yaml").read_text())["env"]  # the episode set it trained on
+PPO_TRAINED_ON = set(episode_set(PPO_ENV["episodes"], split_items(load_hellaswag(default_hellaswag_path()),
+                                                                  PPO_ENV["eval_size"], PPO_ENV.get("split_seed", 0)).pool).rows)
 
 
 def mean(policy: str, key: str, rows: list[int]) -> float:
