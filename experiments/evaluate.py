@@ -29,6 +29,9 @@ Several comparisons can share one ``records.jsonl`` (one per budget, or a second
 menu): ``name`` writes ``summary_<name>.json`` and ``config_<name>.yaml`` instead of overwriting
 ``summary.json``, and ``recorded`` lists policies that are only read from the records (never run, so
 they need not fit this env) and are summarised and paired beside the ones that run.
+``policy_env`` gives one policy env settings of its own (``{static-b3.0: {bit_budget: 3.0}}``), run on a
+sibling env: policies of several budgets then share one comparison, and each item's rows are computed
+together (``results/study_v2/heldout.yaml``).
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ class EvaluateConfig:
     # per policy (by its name, as records spell it): evaluate it on only the first N of those items,
     # for a costly policy (the oracle); paired differences then use the items both policies ran
     policy_items: dict[str, int] = field(default_factory=dict)
+    # per policy (by its name): env settings it runs under, on a sibling env (same model, items and
+    # references), e.g. ``{static-b3.0: {bit_budget: 3.0}}`` or a learned policy's budget and features,
+    # so policies of several budgets share one comparison and each item's rows are computed together
+    policy_env: dict[str, dict] = field(default_factory=dict)
     out_dir: str = "runs/evaluate"
     # a name for this comparison: its config and summary are written as config_<name>.yaml and
     # summary_<name>.json, so several comparisons (one per budget, say) share one records.jsonl and
@@ -97,11 +104,12 @@ class EvaluateConfig:
 Runner = Callable[[KVPrecisionEnv, int], dict]
 
 
-def _policy_runner(spec: str, env: KVPrecisionEnv) -> Runner:
+def _policy_runner(spec: str, env: KVPrecisionEnv, settings: dict | None = None) -> Runner:
     """Episode runner of one policy spec, on a *sibling env* (same model, items and references) where
     the spec carries env settings: ``quanto:N`` is the fixed policy on an env whose cache is transformers'
     quanto ``QuantizedCache`` at N bits; ``fixed:k4v2+s4`` runs on an env with 4 fp16 sink tokens and
-    K4V2 in its menu (``agents.registry.env_overrides``). Other specs run on ``env`` itself."""
+    K4V2 in its menu (``agents.registry.env_overrides``); ``settings`` (the config's ``policy_env`` entry
+    of this policy) are applied last. Other specs run on ``env`` itself."""
     parsed = parse_spec(spec)
     if parsed.kind == "quanto":
         nbits = _quanto_bits(parsed.arg)
@@ -111,6 +119,7 @@ def _policy_runner(spec: str, env: KVPrecisionEnv) -> Runner:
                       if getattr(env.config, key) != off}
     else:
         overrides = env_overrides(spec, env.config)
+    overrides |= settings or {}
     run_env = env.sibling(**overrides) if overrides else env  # a sibling fails early on bad settings
     policy = make_policy(spec, env=run_env)
     if isinstance(policy, PlanningPolicy):
@@ -178,6 +187,12 @@ def _policy_names(cfg: EvaluateConfig) -> list[str]:
     bad = {name: n for name, n in cfg.policy_items.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
     if bad:
         raise ValueError(f"policy_items must map policy names to item counts >= 1, got {bad}")
+    stray = sorted(set(cfg.policy_env) - set(names))
+    if stray:
+        raise ValueError(f"policy_env names {stray}, which no evaluated policy is named; the policies are named {names}")
+    bad_env = {name: v for name, v in cfg.policy_env.items() if not isinstance(v, dict)}
+    if bad_env:
+        raise ValueError(f"policy_env must map policy names to env settings (a mapping), got {bad_env}")
     both = sorted(set(names) & set(cfg.recorded))
     if both:
         raise ValueError(f"{both} are both run (policies) and only read (recorded); name each in one list")
@@ -225,7 +240,7 @@ def _eval_env_config(cfg: EvaluateConfig) -> EnvConfig:
 
 def _runners(cfg: EvaluateConfig, names: list[str], env: KVPrecisionEnv) -> dict[str, Runner]:
     """Each policy's episode runner on ``env``, by policy name."""
-    return {name: _policy_runner(spec, env) for name, spec in zip(names, cfg.policies, strict=True)}
+    return {name: _policy_runner(spec, env, cfg.policy_env.get(name)) for name, spec in zip(names, cfg.policies, strict=True)}
 
 
 def _episode_record(env: KVPrecisionEnv, runners: dict[str, Runner], name: str, row: int, fingerprint_id: str) -> dict:

@@ -18,7 +18,7 @@ import math
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from scipy import stats
@@ -79,6 +79,20 @@ def records_by_policy(paths: Iterable[str | os.PathLike]) -> dict[str, dict[int,
         for record in read_jsonl(path):
             by_policy[record["policy"]][record["row"]] = record
     return by_policy
+
+
+def rows_mean(by_policy: Mapping[str, Mapping[int, dict]], policy: str, key: str, rows: Sequence[int]) -> float:
+    """Mean of ``key`` over ``rows`` of one policy in :func:`records_by_policy`'s form."""
+    if not rows:
+        raise ValueError(f"rows_mean of {policy!r} needs at least one row")
+    return math.fsum(float(by_policy[policy][r][key]) for r in rows) / len(rows)
+
+
+def rows_paired_ci(by_policy: Mapping[str, Mapping[int, dict]], a: str, b: str, key: str, rows: Sequence[int],
+                   level: float = 0.95) -> CI:
+    """``a`` minus ``b`` on ``key``, paired by row over ``rows`` (:func:`records_by_policy`'s form); the
+    caller chooses rows both policies ran under one fingerprint."""
+    return paired_diff_ci([by_policy[a][r][key] for r in rows], [by_policy[b][r][key] for r in rows], level)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

@@ -32,6 +32,11 @@ Choices:
   resuming with a different env, algorithm or reward normalisation is refused. ``resume=false`` starts over:
   checkpoints of the earlier run in this ``out_dir`` are deleted first, so a later resume never picks them
   up. Off-policy algorithms resume with an empty replay buffer.
+- ``warm_start: <policy spec>`` (e.g. ``static:results/study_v2/search/schedule_b3.0.json``) starts a fresh run
+  from a copy of that teacher: ``warm_start_episodes`` teacher episodes on the training env (its episode set,
+  seeds ``seed, seed+1, ...``) and ``warm_start_epochs`` of maximum likelihood on their actions, under the masks
+  the env gave (``agents.sb3.behaviour_clone``); PPO then improves on the teacher instead of first relearning
+  it. The teacher's agreement and loss go to the wandb summary. A resumed run ignores it (the checkpoint has it).
 - ``eval_freq > 0`` adds an EvalCallback (MaskableEvalCallback for MaskablePPO) on a separate env over the
   *train* split, re-seeded with ``eval_seed`` before every evaluation, so each evaluation sees the same few
   items: a comparable training curve, not a held-out score (``experiments.evaluate`` measures that on the
@@ -49,14 +54,19 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
 import wandb
 import yaml
 from stable_baselines3.common.callbacks import CheckpointCallback, EvalCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
+from tqdm.auto import tqdm
 
-from agents.sb3 import resolve_algorithm
+from agents.oracle import PlanningPolicy
+from agents.registry import make_policy, parse_spec
+from agents.rollout import rollout
+from agents.sb3 import behaviour_clone, resolve_algorithm
 from envs import ENV_ID
 from envs.io import atomic_write
 from envs.kv_precision import EnvConfig
@@ -109,6 +119,10 @@ class TrainPPOConfig:
     eval_episodes: int = 5
     eval_seed: int = 12345
     resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
+    # a teacher policy spec the fresh model first imitates (see the module doc); None: start from scratch
+    warm_start: str | None = None
+    warm_start_episodes: int = 64
+    warm_start_epochs: int = 30
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None = torch's default; 1 is fastest on a busy machine)
     seed: int = 0
@@ -231,6 +245,39 @@ def _training_env(cfg: TrainPPOConfig, venv: VecEnv, checkpoint: Path | None) ->
     return VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=gamma)
 
 
+def teacher_data(cfg: TrainPPOConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Observations, actions and action masks of ``cfg.warm_start``'s episodes on the training env."""
+    env = make_env(cfg.env)
+    try:
+        teacher = make_policy(cfg.warm_start, env=env)
+        if isinstance(teacher, PlanningPolicy):
+            raise ValueError(f"warm_start={cfg.warm_start!r} plans per item and cannot act on observations; imitate a "
+                             "policy that acts per block (static, fixed, rule, mlp, sb3)")
+        masks: list[np.ndarray] = []
+
+        def keep_mask(episode) -> None:  # after reset and every step: the mask the next action is chosen under
+            if not episode.done:
+                masks.append(np.asarray(env.unwrapped.action_masks(), dtype=bool))
+
+        obs, actions = [], []
+        for i in tqdm(range(cfg.warm_start_episodes), desc=f"teacher {teacher.name}", disable=not cfg.progress):
+            episode = rollout(env, teacher, seed=cfg.seed + i, callback=keep_mask)
+            obs += episode.observations
+            actions += episode.actions
+    finally:
+        env.close()
+    return np.asarray(obs, dtype=np.float32), np.asarray(actions, dtype=np.int64), np.asarray(masks, dtype=bool)
+
+
+def _warm_start(cfg: TrainPPOConfig, model: Any, algo_cls: type) -> dict[str, float]:
+    obs, actions, masks = teacher_data(cfg)
+    fit = behaviour_clone(model, obs, actions, masks if _is_maskable(algo_cls) else None,
+                          epochs=cfg.warm_start_epochs, seed=cfg.seed)
+    print(f"warm start: imitated {cfg.warm_start} on {len(actions)} steps of {cfg.warm_start_episodes} episodes: "
+          f"agreement {fit['agreement']:.3f}, loss {fit['loss']:.3f}")
+    return {"warm_start_steps": len(actions), **{f"warm_start_{k}": v for k, v in fit.items()}}
+
+
 def _eval_env(cfg: TrainPPOConfig, make: Any) -> VecEnv:
     env = make_vec_env(make, n_envs=1, seed=cfg.eval_seed)
     # EvalCallback syncs normaliser statistics into an eval env wrapped the same way; this one changes nothing.
@@ -243,6 +290,11 @@ def run(cfg: TrainPPOConfig) -> dict[str, Path]:
         raise ValueError(f"train_ppo trains on the train split only (got env.split={cfg.env.split!r}); set env.split=train")
     if cfg.total_timesteps < 1 or cfg.n_envs < 1:
         raise ValueError(f"total_timesteps and n_envs must be >= 1, got {cfg.total_timesteps} and {cfg.n_envs}")
+    if cfg.warm_start is not None:
+        parse_spec(cfg.warm_start)  # a malformed teacher fails before any model is loaded
+        if cfg.warm_start_episodes < 1 or cfg.warm_start_epochs < 1:
+            raise ValueError(f"warm_start needs warm_start_episodes and warm_start_epochs >= 1, got "
+                             f"{cfg.warm_start_episodes} and {cfg.warm_start_epochs}")
     algo_cls = resolve_algorithm(cfg.algo)
     out_dir = Path(cfg.out_dir)
     ckpt_dir, tb_dir = out_dir / CHECKPOINT_DIR, out_dir / "tb"
@@ -280,6 +332,8 @@ def run(cfg: TrainPPOConfig) -> dict[str, Path]:
             except TypeError as e:
                 raise ValueError(f"algo_kwargs {cfg.algo_kwargs} do not fit {algo_cls.__name__} ({e}); "
                                  "replace algo_kwargs in the YAML when changing algo") from e
+            if cfg.warm_start:
+                wb.summary.update(_warm_start(cfg, model, algo_cls))
 
         start_curve(paths["learning_curve"], keep_through=model.num_timesteps if resumed else 0)
         callbacks = [LearningCurveCallback(paths["learning_curve"], run=wb)]

@@ -129,3 +129,26 @@ def test_maskable_ppo_marks_tokens_on_a_protect_env(tiny_model, tmp_path):
     assert all(np.shape(a) == (65,) for a in episode.actions)
     assert sum(i["protected_tokens"] for i in episode.infos) > 0  # a random-ish policy marks some tokens
     assert episode.final_info["avg_bits"] <= 2.5
+
+
+def test_behaviour_clone_fits_a_teacher_and_respects_its_masks():
+    from sb3_contrib import MaskablePPO
+
+    from agents.sb3 import behaviour_clone
+
+    env = TinyEnv()
+    env.action_masks = lambda: np.ones(len(BITS), dtype=bool)
+    model = MaskablePPO("MlpPolicy", env, seed=0, device="cpu", verbose=0)
+    rng = np.random.default_rng(0)
+    obs = rng.uniform(0, 5, size=(400, len(NAMES))).astype(np.float32)
+    teacher = (obs[:, 0] > 2.5).astype(np.int64) * 2  # 2 bits on low entropy, 8 bits on high
+    masks = np.ones((400, len(BITS)), dtype=bool)
+    masks[:200, 3] = False  # the budget forbade 16 bits on half the steps: the fit is under the masks
+    before = (model.policy.predict(obs, deterministic=True)[0] == teacher).mean()
+    fit = behaviour_clone(model, obs, teacher, masks, epochs=40)
+    assert fit["agreement"] > 0.95 > before
+    assert (model.predict(obs, deterministic=True, action_masks=masks)[0] == teacher).mean() > 0.95
+    with pytest.raises(ValueError, match="one action"):
+        behaviour_clone(model, obs, teacher[:10])
+    with pytest.raises(ValueError, match="epochs >= 1"):
+        behaviour_clone(model, obs, teacher, epochs=0)

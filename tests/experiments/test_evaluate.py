@@ -212,6 +212,21 @@ def test_under_a_budget_fixed_settings_play_as_named_and_learned_ones_keep_the_b
     assert all(r["budget_enforced"] == 0 for r in rule)  # ...and the rule reads the mask: the env replaces nothing
 
 
+def test_policy_env_runs_one_policy_under_its_own_budget_beside_budgetless_ones(tmp_path):
+    result = evaluate.run(_cfg(tmp_path, policies=["fp16", "rule", "rule-b3=rule"], references=["fp16"],
+                               policy_env={"rule-b3": {"bit_budget": 3.0}}))
+    records = _records(tmp_path)
+    free = [r["avg_bits"] for r in records if r["policy"] == "rule"]
+    budgeted = [r["avg_bits"] for r in records if r["policy"] == "rule-b3"]
+    assert max(free) > 3.0  # the default thresholds ask for more than 3 bits without a budget...
+    assert len(budgeted) == 3 and max(budgeted) <= 3.0 + 1e-9  # ...and keep 3.0 under theirs
+    assert result["policies"]["rule-b3"]["paired"]["fp16"]["items"] == 3
+    with pytest.raises(ValueError, match="policy_env names"):
+        evaluate.run(_cfg(tmp_path, policy_env={"oracle": {"bit_budget": 3.0}}))
+    with pytest.raises(ValueError, match="policy_env must map"):
+        evaluate.run(_cfg(tmp_path, policy_env={"fp16": 3.0}))
+
+
 def test_records_count_the_steps_the_env_replaced_to_keep_its_budget(tmp_path):
     from agents.rollout import Schedule
     from envs.kv_precision import KVPrecisionEnv

@@ -14,6 +14,8 @@ from experiments.stats import (
     paired_diff_ci,
     proportion_ci,
     records_by_policy,
+    rows_mean,
+    rows_paired_ci,
     spearman,
     summarize_all,
     summarize_policy,
@@ -195,3 +197,15 @@ def test_records_by_policy_keys_policy_then_row_and_a_later_file_wins(tmp_path):
     records = records_by_policy([first, second])
     assert {p: {r: rec["x"] for r, rec in rows.items()} for p, rows in records.items()} == {
         "fp16": {3: 5, 7: 6}, "fixed:4": {3: 2}}
+
+
+def test_rows_mean_and_paired_ci_read_only_the_rows_asked_for():
+    by_policy = {"a": {1: {"x": 1.0}, 2: {"x": 3.0}, 3: {"x": 100.0}}, "b": {1: {"x": 0.0}, 2: {"x": 1.0}}}
+    assert rows_mean(by_policy, "a", "x", [1, 2]) == pytest.approx(2.0)
+    ci = rows_paired_ci(by_policy, "a", "b", "x", [1, 2])  # differences 1 and 2
+    assert ci.mean == pytest.approx(1.5)
+    assert ci.hi - ci.mean == pytest.approx(T975[1] * math.sqrt(0.5) / math.sqrt(2), rel=1e-6)
+    with pytest.raises(ValueError, match="at least one row"):
+        rows_mean(by_policy, "a", "x", [])
+    with pytest.raises(KeyError):
+        rows_paired_ci(by_policy, "a", "b", "x", [3])  # b never ran row 3

@@ -157,3 +157,24 @@ def test_maskable_ppo_refuses_an_env_without_masks():
     with pytest.raises(ValueError, match="action_masks"):
         train_ppo._check_masks(MaskablePPO, venv)
     train_ppo._check_masks(PPO, venv)  # plain PPO needs no masks
+
+
+def test_warm_start_imitates_the_teacher_before_ppo(tmp_path, recorded):
+    env = EnvConfig(model="tiny-random-llama", shots=0, interval=16, bit_budget=6.0)
+    cfg = train_ppo.TrainPPOConfig(env=env, algo="MaskablePPO", algo_kwargs={**FAST, "learning_rate": 1e-5},
+                                   total_timesteps=16, checkpoint_every=0, threads=1, warm_start="fixed:4",
+                                   warm_start_episodes=3, warm_start_epochs=40, out_dir=str(tmp_path), progress=False)
+    paths = train_ppo.run(cfg)
+    assert recorded.summary["warm_start_agreement"] == 1.0 and recorded.summary["warm_start_steps"] > 3
+    obs, actions, masks = train_ppo.teacher_data(cfg)
+    assert set(actions.tolist()) == {BITS.index(4)} and masks.shape == (len(actions), len(BITS))
+    model = MaskablePPO.load(paths["model"], device="cpu")
+    assert (model.predict(obs, deterministic=True, action_masks=masks)[0] == actions).all()  # a tiny PPO step after it
+
+
+def test_warm_start_refuses_bad_teachers_early(tmp_path):
+    kwargs = dict(env=TINY, algo_kwargs=FAST, total_timesteps=16, out_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="warm_start_episodes"):
+        train_ppo.run(train_ppo.TrainPPOConfig(warm_start="fixed:4", warm_start_episodes=0, **kwargs))
+    with pytest.raises(ValueError, match="plans per item"):
+        train_ppo.run(train_ppo.TrainPPOConfig(warm_start="oracle", warm_start_episodes=1, **kwargs))

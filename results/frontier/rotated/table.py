@@ -5,18 +5,18 @@ Run from the repository root: python results/frontier/rotated/table.py  (-> tabl
 """
 from pathlib import Path
 
-from experiments.stats import paired_diff_ci, records_by_policy
+from experiments.stats import records_by_policy, rows_mean, rows_paired_ci
 
 HERE = Path(__file__).parent
 records = records_by_policy([Path("results/frontier/evaluate/records.jsonl"), HERE / "records.jsonl"])
 
 
 def mean(policy: str, key: str, rows: list[int]) -> float:
-    return sum(records[policy][r][key] for r in rows) / len(rows)
+    return rows_mean(records, policy, key, rows)
 
 
 def ci(a: str, b: str, key: str, rows: list[int], scale: float = 1.0) -> str:
-    return paired_diff_ci([records[a][r][key] for r in rows], [records[b][r][key] for r in rows]).text(scale)
+    return rows_paired_ci(records, a, b, key, rows).text(scale)
 
 
 lines = ["HellaSwag 5-shot, pool rows, paired by row (the rows every listed variant of a setting ran); acc_norm "

@@ -13,7 +13,7 @@ import yaml
 
 from envs.episodes import episode_set
 from envs.hellaswag import default_hellaswag_path, load_hellaswag, split_items
-from experiments.stats import paired_diff_ci, records_by_policy
+from experiments.stats import records_by_policy, rows_mean, rows_paired_ci
 
 HERE = Path(__file__).parent
 paths = [Path("results/frontier/evaluate/records.jsonl"), Path("results/frontier/rotated/records.jsonl")]
@@ -30,11 +30,11 @@ PPO_TRAINED_ON = set(episode_set(PPO_ENV["episodes"], split_items(load_hellaswag
 
 
 def mean(policy: str, key: str, rows: list[int]) -> float:
-    return sum(records[policy][r][key] for r in rows) / len(rows)
+    return rows_mean(records, policy, key, rows)
 
 
 def ci(a: str, b: str, key: str, rows: list[int], scale: float = 1.0) -> str:
-    return paired_diff_ci([records[a][r][key] for r in rows], [records[b][r][key] for r in rows]).text(scale)
+    return rows_paired_ci(records, a, b, key, rows).text(scale)
 
 
 lines = ["HellaSwag 5-shot, pool rows, paired by row; acc_norm differences in points, gold log-lik in nats "
