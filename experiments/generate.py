@@ -22,6 +22,11 @@ even if longer than ``interval``); tokens still pending at the end are never com
 full-precision) and are not in ``avg_bits``. Prints each text, tokens/s, average bits and KV bytes vs
 fp16; writes ``<out_dir>/generate.json``.
 
+Under ``env.bit_budget`` the hook passes the env's masks (``envs.budget.feasible_mask``) to the policy and
+falls back as the env does, over the tokens the generation commits: it runs all ``max_new_tokens`` (set
+``min_new_tokens`` to the same), so the blocks still to come are known, and the uncommitted tail is not
+counted, exactly as ``avg_bits`` counts.
+
 Degeneration, per text: ``rep_4`` (the fraction of the continuation's token 4-grams that repeat an
 earlier one: 0 for fresh text, near 1 for a loop) and ``fp16_ppl`` (the perplexity of the continuation
 under the same model with a full-precision cache, prompt included: how plausible the text is to the
@@ -46,12 +51,14 @@ import wandb
 from tqdm.auto import tqdm
 
 from agents.registry import make_policy
+from envs.budget import block_bit_sum, fallback_action, feasible_mask
 from envs.cache_kwarg import with_cache
 from envs.features import FeatureSet, TokenVocabulary
 from envs.kv_precision import EnvConfig
 from envs.model import load_model
 from envs.observation import BlockObserver
 from envs.scoring import score_requests
+from envs.settings import normalize_setting
 from experiments import tracking
 from experiments.config import parse_config, save_config
 from experiments.io import seed_everything, write_json
@@ -63,7 +70,7 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "Write a short description of Scooby-Doo and the Mystery Inc. gang.",
     "Explain the process of photosynthesis in one paragraph.",
 )
-SUPPORTED_NEEDS = frozenset({"attentions", "vocab"})
+SUPPORTED_NEEDS = frozenset({"attentions", "vocab", "cache"})
 
 
 @dataclass
@@ -175,6 +182,38 @@ class FeatureTracker:
         return obs
 
 
+@dataclass
+class GenerationBudget:
+    """The env's bit budget over the tokens a generation commits (``envs.budget``, as the env applies it).
+
+    Which later blocks get committed is known once the length is: the first decision commits the tokens
+    pending then (the prompt), every later one exactly ``interval`` tokens, and a block is committed at the
+    start of the forward that feeds the token after it, so of ``fed`` tokens (prompt + new - 1: the last new
+    token is never fed back) the ones after position ``end`` fill ``(fed - 1 - end) // interval`` blocks.
+    """
+
+    menu: tuple
+    budget: float
+    sink_tokens: int
+    interval: int
+    fed: int
+    committed: int = 0
+    bit_sum: float = 0.0
+
+    def mask(self, pending: int) -> np.ndarray:
+        end = self.committed + pending
+        later = self.interval * max(0, (self.fed - 1 - end) // self.interval)
+        mask = feasible_mask(self.menu, self.budget, self.committed, self.bit_sum, pending, later, self.sink_tokens)
+        if not mask.any():
+            raise ValueError(f"bit_budget {self.budget} cannot be met by this generation ({self.fed} tokens, "
+                             f"{self.sink_tokens} fp16 sink tokens); raise the budget or max_new_tokens")
+        return mask
+
+    def commit(self, setting, pending: int) -> None:
+        self.bit_sum += block_bit_sum(setting, self.committed, self.committed + pending, self.sink_tokens)
+        self.committed += pending
+
+
 def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> torch.Tensor:
     """``[1, P]`` ids; a user turn of the tokenizer's chat template when it has one (instruct models)."""
     if chat_template and getattr(tokenizer, "chat_template", None):
@@ -193,11 +232,20 @@ def generate_one(model, tokenizer, policy, prompt: str, cfg: GenerateConfig) -> 
     vocab = TokenVocabulary.from_tokenizer(tokenizer) if "vocab" in feature_set.needs else None
     tracker = FeatureTracker(feature_set, n_blocks, vocab)
     decisions: list[dict[str, Any]] = []
+    menu = tuple(normalize_setting(b) for b in bits)
+    budget = None if cfg.env.bit_budget is None else GenerationBudget(
+        menu, cfg.env.bit_budget, cfg.env.sink_tokens, cfg.env.interval, ids.shape[1] + cfg.max_new_tokens - 1)
 
     def hook(cache: MixedPrecisionKVCache) -> int:
         tokens = cache.pending_length
         obs = tracker.observe(cache)
-        action, _ = policy.predict(obs, deterministic=True)
+        if budget is None:
+            action, _ = policy.predict(obs, deterministic=True)
+        else:
+            mask = budget.mask(tokens)
+            action, _ = policy.predict(obs, deterministic=True, action_masks=mask)
+            action = fallback_action(menu, int(action), mask)
+            budget.commit(menu[action], tokens)
         chosen = bits[int(action)]
         decisions.append({"block": len(decisions), "tokens": tokens, "bits": chosen,
                           "obs": dict(zip(tracker.feature_set.observation_names, obs.tolist(), strict=True))})
@@ -264,6 +312,9 @@ def run(cfg: GenerateConfig) -> dict[str, Path]:
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
     cfg.env.validate()
+    if cfg.env.bit_budget is not None and cfg.min_new_tokens < cfg.max_new_tokens:
+        raise ValueError(f"a bit budget plans over every block the generation will commit: set min_new_tokens to "
+                         f"max_new_tokens ({cfg.max_new_tokens}), got {cfg.min_new_tokens}")
     if cfg.env.protect_bits is not None or cfg.env.token_features:
         raise ValueError(
             "generate drives the cache one setting per block; per-token marks (env.protect_bits, env.token_features) "

@@ -283,3 +283,30 @@ def test_generate_computes_the_digits_feature(tmp_path):
     obs = rec["decisions"][0]["obs"]
     assert {"digits_mean", "digits_max", "novelty_mean"} <= set(obs)
     assert 0.0 <= obs["digits_mean"] <= obs["digits_max"] <= 1.0
+
+
+def test_generate_keeps_the_env_budget_over_the_committed_tokens(tmp_path):
+    """Under env.bit_budget a policy that asks for 16 bits falls back as in the env: the committed tokens
+    average at most the budget, and spend more of it than the cheapest setting does."""
+    cfg = _gen_cfg(tmp_path, "fixed:16")
+    cfg.compare = ("fixed:2",)
+    cfg.env = EnvConfig(model="tiny-random-llama", interval=8, sink_tokens=4, bit_budget=5.0)
+    dear, cheap = json.loads(generate.run(cfg)["results"].read_text())["results"]
+    assert len(dear["block_bits"]) >= 3
+    assert cheap["avg_bits"] < dear["avg_bits"] <= 5.0 + 1e-9
+    assert dear["avg_bits"] > 4.0  # the fallback spends the budget, not only the cheapest setting
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        generate.run(dataclasses.replace(cfg, min_new_tokens=0))
+    cfg.env = EnvConfig(model="tiny-random-llama", interval=8, sink_tokens=4, bit_budget=2.0)
+    with pytest.raises(ValueError, match="cannot be met"):
+        generate.run(cfg)
+
+
+def test_generate_computes_features_that_read_the_cache(tmp_path):
+    """kv_error / attn_kv_error read the pending keys and values from the generation's own cache."""
+    cfg = _gen_cfg(tmp_path, "fixed:4")
+    cfg.env = EnvConfig(model="tiny-random-llama", interval=8, features=("kv_error", "attn_kv_error", "recv_attn"))
+    (rec,) = json.loads(generate.run(cfg)["results"].read_text())["results"]
+    for decision in rec["decisions"]:
+        assert all(math.isfinite(v) and v >= 0 for v in decision["obs"].values())
+    assert any(d["obs"]["kv_error_mean"] > 0 for d in rec["decisions"])
