@@ -1,0 +1,77 @@
+"""Study v2 on the held-out items: per budget, every policy that fits it against fp16, the fixed settings chosen on
+pool items and the searched static schedule, paired by row (heldout.yaml's records; nothing fitted on these rows).
+
+Only rows where every policy of the budget (and fp16) has a record, all computed under one fingerprint, are used,
+so a table of a run still in progress is a complete paired table of fewer items (it says how many).
+Run from the repository root: python results/study_v2/heldout_table.py  (-> heldout.md, heldout.png)
+"""
+from pathlib import Path
+
+from experiments.report import plot_pareto
+from experiments.stats import record_fingerprint, records_by_policy, rows_mean, rows_paired_ci, summarize_all
+
+HERE = Path(__file__).parent
+records = records_by_policy([HERE / "heldout" / "records.jsonl"])
+ITEMS = 1000  # heldout.yaml's items
+
+BUDGETS = {  # the fixed settings chosen on pool items (results/frontier/rotated), the best first
+    3.0: ["rotkv-k4v2", "rotkv-k3v2+s4"],
+    2.5: ["rotkv-k3v2", "rotkv-2+s4"],
+}
+
+
+def learned(budget: float) -> list[str]:
+    """The learned policies of a budget, named ``<kind>...-b<budget>`` (ppo18k-b3.0, mlp-b2.5)."""
+    return sorted(p for p in records if p.startswith(("ppo", "mlp")) and p.endswith(f"-b{budget}"))
+
+
+def complete_rows(policies: list[str]) -> list[int]:
+    """Rows every one of ``policies`` ran, all under one fingerprint (paired differences never mix machines)."""
+    rows = set.intersection(*(set(records[p]) for p in policies))
+    return sorted(r for r in rows if len({record_fingerprint(records[p][r]) for p in policies}) == 1)
+
+
+def ci(a: str, b: str, key: str, rows: list[int], scale: float = 1.0) -> str:
+    return rows_paired_ci(records, a, b, key, rows).text(scale)
+
+
+lines = ["HellaSwag 5-shot, held-out rows (the eval split), paired by row; Δacc_norm in points, gold log-lik in nats "
+         "against the fp16 pass of the same prompt. Fixed settings chosen, schedules searched and policies trained on "
+         "pool items only.", ""]
+for budget, fixed in BUDGETS.items():
+    static = f"static-b{budget}"
+    policies = ["fp16", static, *learned(budget), *fixed]
+    if not all(records[p] for p in policies):
+        continue
+    rows = complete_rows(policies)
+    if not rows:
+        continue
+    best = fixed[0]
+    state = "" if len(rows) >= ITEMS else f"; **partial: {len(rows)} of {ITEMS} items so far**"
+    lines += [f"### budget {budget} ({len(rows)} rows{state})", "",
+              f"| policy | avg bits (max) | acc_norm | Δ log-lik vs fp16 | Δacc_norm vs fp16 | minus {best}: Δ log-lik | "
+              f"minus {best}: Δacc_norm |", "|---|---|---|---|---|---|---|"]
+    for p in policies:
+        most = max(records[p][r]["avg_bits"] for r in rows)
+        vs_fp16 = "— | —" if p == "fp16" else f"{ci(p, 'fp16', 'loglik_delta', rows)} | {ci(p, 'fp16', 'correct_norm', rows, 100)}"
+        vs_best = "— | —" if p in ("fp16", best) else f"{ci(p, best, 'loglik_delta', rows)} | {ci(p, best, 'correct_norm', rows, 100)}"
+        lines.append(f"| {p} | {rows_mean(records, p, 'avg_bits', rows):.2f} ({most:.2f}) | "
+                     f"{rows_mean(records, p, 'correct_norm', rows):.3f} | {vs_fp16} | {vs_best} |")
+    for p in learned(budget):
+        lines += ["", f"| {p} minus | Δ log-lik | Δacc_norm |", "|---|---|---|"]
+        lines += [f"| {q} | {ci(p, q, 'loglik_delta', rows)} | {ci(p, q, 'correct_norm', rows, 100)} |"
+                  for q in [static, *fixed]]
+    lines.append("")
+
+everything = [p for p in records if records[p]]
+shared = complete_rows(everything)
+if shared:  # the quantized policies only: fp16 (0 nats, 16 bits) would squeeze them into one corner
+    quantized = summarize_all([records[p][r] for p in everything for r in shared], references=["fp16"])
+    fp16_acc = rows_mean(records, "fp16", "correct_norm", shared)
+    plot_pareto({p: v for p, v in quantized.items() if p != "fp16"}, HERE / "heldout.png",
+                title=f"Study v2, held-out HellaSwag 5-shot ({len(shared)} items every policy ran; "
+                      f"fp16: 0 nats, acc_norm {fp16_acc:.3f})")
+    lines += [f"![held-out frontier](heldout.png) ({len(shared)} items every policy ran)", ""]
+text = "\n".join(lines) + "\n"
+(HERE / "heldout.md").write_text(text)
+print(text)
