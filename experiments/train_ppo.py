@@ -332,7 +332,7 @@ def run(cfg: TrainPPOConfig) -> dict[str, Path]:
             except TypeError as e:
                 raise ValueError(f"algo_kwargs {cfg.algo_kwargs} do not fit {algo_cls.__name__} ({e}); "
                                  "replace algo_kwargs in the YAML when changing algo") from e
-            if cfg.warm_start:
+            if cfg.warm_start is not None:
                 wb.summary.update(_warm_start(cfg, model, algo_cls))
 
         start_curve(paths["learning_curve"], keep_through=model.num_timesteps if resumed else 0)

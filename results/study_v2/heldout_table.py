@@ -7,12 +7,14 @@ Run from the repository root: python results/study_v2/heldout_table.py  (-> held
 """
 from pathlib import Path
 
+import yaml
+
 from experiments.report import plot_pareto
 from experiments.stats import record_fingerprint, records_by_policy, rows_mean, rows_paired_ci, summarize_all
 
 HERE = Path(__file__).parent
 records = records_by_policy([HERE / "heldout" / "records.jsonl"])
-ITEMS = 1000  # heldout.yaml's items
+ITEMS = yaml.safe_load((HERE / "heldout.yaml").read_text())["items"]  # the study's size, from its config
 
 BUDGETS = {  # the fixed settings chosen on pool items (results/frontier/rotated), the best first
     3.0: ["rotkv-k4v2", "rotkv-k3v2+s4"],
