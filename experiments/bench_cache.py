@@ -176,6 +176,12 @@ def _ours_formula_nbytes(cache: MixedPrecisionKVCache, layers: int, heads: int, 
     return layers * per_layer
 
 
+def _sync(model) -> None:
+    """Wait for the GPU's queued kernels, so that a timer read after it counts them (no-op on the CPU)."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
 @torch.inference_mode()
 def run_once(
     model, spec: CacheSpec, ids: torch.Tensor, new_tokens: int, interval: int = 64, group_size: int = 64
@@ -183,7 +189,8 @@ def run_once(
     """Prefill ``ids`` and decode ``new_tokens`` greedily with one fresh cache; times and bytes."""
     layers, heads, head_dim = _kv_geometry(model.config)
     cache = _make_cache(spec, model, interval, group_size)
-    n = ids.shape[1]
+    ids, n = ids.to(model.device), ids.shape[1]
+    _sync(model)
     start = time.perf_counter()
     if spec.kind == "ours":  # the environment's way: blocks of `interval`, each committed by the policy
         for lo in range(0, n, interval):
@@ -191,12 +198,14 @@ def run_once(
             cache.commit(cache.policy(cache))
     else:
         logits = model(ids, **with_cache(model, cache)).logits
+    _sync(model)
     prefill_s = time.perf_counter() - start
 
     nxt = logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
         nxt = model(nxt, **with_cache(model, cache)).logits[:, -1:].argmax(-1)
+    _sync(model)
     decode_s = time.perf_counter() - start
 
     tokens = cache.get_seq_length()
@@ -358,6 +367,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in lines)
 
 
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` of the benchmarked model, as the env resolves them (``auto``: CUDA in bf16
+    when visible, else the CPU in fp32)."""
+    p.add_argument("--device", default="auto", help="torch device or 'auto' (CUDA when visible, else CPU)")
+    p.add_argument("--dtype", default="auto", help="model dtype or 'auto' (bfloat16 on CUDA, float32 on the CPU)")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m experiments.bench_cache",
@@ -397,6 +413,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1,
         help="torch CPU threads (1 keeps timings stable on a shared machine; 0 = torch default)",
     )
+    add_device_args(p)
     p.add_argument("--out", default="runs/bench_cache.json", help="JSON output (written atomically)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -416,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, attn_implementation=args.attn)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
     specs = [s for s in (*DEFAULT_SPECS, *EXTRA_SPECS) if s.name in args.caches]
     started = time.time()
     result = run_benchmark(

@@ -28,7 +28,7 @@ import torch
 
 from envs.fingerprint import fingerprint, fingerprint_id
 from envs.latency import TABLE_KIND, setting_key
-from experiments.bench_cache import CacheSpec, run_benchmark
+from experiments.bench_cache import CacheSpec, add_device_args, run_benchmark
 from experiments.frontier import setting_grid
 
 REFERENCE = "dynamic"
@@ -104,6 +104,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=64, help="quantization group size")
     p.add_argument("--attn", default="eager", choices=["eager", "sdpa"], help="attention implementation")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
+    add_device_args(p)
     p.add_argument("--out", default=None, help="JSON output (default: results/latency/<device label>.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, attn_implementation=args.attn)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
     specs = latency_specs(setting_grid(args.widths), args.sink_tokens)
     started = time.time()
     result = run_benchmark(model, tokenizer, [args.context], args.new_tokens, args.repeats, specs,
