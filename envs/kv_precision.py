@@ -126,7 +126,7 @@ class EnvConfig:
     # "auto": CUDA when visible, else the CPU; or any torch device string ("cpu", "cuda", "cuda:1")
     device: str = "auto"
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on the CPU; or "float32", "bfloat16", "float16"
-    reference_cache_size: int = 4096  # prompts whose full-precision reference is kept in memory
+    reference_cache_size: int = 4096  # prompts whose reference (and rows whose token ids) are kept in memory
     # full-precision references on disk (envs.reference_store), reused across processes and runs:
     # True = $KVGYM_CACHE/references (default ~/.cache/kvgym/references), a path = there, False = off
     reference_store: bool | str = True
@@ -391,6 +391,10 @@ class KVPrecisionEnv(gym.Env):
         self._references: OrderedDict[tuple[int, ...], _Reference] = OrderedDict()
         #: baseline passes (baseline_scores) by (variant, prompt and ending tokens); siblings share it
         self._baselines: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        #: a row's tokenized inputs with its fixed shots (``_row_inputs``), kept like the references: an
+        #: evaluation or an episode set resets the same rows again and again, and on a GPU tokenizing the
+        #: prompt and its endings was 8% of the batched env's time (issue 14's profile)
+        self._inputs: OrderedDict[int, tuple[TaskItem, list[int], list[list[int]], int, str]] = OrderedDict()
         #: the named episode set reset() draws from (None: any item of the split, fresh shots)
         self.episodes: EpisodeSet | None = episode_set(cfg.episodes, self.items) if cfg.episodes else None
         store = cfg.reference_store
@@ -455,7 +459,8 @@ class KVPrecisionEnv(gym.Env):
         vocab = TokenVocabulary.from_tokenizer(self.tokenizer) if "vocab" in self.feature_set.needs else None
         observer = BlockObserver(self.feature_set, len(blocks), vocab)
         self._episode = _Episode(
-            item, prompt_ids, endings, blocks, reference, self._new_cache(), observer, context=context
+            item, prompt_ids, endings, blocks, reference,
+            self._new_cache(tokens=len(prompt_ids) + sum(map(len, endings))), observer, context=context
         )
         return {"row": item.row, "blocks": len(blocks), "prompt_tokens": len(prompt_ids), "shots": n_shots}
 
@@ -476,9 +481,17 @@ class KVPrecisionEnv(gym.Env):
             raise ValueError(f"row {row} is not among the {self.config.task!r} task's items")
         if self.config.split == "eval" and row in self._pool_rows:
             raise ValueError(f"row {row} is in the shot pool, not the held-out split")
-        item = self._rows[row]
-        shots = self.task.shots(item, self.pool, self.config.shots, item_rng(self.config.split_seed, row))
-        return (item, *self._tokenize(item, shots))
+        found = self._inputs.get(row)
+        if found is None:
+            item = self._rows[row]
+            shots = self.task.shots(item, self.pool, self.config.shots, item_rng(self.config.split_seed, row))
+            found = self._inputs[row] = (item, *self._tokenize(item, shots))
+            if len(self._inputs) > self.config.reference_cache_size:
+                self._inputs.popitem(last=False)
+        else:
+            self._inputs.move_to_end(row)
+        item, prompt_ids, endings, n_shots, context = found
+        return item, list(prompt_ids), [list(e) for e in endings], n_shots, context
 
     def sibling(self, **overrides: Any) -> KVPrecisionEnv:
         """A new env on the same model, items and reference passes with some config keys changed
@@ -847,8 +860,9 @@ class KVPrecisionEnv(gym.Env):
                 )
             shots.pop(0)
 
-    def _new_cache(self, bits: Sequence[Setting] | None = None) -> EpisodeCache:
-        """A fresh episode cache of the env's kind over ``bits`` (default: the menu).
+    def _new_cache(self, bits: Sequence[Setting] | None = None, tokens: int = 0) -> EpisodeCache:
+        """A fresh episode cache of the env's kind over ``bits`` (default: the menu); ``tokens``: how many the
+        episode will hold (the prompt and its endings, packed for scoring), so the kept floats are allocated once.
 
         Our cache keeps its committed prefix dequantized (``keep_dequantized``): every block forward
         and the endings' scoring copy it instead of dequantizing every segment again, with the same
@@ -857,7 +871,7 @@ class KVPrecisionEnv(gym.Env):
         return episode_cache(
             self.config.cache, self.model, self.bits if bits is None else bits, self.config.group_size,
             self.config.sink_tokens, keep_dequantized=True, rotate_keys=self.config.rotate_keys,
-            rotate_values=self.config.rotate_values,
+            rotate_values=self.config.rotate_values, expected_tokens=tokens,
         )
 
     def _forward(self, input_ids: torch.Tensor, cache: EpisodeCache, attentions: bool):

@@ -271,12 +271,14 @@ def episode_cache(
     keep_dequantized: bool = False,
     rotate_keys: bool = False,
     rotate_values: bool = False,
+    expected_tokens: int = 0,
 ) -> EpisodeCache:
     """A fresh cache of ``kind`` ("mixed", "quanto" or "dynamic") for one episode over ``bits``; the
     first ``sink_tokens`` tokens stay fp16 (mixed only, see :func:`check_cache_bits`).
     ``keep_dequantized``: the mixed cache also keeps its committed prefix dequantized (faster forwards,
     same numbers, more resident memory); ``rotate_keys`` / ``rotate_values``: it stores its quantized keys
-    (values) rotated (mixed only; :class:`~quant.kv_cache.MixedPrecisionKVCache`)."""
+    (values) rotated (mixed only; :class:`~quant.kv_cache.MixedPrecisionKVCache`); ``expected_tokens``: the tokens
+    the episode will reach, so the mixed cache's kept floats are allocated once."""
     check_cache_bits(kind, bits, sink_tokens)
     if (rotate_keys or rotate_values) and kind != "mixed":
         raise ValueError(f"rotate_keys and rotate_values need the mixed cache, got cache {kind!r}")
@@ -284,7 +286,7 @@ def episode_cache(
     if kind == "mixed":
         return MixedPrecisionKVCache(
             config=config, group_size=group_size, sink_tokens=sink_tokens, keep_dequantized=keep_dequantized,
-            rotate_keys=rotate_keys, rotate_values=rotate_values,
+            rotate_keys=rotate_keys, rotate_values=rotate_values, expected_tokens=expected_tokens,
         )
     if kind == "quanto":
         return QuantoKVCache(config, bit_pair(bits[0])[0], q_group_size=group_size)

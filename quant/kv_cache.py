@@ -223,8 +223,10 @@ def _quantize_block(
     new: list[_Segment] = []
     for start, length, kb, vb in runs:
         k, v = keys.narrow(-2, start, length), values.narrow(-2, start, length)
-        if length < tokens:  # a 16-bit part of an fp16 model would be a view
-            k, v = k.clone(), v.clone()  # keeping the whole buffer alive
+        if length < tokens or keys._base is not None or values._base is not None:
+            # a 16-bit part of an fp16 model would be a view keeping the whole buffer alive (and pending tokens
+            # kept in place are views of buffers the commit writes the dequantized block into)
+            k, v = k.clone(), v.clone()
         key_r = rotations[0] if kb < 16 else None
         value_r = rotations[1] if vb < 16 else None
         if key_r is not None:
@@ -272,7 +274,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
 
     def __init__(
         self, group_size: int = 64, symmetric: bool = False, keep_dequantized: bool = False,
-        rotate_keys: bool = False, rotate_values: bool = False,
+        rotate_keys: bool = False, rotate_values: bool = False, expected_tokens: int = 0,
     ):
         super().__init__()
         self.group_size = group_size
@@ -281,6 +283,9 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.rotate_keys = rotate_keys
         self.rotate_values = rotate_values
         self.segments: list[_Segment] = []
+        self._committed = 0  # tokens in ``segments`` (read per layer and step: a running count, not a sum)
+        # keep_dequantized: the kept buffers' first capacity, so that an episode of known length never grows them
+        self.expected_tokens = expected_tokens
         # >1 while the cache is branched along the batch, see MixedPrecisionKVCache.branch
         self.batch_expand = 1
         # keep_dequantized: buffers (keys, values) whose first ``_kept_length`` tokens are the committed
@@ -310,11 +315,45 @@ class MixedPrecisionLayer(CacheLayerMixin):
                     f"new keys of shape {tuple(key_states.shape)} do not match the cache's "
                     f"(batch, heads, ., head_dim) = {tuple(self.keys.shape)}"
                 )
+        if self.keep_dequantized and self.segments and self.batch_expand == 1 and torch.is_inference_mode_enabled():
+            return self._update_kept(key_states, value_states)  # (the kept buffers are inference tensors)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         if not self.segments:
             return self.keys, self.values
         return self._assemble(self.keys, KEY_AXIS), self._assemble(self.values, VALUE_AXIS)
+
+    def _update_kept(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keep_dequantized``: the pending tokens live in the kept buffers right after the committed floats,
+        so a forward appends its new tokens in place and attention reads views of the buffers.
+
+        Why: assembling a fresh ``[committed floats, pending]`` tensor per layer and forward was four
+        allocations and copies more than ``DynamicCache``'s ``cat`` (on a GPU each is a kernel launch, and the
+        batched env pays them per row: issue 14's profile). A commit quantizes the pending view (cloned
+        first, :func:`_quantize_block`) and writes the dequantized block over the same slots. Pending tokens
+        that are not there (cropped, restored from a copy) are moved in first."""
+        self._dequantized_prefix(key_states.dtype)  # the kept buffers hold exactly the committed tokens
+        committed, pending, new = self._kept_length, self.keys.shape[-2], key_states.shape[-2]
+        in_place = pending == 0 or self._pending_in_kept()
+        self._reserve_kept(committed + pending + new, committed + (pending if in_place else 0))
+        keys, values = self._kept
+        if not in_place:
+            keys.narrow(-2, committed, pending).copy_(self.keys)
+            values.narrow(-2, committed, pending).copy_(self.values)
+        keys.narrow(-2, committed + pending, new).copy_(key_states)
+        values.narrow(-2, committed + pending, new).copy_(value_states)
+        self.keys = keys.narrow(-2, committed, pending + new)
+        self.values = values.narrow(-2, committed, pending + new)
+        total = committed + pending + new
+        return keys.narrow(-2, 0, total), values.narrow(-2, 0, total)
+
+    def _pending_in_kept(self) -> bool:
+        """Whether the pending keys and values are the views of the kept buffers right after the committed tokens."""
+        for pending, buffer in zip((self.keys, self.values), self._kept, strict=True):
+            at = buffer.data_ptr() + self._kept_length * buffer.stride(-2) * buffer.element_size()
+            if pending.data_ptr() != at or pending.stride() != buffer.stride() or pending.dtype != buffer.dtype:
+                return False
+        return True
 
     def _assemble(self, pending: torch.Tensor, axis: int) -> torch.Tensor:
         """Committed segments, dequantized, followed by the pending tokens, in one fresh tensor.
@@ -409,18 +448,12 @@ class MixedPrecisionLayer(CacheLayerMixin):
     ) -> None:
         n = sum(segment.length for segment in segments)
         need = self._kept_length + n
+        if self._kept is None:
+            shapes = [list(getattr(segments[0], name).shape) for name in ("keys", "values")]
+            self._kept = tuple(torch.empty((*s[:-2], 0, s[-1]), dtype=dtype, device=segments[0].keys.data.device)
+                               for s in shapes)
+        self._reserve_kept(max(need, self.expected_tokens), self._kept_length)
         kept = self._kept
-        if kept is None or kept[0].shape[-2] < need:
-            capacity = need if kept is None else max(need, 2 * kept[0].shape[-2])
-            grown = []
-            for i, name in enumerate(("keys", "values")):
-                shape = list(getattr(segments[0], name).shape)
-                shape[-2] = capacity
-                buffer = torch.empty(shape, dtype=dtype, device=segments[0].keys.data.device)
-                if self._kept_length:
-                    buffer.narrow(-2, 0, self._kept_length).copy_(kept[i].narrow(-2, 0, self._kept_length))
-                grown.append(buffer)
-            self._kept = kept = (grown[0], grown[1])
         for i, name in enumerate(("keys", "values")):
             target = kept[i].narrow(-2, self._kept_length, n)
             if floats is not None:
@@ -428,6 +461,22 @@ class MixedPrecisionLayer(CacheLayerMixin):
             else:
                 _dequantize_into(segments, name, target)
         self._kept_length = need
+
+    def _reserve_kept(self, need: int, keep: int) -> None:
+        """Make the kept buffers hold at least ``need`` tokens, their first ``keep`` tokens kept: a new pair of
+        buffers (of twice the capacity, or ``need``) when they are too short, so growth is a logarithmic number
+        of copies per episode."""
+        kept = self._kept
+        capacity = kept[0].shape[-2]
+        if capacity >= need:
+            return
+        grown = []
+        for old in kept:
+            buffer = old.new_empty((*old.shape[:-2], max(need, 2 * capacity), old.shape[-1]))
+            if keep:
+                buffer.narrow(-2, 0, keep).copy_(old.narrow(-2, 0, keep))
+            grown.append(buffer)
+        self._kept = (grown[0], grown[1])
 
     def dequantized_nbytes(self) -> int:
         """Bytes of the kept dequantized buffers (0 unless ``keep_dequantized``; spare capacity
@@ -448,6 +497,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.segments = []
+        self._committed = 0
         self._gathered = {}
         self._kept, self._kept_length = None, 0
         self.batch_expand = 1
@@ -475,7 +525,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
 
     @property
     def committed_length(self) -> int:
-        return sum(s.length for s in self.segments)
+        return self._committed
 
     def commit(
         self, key_bits: int, value_bits: int | None = None, sink_tokens: int = 0,
@@ -519,6 +569,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
 
     def _append(self, new: _Segment) -> None:
         """Add a segment, merged into the last one when both bits match and the keys' groups line up."""
+        self._committed += new.length
         last = self.segments[-1] if self.segments else None
         if (
             last is not None
@@ -563,7 +614,8 @@ class MixedPrecisionKVCache(Cache):
     decoding. ``sink_tokens``: the first that many tokens of the sequence are stored in fp16 whatever
     their block's bits, outside its quantization groups (they may span several blocks).
     ``keep_dequantized``: also keep the committed prefix dequantized, so forwards copy it rather than
-    dequantize it again (faster, same numbers, more resident memory; see the module docstring).
+    dequantize it again (faster, same numbers, more resident memory; see the module docstring);
+    ``expected_tokens``: with it, the tokens the sequence will reach, so the kept buffers are allocated once.
     ``rotate_keys`` / ``rotate_values``: quantize the keys (values) of every run below 16 bits in a rotated
     basis (each head's keys times an orthonormal Hadamard matrix, :mod:`quant.rotation`) and rotate them back
     when read: the same bits and bytes (issue 15's 2-bit haystack).
@@ -584,6 +636,7 @@ class MixedPrecisionKVCache(Cache):
         keep_dequantized: bool = False,
         rotate_keys: bool = False,
         rotate_values: bool = False,
+        expected_tokens: int = 0,
     ):
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -607,7 +660,8 @@ class MixedPrecisionKVCache(Cache):
 
         def make_layer() -> MixedPrecisionLayer:
             return MixedPrecisionLayer(
-                group_size, symmetric, self.keep_dequantized, self.rotate_keys, self.rotate_values
+                group_size, symmetric, self.keep_dequantized, self.rotate_keys, self.rotate_values,
+                int(expected_tokens),
             )
 
         if num_layers is not None:

@@ -329,3 +329,20 @@ def test_bfloat16_model_runs_whole_episodes():
         assert low["scores"] != full["scores"]  # 2-bit codes really changed what the model saw
     finally:
         env.close()
+
+
+def test_a_rows_inputs_are_tokenized_once_and_handed_out_as_copies(tiny_model, monkeypatch):
+    """Resetting the same row again reuses its token ids (no second tokenization), and a caller that edits
+    what it got cannot change what the next reset of that row runs."""
+    env = make_env(tiny_model)
+    calls = []
+    tokenize = env._tokenize
+    monkeypatch.setattr(env, "_tokenize", lambda item, shots: calls.append(item.row) or tokenize(item, shots))
+    row = env.pool[0].row
+    _, prompt, endings = env.episode_inputs(row)
+    prompt.append(-1)
+    endings[0].clear()
+    env.reset(options={"row": row})
+    assert calls == [row]
+    assert env._episode.prompt_ids == env.episode_inputs(row)[1] and -1 not in env._episode.prompt_ids
+    assert all(env._episode.endings)

@@ -157,3 +157,30 @@ def test_a_stacked_commit_stores_each_layers_own_codes(tiny, bits, sink):
                     assert (x is None) == (y is None) and (x is None or torch.equal(x, y))
         assert a.pending_length == 0
     assert stacked.nbytes() == alone.nbytes()
+
+
+def test_pending_tokens_are_appended_in_place_and_expected_tokens_allocates_once(tiny):
+    """With the prefix kept, a forward writes its new tokens into the kept buffers (attention reads views of
+    them, no fresh [committed + pending] tensor per layer), a commit writes the dequantized block over the
+    same slots, and ``expected_tokens`` sizes the buffers so a sequence of that length never regrows them."""
+    model, ids = tiny
+    blocks, bits = (16, 16, 16, 16, 9), (4, (4, 2), 2, 16, 4)
+    kept = MixedPrecisionKVCache(config=model.config, group_size=GROUP, keep_dequantized=True,
+                                 expected_tokens=sum(blocks))
+    plain = MixedPrecisionKVCache(config=model.config, group_size=GROUP)
+    layer = kept.layers[0]
+    buffers = set()
+    with torch.inference_mode():
+        start = 0
+        for size, b in zip(blocks, bits, strict=True):
+            a = model(ids[:, start : start + size], **with_cache(model, kept)).logits
+            assert torch.equal(a, model(ids[:, start : start + size], **with_cache(model, plain)).logits)
+            if layer._kept is not None:  # from the second block on: the pending tokens sit in the kept buffer
+                buffers.add(layer._kept[0].data_ptr())
+                assert layer._pending_in_kept()
+            kept.commit(b)
+            plain.commit(b)
+            start += size
+    assert len(buffers) == 1  # allocated once, at the size asked for
+    assert layer._kept[0].shape[-2] == sum(blocks)
+    _assert_kept_is_fresh(kept)
