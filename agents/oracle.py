@@ -1,17 +1,21 @@
 """The per-item greedy oracle: an upper bound for evaluation, never a policy that could be deployed.
 
-At each block it tries every setting the budget allows, each time completing the episode at one
-fixed *completion* setting, reads the terminal gold-ending log-likelihood change, keeps the best
-(ties: the cheaper setting) and moves on from it. It sees the item's own passes (the gold ending
+At each block it tries every setting the budget allows, each time completing the episode the
+*completion* way (one fixed setting, or a static schedule's actions for the later blocks), reads the
+terminal gold-ending log-likelihood change, keeps the best (ties: the cheaper setting) and moves on
+from it. It sees the item's own passes (the gold ending
 included), so it measures headroom: how much a controller that knew each block's real damage could
 gain. It needs the env's state at each block, which :meth:`envs.kv_precision.KVPrecisionEnv.snapshot`
 gives, so it acts through :meth:`OraclePolicy.plan` (a whole episode's actions for one item), not
 through ``predict``; ``experiments.evaluate`` replays a plan with ``agents.rollout.Schedule``.
 
-Why it is never worse than its completion setting on an item: at every block the completion setting
-itself is a candidate, and choosing it reproduces exactly the episode that was the best completion
-one block earlier (the env is deterministic and a restored snapshot continues bit-identically), so
-the best value can only grow from block to block, starting from the fixed completion episode.
+Why it is never worse than its completion on an item: at every block the completion's own action is
+a candidate, and choosing it reproduces exactly the episode that was the best completion one block
+earlier (the env is deterministic and a restored snapshot continues bit-identically; where the budget
+made the env replace that action, the replacement is the candidate), so the best value can only grow
+from block to block, starting from the completion's own episode. Completing with the static schedule
+(``oracle:<schedule.json>``) therefore bounds what a per-item controller could gain *over that
+schedule*: the headroom a learned policy has to beat the search baseline.
 Cost: about ``blocks^2 / 2 * settings`` block forwards per item (~9 blocks, 6 settings: ~250).
 """
 
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from agents.base import Policy
+from agents.static import StaticSchedulePolicy
 from envs.settings import Setting, mean_bits, normalize_setting, parse_setting, setting_name, settings_by_cost
 
 #: Slack on the budget comparison, as everywhere a final ``avg_bits`` is checked against a budget.
@@ -59,8 +64,10 @@ class PlanningPolicy(Policy):
 class OraclePolicy(PlanningPolicy):
     """Per-item greedy oracle (see the module docstring).
 
-    ``completion``: the setting every branch completes at (a name like ``"k4v2"`` or a setting);
-    default: the dearest menu setting whose mean bits fit the budget (the dearest of all without one).
+    ``completion``: how every branch completes: a setting (a name like ``"k4v2"``, or a setting) at
+    every later block, or a :class:`~agents.static.StaticSchedulePolicy` (its actions for the later
+    blocks of the item's prompt); default: the dearest menu setting whose mean bits fit the budget (the
+    dearest of all without one).
     ``budget``: the average-bits budget; default: the env's ``bit_budget`` (None: no budget). A
     candidate is skipped when the env's ``action_masks()`` masks it, and discarded when its completed
     episode ends over the budget.
@@ -70,13 +77,20 @@ class OraclePolicy(PlanningPolicy):
                  budget: float | None = None):
         super().__init__(observation_names, bits)
         self.completion: Setting | None = None
-        if completion is not None:
+        self.schedule: StaticSchedulePolicy | None = None
+        if isinstance(completion, StaticSchedulePolicy):
+            if completion.bits != self.bits:
+                raise ValueError(f"the oracle's completion schedule was built for the menu {completion.bits}, the "
+                                 f"oracle for {self.bits}")
+            self.schedule = completion
+        elif completion is not None:
             self.completion = parse_setting(completion) if isinstance(completion, str) else normalize_setting(completion)
             if self.completion not in self.bits:
                 raise ValueError(f"oracle completion setting {setting_name(self.completion)} is not in the env's menu "
                                  f"{[setting_name(b) for b in self.bits]}")
         self.budget = None if budget is None else float(budget)
-        self.name = "oracle" if self.completion is None else f"oracle:{setting_name(self.completion)}"
+        self.name = ("oracle:static" if self.schedule is not None else
+                     "oracle" if self.completion is None else f"oracle:{setting_name(self.completion)}")
         #: the terminal gold-ending log-lik delta of the last plan (what its replay scores)
         self.last_value: float | None = None
 
@@ -97,10 +111,9 @@ class OraclePolicy(PlanningPolicy):
             raise ValueError(f"the oracle was built for the menu {self.bits}, the env has {tuple(base.bits)}")
         budget = self.budget if self.budget is not None else getattr(base.config, "bit_budget", None)
         groups = int(getattr(base, "layer_groups", 1))
-        completion = self.completion_index(budget)
-        finish: Action = completion if groups == 1 else [completion] * groups
         candidates = _candidates(self.bits, groups)
         base.reset(options={"row": row})
+        finish = self._completion_actions(len(base.block_spans()), budget, groups)
         actions: list[Action] = []
         while True:
             snap = base.snapshot()
@@ -110,16 +123,16 @@ class OraclePolicy(PlanningPolicy):
                 if mask is not None and not _allowed(mask, action, len(self.bits)):
                     continue
                 base.restore(snap)
-                value, avg_bits = _complete(base, action, finish)
+                value, avg_bits = _complete(base, action, finish[len(actions) + 1:])
                 if budget is not None and avg_bits > budget + BUDGET_TOLERANCE:
                     continue
                 if best is None or value > best[1]:
                     best = (action, value)
             if best is None:
                 raise ValueError(
-                    f"row {row}, block {len(actions)}: every candidate completed at {setting_name(self.bits[completion])} "
-                    f"ends over the budget of {budget} average bits (fp16 sink tokens count 16); choose a cheaper "
-                    "completion setting ('oracle:<setting>')")
+                    f"row {row}, block {len(actions)}: every candidate completed as {self.name} ends over the budget of "
+                    f"{budget} average bits (fp16 sink tokens count 16); choose a cheaper completion setting "
+                    "('oracle:<setting>')")
             base.restore(snap)
             _, _, terminated, truncated, _ = base.step(best[0])
             actions.append(best[0])
@@ -128,11 +141,24 @@ class OraclePolicy(PlanningPolicy):
                 return actions
 
 
-def _complete(env: Any, action: Action, finish: Action) -> tuple[float, float]:
-    """Commit ``action``, then every later block at ``finish``; the terminal (loglik_delta, avg_bits)."""
+    def _completion_actions(self, n_blocks: int, budget: float | None, groups: int) -> list[Action]:
+        """The completion's action at each of the ``n_blocks`` blocks of the item's prompt."""
+        if self.schedule is not None:
+            self.schedule.set_layer_groups(groups)
+            return self.schedule.actions_for(n_blocks)
+        completion = self.completion_index(budget)
+        return [completion if groups == 1 else [completion] * groups for _ in range(n_blocks)]
+
+
+def _complete(env: Any, action: Action, later: Sequence[Action]) -> tuple[float, float]:
+    """Commit ``action``, then each later block at its action in ``later``; the terminal (loglik_delta, avg_bits)."""
     _, _, terminated, truncated, info = env.step(action)
-    while not (terminated or truncated):
-        _, _, terminated, truncated, info = env.step(finish)
+    for step_action in later:
+        if terminated or truncated:
+            break
+        _, _, terminated, truncated, info = env.step(step_action)
+    if not (terminated or truncated):
+        raise RuntimeError(f"the completion ran out of actions ({len(later)}) before the episode ended")
     return float(info["loglik_delta"]), float(info["avg_bits"])
 
 

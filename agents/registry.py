@@ -16,6 +16,8 @@ A spec is ``[alias=]what``, where ``what`` is one of::
     oracle                per-item greedy oracle, completing at the dearest
                           setting within the budget (evaluation only)     name "oracle"
     oracle:k4v2           ... completing every branch at K4V2             name "oracle:k4v2"
+    oracle:schedule.json  ... completing every branch with a static
+                          schedule: its headroom over that schedule       name "oracle:static"
     evidence              privileged evidence teacher: the answer's blocks
                           precise, the rest of the budget from the end    name "evidence"
     evidence:8            ... evidence blocks at most at 8 bits           name "evidence:8"
@@ -326,13 +328,24 @@ def _static(arg, observation_names, bits, env) -> Policy:
 def _oracle_name(arg: str | None) -> str:
     from envs.settings import parse_setting, setting_name
 
+    if _is_schedule_file(arg):
+        return "oracle:static"
     return "oracle" if not arg else f"oracle:{setting_name(parse_setting(arg))}"
+
+
+def _is_schedule_file(arg: str | None) -> bool:
+    """``oracle:<arg>`` completes with a static schedule file rather than a setting."""
+    return bool(arg) and arg.endswith(".json")
 
 
 @register_policy("oracle", name=_oracle_name)
 def _oracle(arg, observation_names, bits, env) -> Policy:
     from agents.oracle import OraclePolicy
 
+    if _is_schedule_file(arg):
+        from agents.static import StaticSchedulePolicy
+
+        return OraclePolicy(observation_names, bits, completion=StaticSchedulePolicy.load(arg, observation_names, bits))
     return OraclePolicy(observation_names, bits, completion=arg or None)
 
 

@@ -156,12 +156,14 @@ def _run_policy(env: KVPrecisionEnv, row: int, policy) -> dict:
 def _run_planned(env: KVPrecisionEnv, row: int, policy: PlanningPolicy) -> dict:
     """A planning policy (``oracle``): ``plan(env, row)``, then the plan replayed through ``rollout`` as
     a :class:`~agents.rollout.Schedule`, so its record is like every other policy's; ``ms`` includes the
-    planning, which is the policy's cost."""
+    planning, which is the policy's cost. The record also keeps the plan (``actions``): the search cost
+    most of the episode, and a stored plan can be replayed elsewhere (another machine, a perturbed run)."""
     t0 = time.perf_counter()
     actions = policy.plan(env, row)
     plan_ms = 1000 * (time.perf_counter() - t0)
     record = _run_policy(env, row, Schedule(actions))
     record["ms"] += plan_ms
+    record["actions"] = actions
     return record
 
 

@@ -1,6 +1,10 @@
 """Study v2 on the held-out items: per budget, every policy that fits it against fp16, the fixed settings chosen on
 pool items and the searched static schedule, paired by row (heldout.yaml's records; nothing fitted on these rows).
 
+The oracle (heldout_oracle.yaml: per-item greedy search completing with the budget's static schedule, evaluation
+only) runs on the first 100 items; its own section pairs it with the budget's policies on the rows it has run: its
+margin over the static schedule is the headroom a learned per-item policy has over the search baseline.
+
 Only rows where every policy of the budget (and fp16) has a record, all computed under one fingerprint, are used,
 so a table of a run still in progress is a complete paired table of fewer items (it says how many).
 Run from the repository root: python results/study_v2/heldout_table.py  (-> heldout.md, heldout.png)
@@ -64,8 +68,26 @@ for budget, fixed in BUDGETS.items():
         lines += [f"| {q} | {ci(p, q, 'loglik_delta', rows)} | {ci(p, q, 'correct_norm', rows, 100)} |"
                   for q in [static, *fixed]]
     lines.append("")
+    oracle = f"oracle-b{budget}"
+    if not records.get(oracle):
+        continue
+    rows = complete_rows([oracle, *policies])
+    if not rows:
+        continue
+    lines += [f"#### the oracle at {budget} bits ({len(rows)} rows: the first of the held-out items)", "",
+              "| policy | avg bits | acc_norm | Δ log-lik vs fp16 | minus the static schedule: Δ log-lik | Δacc_norm |",
+              "|---|---|---|---|---|---|"]
+    for p in [oracle, static, *learned(budget), best]:
+        vs_static = "— | —" if p == static else f"{ci(p, static, 'loglik_delta', rows)} | {ci(p, static, 'correct_norm', rows, 100)}"
+        lines.append(f"| {p} | {rows_mean(records, p, 'avg_bits', rows):.2f} | {rows_mean(records, p, 'correct_norm', rows):.3f} | "
+                     f"{ci(p, 'fp16', 'loglik_delta', rows)} | {vs_static} |")
+    headroom = rows_mean(records, oracle, "loglik_delta", rows) - rows_mean(records, static, "loglik_delta", rows)
+    for p in learned(budget):
+        gained = rows_mean(records, p, "loglik_delta", rows) - rows_mean(records, static, "loglik_delta", rows)
+        lines.append(f"\n{p} gains {gained:+.2f} nats over the schedule on these rows, of the oracle's {headroom:+.2f}.")
+    lines.append("")
 
-everything = [p for p in records if records[p]]
+everything = [p for p in records if records[p] and not p.startswith("oracle")]
 shared = complete_rows(everything)
 if shared:  # the quantized policies only: fp16 (0 nats, 16 bits) would squeeze them into one corner
     quantized = summarize_all([records[p][r] for p in everything for r in shared], references=["fp16"])

@@ -81,3 +81,29 @@ def test_oracle_with_layer_groups(tiny_model):
     replay = rollout(env, Schedule(plan), options={"row": ROWS[0]}).final_info
     assert replay["loglik_delta"] == oracle.last_value and replay["avg_bits"] <= 3.0 + 1e-9
     env.close()
+
+
+def test_oracle_completing_with_a_static_schedule_never_loses_to_it(env, tmp_path):
+    """oracle:<schedule.json>: every branch finishes with the schedule's later actions, so the plan's value
+    is at least the schedule's own episode on the item (its headroom over the search baseline)."""
+    from agents.static import StaticSchedulePolicy
+
+    schedule = StaticSchedulePolicy(env.observation_names, env.bits, ["k4v2", 2, 4], budget=BUDGET)
+    path = schedule.save(tmp_path / "schedule.json")
+    budgeted = env.sibling(bit_budget=BUDGET)
+    try:
+        oracle = make_policy(f"oracle:{path}", env=budgeted)
+        assert oracle.name == "oracle:static" and canonical_name(f"oracle:{path}") == "oracle:static"
+        for row in ROWS:
+            plan = oracle.plan(budgeted, row)
+            value = oracle.last_value
+            replay = rollout(budgeted, Schedule(plan), options={"row": row}).final_info
+            static = rollout(budgeted, schedule, options={"row": row}).final_info
+            assert replay["loglik_delta"] == value and replay["avg_bits"] <= BUDGET + 1e-9
+            assert value >= static["loglik_delta"]
+            assert oracle.plan(budgeted, row) == plan  # deterministic
+    finally:
+        budgeted.close()
+    with pytest.raises(ValueError, match="menu"):
+        OraclePolicy(env.observation_names, env.bits,
+                     completion=StaticSchedulePolicy(env.observation_names, (2, 4), [2]))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from agents.rollout import Schedule, rollout
 from agents.static import StaticSchedulePolicy
-from envs.kv_precision import EnvConfig
+from envs.kv_precision import EnvConfig, KVPrecisionEnv
 from experiments import evaluate
 from experiments.evaluate import EvaluateConfig
 
@@ -25,10 +26,15 @@ def test_oracle_and_static_records_are_like_every_policys(tmp_path):
     by = {(r["policy"], r["row"]): r for r in records}
     rows = sorted({r["row"] for r in records})
     assert len(rows) == 2 and len(records) == 6
+    replay_env = KVPrecisionEnv(env)
     for row in rows:
         fixed, oracle = by["fixed:4", row], by["oracle:4", row]
-        assert set(oracle) == set(fixed) and set(by["static", row]) == set(fixed)
+        assert set(oracle) == set(fixed) | {"actions"} and set(by["static", row]) == set(fixed)
         assert oracle["loglik_delta"] >= fixed["loglik_delta"]  # completing at 4 bits: never worse than fixed:4
+        # a planning policy's record keeps its plan, and replaying the plan is its episode
+        replay = rollout(replay_env, Schedule(oracle["actions"]), options={"row": row}).final_info
+        assert replay["loglik_delta"] == oracle["loglik_delta"]
+    replay_env.close()
     assert set(result["policies"]) == {"fixed:4", "oracle:4", "static"}
 
 
@@ -40,6 +46,6 @@ def test_evidence_teacher_evaluates_like_every_policy(tmp_path):
     evaluate.run(cfg)
     records = evaluate._load_done(tmp_path / "eval" / "records.jsonl")[0]
     by = {r["policy"]: r for r in records}
-    assert set(by) == {"fixed:2", "evidence"} and set(by["evidence"]) == set(by["fixed:2"])
+    assert set(by) == {"fixed:2", "evidence"} and set(by["evidence"]) == set(by["fixed:2"]) | {"actions"}
     assert "exact_match" in by["evidence"] and by["evidence"]["budget_enforced"] == 0
     assert by["fixed:2"]["avg_bits"] < by["evidence"]["avg_bits"] <= 3.0

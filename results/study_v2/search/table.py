@@ -1,10 +1,11 @@
 """Searched static schedules and learned policies against the fixed settings that fit the same budget, on the
-frontier's first 200 pool rows (the schedules were searched on pool rows 200-223; PPO trained on the pool
-episode set train-0-200, whose rows are left out here, so nothing is scored on a row it was fitted on).
+frontier's first 200 pool rows (the schedules were searched on pool rows 200-223; PPO trained, and the MLP's oracle
+teacher ran, on the pool episode set train-0-200, whose rows are left out here, so nothing is scored on a row it was
+fitted on).
 
 Reads the frontier's records (fp16, unrotated fixed settings), the rotated fixed settings
 (results/frontier/rotated), this folder's evaluations (pool_b3.0.yaml, pool_b2.5.yaml) and PPO's
-(../ppo/pool_b*.yaml), pairs them by row.
+(../ppo/pool_b*.yaml) and the MLP's (../mlp/pool_b*.yaml), pairs them by row.
 Run from the repository root: python results/study_v2/search/table.py  (-> table.md)
 """
 from pathlib import Path
@@ -18,6 +19,7 @@ from experiments.stats import records_by_policy, rows_mean, rows_paired_ci
 HERE = Path(__file__).parent
 paths = [Path("results/frontier/evaluate/records.jsonl"), Path("results/frontier/rotated/records.jsonl")]
 paths += sorted(HERE.glob("pool_b*/records.jsonl")) + sorted((HERE.parent / "ppo").glob("pool_b*/records.jsonl"))
+paths += sorted((HERE.parent / "mlp").glob("pool_b*/records.jsonl"))
 records = records_by_policy(paths)
 
 BUDGETS = {  # the fixed settings at or under each budget that the frontier ran on these rows
@@ -43,7 +45,8 @@ for budget, fixed in BUDGETS.items():
     static = f"static-b{budget}"
     if not records[static]:
         continue
-    learned = sorted(p for p in records if p.startswith("ppo") and p.endswith(f"-b{budget}"))  # ppo-b3.0, ppo18k-b3.0
+    # ppo-b3.0, ppo18k-b3.0, mlp-oracle-b3.0 (the MLP's teacher data is from the same episode set as PPO's)
+    learned = sorted(p for p in records if p.startswith(("ppo", "mlp")) and p.endswith(f"-b{budget}"))
     rows = sorted(r for r in records[static] if all(r in records[p] for p in ["fp16", *learned, *fixed]))
     if learned:
         rows = [r for r in rows if r not in PPO_TRAINED_ON]
