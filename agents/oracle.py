@@ -71,11 +71,20 @@ class OraclePolicy(PlanningPolicy):
     ``budget``: the average-bits budget; default: the env's ``bit_budget`` (None: no budget). A
     candidate is skipped when the env's ``action_masks()`` masks it, and discarded when its completed
     episode ends over the budget.
+    ``objective``: what a completed branch is worth: ``"gold"``, the gold ending's log-lik change (the
+    score the study reports), or ``"endings"``, the mean log-lik of *all* the item's endings under the
+    quantized cache: blind to which ending is gold, so its choices are about how well the prompt is
+    remembered, not about which noise favours the right answer (spec ``blind-oracle``).
     """
 
+    OBJECTIVES = ("gold", "endings")
+
     def __init__(self, observation_names: Sequence[str], bits: Sequence[Any], completion: Any = None,
-                 budget: float | None = None):
+                 budget: float | None = None, objective: str = "gold"):
         super().__init__(observation_names, bits)
+        if objective not in self.OBJECTIVES:
+            raise ValueError(f"oracle objective must be one of {self.OBJECTIVES}, got {objective!r}")
+        self.objective = objective
         self.completion: Setting | None = None
         self.schedule: StaticSchedulePolicy | None = None
         if isinstance(completion, StaticSchedulePolicy):
@@ -89,9 +98,10 @@ class OraclePolicy(PlanningPolicy):
                 raise ValueError(f"oracle completion setting {setting_name(self.completion)} is not in the env's menu "
                                  f"{[setting_name(b) for b in self.bits]}")
         self.budget = None if budget is None else float(budget)
-        self.name = ("oracle:static" if self.schedule is not None else
-                     "oracle" if self.completion is None else f"oracle:{setting_name(self.completion)}")
-        #: the terminal gold-ending log-lik delta of the last plan (what its replay scores)
+        kind = "oracle" if objective == "gold" else "blind-oracle"
+        self.name = (f"{kind}:static" if self.schedule is not None else
+                     kind if self.completion is None else f"{kind}:{setting_name(self.completion)}")
+        #: the objective's value of the last plan (with "gold": the log-lik delta its replay scores)
         self.last_value: float | None = None
 
     def completion_index(self, budget: float | None) -> int:
@@ -123,7 +133,7 @@ class OraclePolicy(PlanningPolicy):
                 if mask is not None and not _allowed(mask, action, len(self.bits)):
                     continue
                 base.restore(snap)
-                value, avg_bits = _complete(base, action, finish[len(actions) + 1:])
+                value, avg_bits = _complete(base, action, finish[len(actions) + 1:], self.objective)
                 if budget is not None and avg_bits > budget + BUDGET_TOLERANCE:
                     continue
                 if best is None or value > best[1]:
@@ -150,8 +160,10 @@ class OraclePolicy(PlanningPolicy):
         return [completion if groups == 1 else [completion] * groups for _ in range(n_blocks)]
 
 
-def _complete(env: Any, action: Action, later: Sequence[Action]) -> tuple[float, float]:
-    """Commit ``action``, then each later block at its action in ``later``; the terminal (loglik_delta, avg_bits)."""
+def _complete(env: Any, action: Action, later: Sequence[Action], objective: str = "gold") -> tuple[float, float]:
+    """Commit ``action``, then each later block at its action in ``later``; the terminal (value, avg_bits),
+    the value being the gold ending's log-lik delta, or with ``objective="endings"`` the mean log-lik of
+    every ending (the same reference for every branch of an item, so it need not be subtracted)."""
     _, _, terminated, truncated, info = env.step(action)
     for step_action in later:
         if terminated or truncated:
@@ -159,7 +171,8 @@ def _complete(env: Any, action: Action, later: Sequence[Action]) -> tuple[float,
         _, _, terminated, truncated, info = env.step(step_action)
     if not (terminated or truncated):
         raise RuntimeError(f"the completion ran out of actions ({len(later)}) before the episode ended")
-    return float(info["loglik_delta"]), float(info["avg_bits"])
+    value = float(info["loglik_delta"]) if objective == "gold" else float(np.mean(info["scores"]))
+    return value, float(info["avg_bits"])
 
 
 def _candidates(menu: Sequence[Setting], groups: int) -> list[Action]:

@@ -18,6 +18,8 @@ A spec is ``[alias=]what``, where ``what`` is one of::
     oracle:k4v2           ... completing every branch at K4V2             name "oracle:k4v2"
     oracle:schedule.json  ... completing every branch with a static
                           schedule: its headroom over that schedule       name "oracle:static"
+    blind-oracle[:arg]    the oracle maximising the mean log-lik of all
+                          endings, blind to the gold one (same args)      name "blind-oracle..."
     evidence              privileged evidence teacher: the answer's blocks
                           precise, the rest of the budget from the end    name "evidence"
     evidence:8            ... evidence blocks at most at 8 bits           name "evidence:8"
@@ -325,12 +327,12 @@ def _static(arg, observation_names, bits, env) -> Policy:
     return StaticSchedulePolicy.load(_need(arg, "static", "static:runs/search/schedule.json"), observation_names, bits)
 
 
-def _oracle_name(arg: str | None) -> str:
+def _oracle_name(arg: str | None, kind: str = "oracle") -> str:
     from envs.settings import parse_setting, setting_name
 
     if _is_schedule_file(arg):
-        return "oracle:static"
-    return "oracle" if not arg else f"oracle:{setting_name(parse_setting(arg))}"
+        return f"{kind}:static"
+    return kind if not arg else f"{kind}:{setting_name(parse_setting(arg))}"
 
 
 def _is_schedule_file(arg: str | None) -> bool:
@@ -339,14 +341,20 @@ def _is_schedule_file(arg: str | None) -> bool:
 
 
 @register_policy("oracle", name=_oracle_name)
-def _oracle(arg, observation_names, bits, env) -> Policy:
+def _oracle(arg, observation_names, bits, env, objective: str = "gold") -> Policy:
     from agents.oracle import OraclePolicy
 
     if _is_schedule_file(arg):
         from agents.static import StaticSchedulePolicy
 
-        return OraclePolicy(observation_names, bits, completion=StaticSchedulePolicy.load(arg, observation_names, bits))
-    return OraclePolicy(observation_names, bits, completion=arg or None)
+        completion = StaticSchedulePolicy.load(arg, observation_names, bits)
+        return OraclePolicy(observation_names, bits, completion=completion, objective=objective)
+    return OraclePolicy(observation_names, bits, completion=arg or None, objective=objective)
+
+
+@register_policy("blind-oracle", name=lambda arg: _oracle_name(arg, "blind-oracle"))
+def _blind_oracle(arg, observation_names, bits, env) -> Policy:
+    return _oracle(arg, observation_names, bits, env, objective="endings")
 
 
 def _evidence_name(arg: str | None) -> str:

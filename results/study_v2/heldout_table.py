@@ -3,7 +3,9 @@ pool items and the searched static schedule, paired by row (heldout.yaml's recor
 
 The oracle (heldout_oracle.yaml: per-item greedy search completing with the budget's static schedule, evaluation
 only) runs on the first 100 items; its own section pairs it with the budget's policies on the rows it has run: its
-margin over the static schedule is the headroom a learned per-item policy has over the search baseline.
+margin over the static schedule is the headroom a learned per-item policy has over the search baseline. The
+gold-blind oracle (blind-oracle) searches for the best mean log-lik of all endings instead: its margin on the gold
+ending does not come from knowing the answer.
 
 Only rows where every policy of the budget (and fp16) has a record, all computed under one fingerprint, are used,
 so a table of a run still in progress is a complete paired table of fewer items (it says how many).
@@ -86,6 +88,15 @@ for budget, fixed in BUDGETS.items():
         gained = rows_mean(records, p, "loglik_delta", rows) - rows_mean(records, static, "loglik_delta", rows)
         lines.append(f"\n{p} gains {gained:+.2f} nats over the schedule on these rows, of the oracle's {headroom:+.2f}.")
     lines.append("")
+    blind = f"blind-oracle-b{budget}"  # the same search valued by every ending's log-lik, blind to the gold one
+    rows = complete_rows([blind, oracle, *policies]) if records.get(blind) else []
+    if rows:
+        lines += [f"#### the gold-blind oracle at {budget} bits ({len(rows)} rows)", "",
+                  "| policy | avg bits | acc_norm | minus the static schedule: Δ log-lik | Δacc_norm |", "|---|---|---|---|---|"]
+        lines += [f"| {p} | {rows_mean(records, p, 'avg_bits', rows):.2f} | {rows_mean(records, p, 'correct_norm', rows):.3f} | "
+                  f"{ci(p, static, 'loglik_delta', rows)} | {ci(p, static, 'correct_norm', rows, 100)} |"
+                  for p in [blind, oracle, *learned(budget)]]
+        lines.append("")
 
 everything = [p for p in records if records[p] and not p.startswith("oracle")]
 shared = complete_rows(everything)

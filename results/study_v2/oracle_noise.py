@@ -58,7 +58,9 @@ for p in (ORACLE, PPO):
     lines.append(f"| {p} minus {STATIC} | {paired_diff_ci(original[p], original[STATIC]).text()} | "
                  f"{paired_diff_ci(noisy[p], noisy[STATIC]).text()} |")
 for p in (ORACLE, STATIC, PPO):
-    lines.append(f"| {p}: perturbed minus recorded | — | {paired_diff_ci(noisy[p], original[p]).text()} |")
+    size = sum(abs(a - b) for a, b in zip(noisy[p], original[p], strict=True)) / len(rows)
+    lines.append(f"| {p}: perturbed minus recorded (mean absolute per item: {size:.2f}) | — | "
+                 f"{paired_diff_ci(noisy[p], original[p]).text()} |")
 text = "\n".join(lines) + "\n"
 (HERE / "oracle_noise.md").write_text(text)
 print(text)

@@ -107,3 +107,18 @@ def test_oracle_completing_with_a_static_schedule_never_loses_to_it(env, tmp_pat
     with pytest.raises(ValueError, match="menu"):
         OraclePolicy(env.observation_names, env.bits,
                      completion=StaticSchedulePolicy(env.observation_names, (2, 4), [2]))
+
+
+def test_blind_oracle_maximises_every_endings_log_lik_not_the_gold_one(env):
+    """blind-oracle: the same search, valued by the mean log-lik of all endings (it never reads which is gold)."""
+    row = ROWS[0]
+    blind = make_policy("blind-oracle:k4v2", env=env)
+    assert blind.name == "blind-oracle:k4v2" and blind.objective == "endings"
+    assert canonical_name("blind-oracle") == "blind-oracle"
+    plan = blind.plan(env, row)
+    replay = rollout(env, Schedule(plan), options={"row": row}).final_info
+    assert np.mean(replay["scores"]) == blind.last_value  # its value is the replay's mean ending score
+    fixed = rollout(env, FixedBitsPolicy(env.observation_names, env.bits, (4, 2)), options={"row": row}).final_info
+    assert blind.last_value >= np.mean(fixed["scores"])
+    with pytest.raises(ValueError, match="objective"):
+        OraclePolicy(env.observation_names, env.bits, objective="accuracy")
