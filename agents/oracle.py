@@ -2,10 +2,10 @@
 
 At each block it tries every setting the budget allows, each time completing the episode the
 *completion* way (one fixed setting, or a static schedule's actions for the later blocks), reads the
-terminal gold-ending log-likelihood change, keeps the best (ties: the cheaper setting) and moves on
-from it. It sees the item's own passes (the gold ending
-included), so it measures headroom: how much a controller that knew each block's real damage could
-gain. It needs the env's state at each block, which :meth:`envs.kv_precision.KVPrecisionEnv.snapshot`
+terminal gold-ending log-likelihood change (or, as ``blind-oracle``, the mean log-likelihood of all the
+endings), keeps the best (ties: the cheaper setting) and moves on from it. It sees the item's own
+passes (the endings included), so it measures headroom: how much a controller that knew each block's
+real damage could gain. It needs the env's state at each block, which :meth:`envs.kv_precision.KVPrecisionEnv.snapshot`
 gives, so it acts through :meth:`OraclePolicy.plan` (a whole episode's actions for one item), not
 through ``predict``; ``experiments.evaluate`` replays a plan with ``agents.rollout.Schedule``.
 
@@ -149,7 +149,6 @@ class OraclePolicy(PlanningPolicy):
             if terminated or truncated:
                 self.last_value = best[1]
                 return actions
-
 
     def _completion_actions(self, n_blocks: int, budget: float | None, groups: int) -> list[Action]:
         """The completion's action at each of the ``n_blocks`` blocks of the item's prompt."""
