@@ -1,6 +1,7 @@
 """Study v2 on the held-out items: per budget, every policy that fits it against fp16, the fixed settings chosen on
 pool items and the searched static schedule, paired by row (heldout.yaml's records; nothing fitted on these rows).
 
+Controllers of a budget (``rule-``, ``mlp-``, ``ppo...-b<budget>``) enter its table once they have run every item.
 The oracle (heldout_oracle.yaml: per-item greedy search completing with the budget's static schedule, evaluation
 only) runs on the first 100 items; its own section pairs it with the budget's policies on the rows it has run: its
 margin over the static schedule is the headroom a learned per-item policy has over the search baseline. The
@@ -28,9 +29,19 @@ BUDGETS = {  # the fixed settings chosen on pool items (results/frontier/rotated
 }
 
 
-def learned(budget: float) -> list[str]:
-    """The learned policies of a budget, named ``<kind>...-b<budget>`` (ppo18k-b3.0, mlp-b2.5)."""
-    return sorted(p for p in records if p.startswith(("ppo", "mlp")) and p.endswith(f"-b{budget}"))
+def of_budget(budget: float) -> list[str]:
+    """The controllers of a budget (the calibrated rule, MLPs, PPO), named ``<kind>...-b<budget>``."""
+    return sorted(p for p in records if p.startswith(("rule", "ppo", "mlp")) and p.endswith(f"-b{budget}"))
+
+
+def controllers(budget: float) -> list[str]:
+    """The budget's controllers that ran every item; one still running is listed apart (``in_progress``), so the
+    table stays a complete paired table of all the items while a new row is being added."""
+    return [p for p in of_budget(budget) if len(records[p]) >= ITEMS]
+
+
+def in_progress(budget: float) -> list[str]:
+    return [p for p in of_budget(budget) if len(records[p]) < ITEMS]
 
 
 def complete_rows(policies: list[str]) -> list[int]:
@@ -48,7 +59,7 @@ lines = ["HellaSwag 5-shot, held-out rows (the eval split), paired by row; Δacc
          "pool items only.", ""]
 for budget, fixed in BUDGETS.items():
     static = f"static-b{budget}"
-    policies = ["fp16", static, *learned(budget), *fixed]
+    policies = ["fp16", static, *controllers(budget), *fixed]
     if not all(records[p] for p in policies):
         continue
     rows = complete_rows(policies)
@@ -65,10 +76,11 @@ for budget, fixed in BUDGETS.items():
         vs_best = "— | —" if p in ("fp16", best) else f"{ci(p, best, 'loglik_delta', rows)} | {ci(p, best, 'correct_norm', rows, 100)}"
         lines.append(f"| {p} | {rows_mean(records, p, 'avg_bits', rows):.2f} ({most:.2f}) | "
                      f"{rows_mean(records, p, 'correct_norm', rows):.3f} | {vs_fp16} | {vs_best} |")
-    for p in learned(budget):
+    for p in controllers(budget):
         lines += ["", f"| {p} minus | Δ log-lik | Δacc_norm |", "|---|---|---|"]
         lines += [f"| {q} | {ci(p, q, 'loglik_delta', rows)} | {ci(p, q, 'correct_norm', rows, 100)} |"
                   for q in [static, *fixed]]
+    lines += [f"\n{p}: {len(records[p])} of {ITEMS} items so far, not in the table yet" for p in in_progress(budget)]
     lines.append("")
     oracle = f"oracle-b{budget}"
     if not records.get(oracle):
@@ -79,12 +91,12 @@ for budget, fixed in BUDGETS.items():
     lines += [f"#### the oracle at {budget} bits ({len(rows)} rows: the first of the held-out items)", "",
               "| policy | avg bits | acc_norm | Δ log-lik vs fp16 | minus the static schedule: Δ log-lik | Δacc_norm |",
               "|---|---|---|---|---|---|"]
-    for p in [oracle, static, *learned(budget), best]:
+    for p in [oracle, static, *controllers(budget), best]:
         vs_static = "— | —" if p == static else f"{ci(p, static, 'loglik_delta', rows)} | {ci(p, static, 'correct_norm', rows, 100)}"
         lines.append(f"| {p} | {rows_mean(records, p, 'avg_bits', rows):.2f} | {rows_mean(records, p, 'correct_norm', rows):.3f} | "
                      f"{ci(p, 'fp16', 'loglik_delta', rows)} | {vs_static} |")
     headroom = rows_mean(records, oracle, "loglik_delta", rows) - rows_mean(records, static, "loglik_delta", rows)
-    for p in learned(budget):
+    for p in controllers(budget):
         gained = rows_mean(records, p, "loglik_delta", rows) - rows_mean(records, static, "loglik_delta", rows)
         lines.append(f"\n{p} gains {gained:+.2f} nats over the schedule on these rows, of the oracle's {headroom:+.2f}.")
     lines.append("")
@@ -95,10 +107,10 @@ for budget, fixed in BUDGETS.items():
                   "| policy | avg bits | acc_norm | minus the static schedule: Δ log-lik | Δacc_norm |", "|---|---|---|---|---|"]
         lines += [f"| {p} | {rows_mean(records, p, 'avg_bits', rows):.2f} | {rows_mean(records, p, 'correct_norm', rows):.3f} | "
                   f"{ci(p, static, 'loglik_delta', rows)} | {ci(p, static, 'correct_norm', rows, 100)} |"
-                  for p in [blind, oracle, *learned(budget)]]
+                  for p in [blind, oracle, *controllers(budget)]]
         lines.append("")
 
-everything = [p for p in records if records[p] and "oracle" not in p]  # the oracles ran on 100 items
+everything = [p for p in records if len(records[p]) >= ITEMS]  # the oracles ran on 100 items
 shared = complete_rows(everything)
 if shared:  # the quantized policies only: fp16 (0 nats, 16 bits) would squeeze them into one corner
     quantized = summarize_all([records[p][r] for p in everything for r in shared], references=["fp16"])
