@@ -51,9 +51,10 @@ def load_perturbed() -> dict[int, dict]:
 
 planned = {name: planned_rows(name) for name in PLANNED}
 perturbed = load_perturbed()
-todo = {r: [p for p in PLANNED if r in planned[p] and p not in perturbed.get(r, {})]
-        for r in sorted(set().union(*planned.values()))}
-todo = {r: missing for r, missing in todo.items() if missing}
+missing_plans = {r: [p for p in PLANNED if r in planned[p] and p not in perturbed.get(r, {})]
+                 for r in sorted(set().union(*planned.values()))}
+todo = {r: missing for r, missing in missing_plans.items() if missing}
+
 
 def replay_on_perturbed_model(todo: dict[int, list[str]], perturbed: dict[int, dict]) -> None:
     """Replay each row's missing plans (and, on a new row, the schedule and PPO) on the perturbed model,
