@@ -44,14 +44,14 @@ def in_progress(budget: float) -> list[str]:
     return [p for p in of_budget(budget) if len(records[p]) < ITEMS]
 
 
-def complete_rows(policies: list[str]) -> list[int]:
+def complete_rows(policies: list[str], by: dict = records) -> list[int]:
     """Rows every one of ``policies`` ran, all under one fingerprint (paired differences never mix machines)."""
-    rows = set.intersection(*(set(records[p]) for p in policies))
-    return sorted(r for r in rows if len({record_fingerprint(records[p][r]) for p in policies}) == 1)
+    rows = set.intersection(*(set(by[p]) for p in policies))
+    return sorted(r for r in rows if len({record_fingerprint(by[p][r]) for p in policies}) == 1)
 
 
-def ci(a: str, b: str, key: str, rows: list[int], scale: float = 1.0) -> str:
-    return rows_paired_ci(records, a, b, key, rows).text(scale)
+def ci(a: str, b: str, key: str, rows: list[int], scale: float = 1.0, by: dict = records) -> str:
+    return rows_paired_ci(by, a, b, key, rows).text(scale)
 
 
 lines = ["HellaSwag 5-shot, held-out rows (the eval split), paired by row; Δacc_norm in points, gold log-lik in nats "
@@ -109,6 +109,37 @@ for budget, fixed in BUDGETS.items():
                   f"{ci(p, static, 'loglik_delta', rows)} | {ci(p, static, 'correct_norm', rows, 100)} |"
                   for p in [blind, oracle, *controllers(budget)]]
         lines.append("")
+
+# PPO at 2.5 ran on another machine (heldout_ppo_b2.5.yaml): its comparators were recomputed beside it, so it
+# pairs only with its own run's rows; the rows both runs hold show how far the machine moves the same policy.
+beside = records_by_policy([HERE / "heldout_ppo_b2.5" / "records.jsonl"])
+ppo25, static25, fixed25 = "ppowarm9k-b2.5", "static-b2.5", BUDGETS[2.5][0]
+rows = complete_rows(["fp16", static25, ppo25, fixed25], beside) if beside.get(ppo25) else []
+if rows:
+    state = "" if len(rows) >= ITEMS else f"; **partial: {len(rows)} of {ITEMS} items so far**"
+    lines += [f"### budget 2.5: PPO warm-started from the schedule, with its comparators recomputed beside it "
+              f"({len(rows)} rows{state})", "",
+              f"| policy | avg bits (max) | acc_norm | Δ log-lik vs fp16 | Δacc_norm vs fp16 | minus {fixed25}: Δ log-lik | "
+              f"minus {fixed25}: Δacc_norm |", "|---|---|---|---|---|---|---|"]
+    for p in ["fp16", static25, ppo25, fixed25]:
+        most = max(beside[p][r]["avg_bits"] for r in rows)
+        vs_fp16 = "— | —" if p == "fp16" else (f"{ci(p, 'fp16', 'loglik_delta', rows, by=beside)} | "
+                                               f"{ci(p, 'fp16', 'correct_norm', rows, 100, by=beside)}")
+        vs_best = "— | —" if p in ("fp16", fixed25) else (f"{ci(p, fixed25, 'loglik_delta', rows, by=beside)} | "
+                                                          f"{ci(p, fixed25, 'correct_norm', rows, 100, by=beside)}")
+        lines.append(f"| {p} | {rows_mean(beside, p, 'avg_bits', rows):.2f} ({most:.2f}) | "
+                     f"{rows_mean(beside, p, 'correct_norm', rows):.3f} | {vs_fp16} | {vs_best} |")
+    lines += ["", f"{ppo25} minus {static25}: Δ log-lik {ci(ppo25, static25, 'loglik_delta', rows, by=beside)}, "
+              f"Δacc_norm {ci(ppo25, static25, 'correct_norm', rows, 100, by=beside)}", ""]
+    both = [r for r in rows if all(r in records[p] for p in (static25, fixed25))]
+    if both:
+        moved = {p: [abs(beside[p][r]["loglik_delta"] - records[p][r]["loglik_delta"]) for r in both]
+                 for p in (static25, fixed25)}
+        lines += [f"The same {len(both)} rows in heldout.yaml's run (another machine): {static25} minus {fixed25} "
+                  f"{ci(static25, fixed25, 'loglik_delta', both, by=beside)} here, "
+                  f"{ci(static25, fixed25, 'loglik_delta', both)} there; one item's gold log-lik moves between the "
+                  "machines by " + ", ".join(f"{sum(v) / len(v):.2f} nats ({p})" for p, v in moved.items()) +
+                  " on average, in absolute value.", ""]
 
 everything = [p for p in records if len(records[p]) >= ITEMS]  # the oracles ran on 100 items
 shared = complete_rows(everything)
