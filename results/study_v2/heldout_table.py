@@ -54,6 +54,21 @@ def ci(a: str, b: str, key: str, rows: list[int], scale: float = 1.0, by: dict =
     return rows_paired_ci(by, a, b, key, rows).text(scale)
 
 
+def policy_table(policies: list[str], best: str, rows: list[int], by: dict = records) -> list[str]:
+    """Markdown rows: each policy's bits and acc_norm, and its paired differences against fp16 and ``best``."""
+    table = [f"| policy | avg bits (max) | acc_norm | Δ log-lik vs fp16 | Δacc_norm vs fp16 | minus {best}: Δ log-lik | "
+             f"minus {best}: Δacc_norm |", "|---|---|---|---|---|---|---|"]
+    for p in policies:
+        most = max(by[p][r]["avg_bits"] for r in rows)
+        vs_fp16 = "— | —" if p == "fp16" else (f"{ci(p, 'fp16', 'loglik_delta', rows, by=by)} | "
+                                               f"{ci(p, 'fp16', 'correct_norm', rows, 100, by=by)}")
+        vs_best = "— | —" if p in ("fp16", best) else (f"{ci(p, best, 'loglik_delta', rows, by=by)} | "
+                                                       f"{ci(p, best, 'correct_norm', rows, 100, by=by)}")
+        table.append(f"| {p} | {rows_mean(by, p, 'avg_bits', rows):.2f} ({most:.2f}) | "
+                     f"{rows_mean(by, p, 'correct_norm', rows):.3f} | {vs_fp16} | {vs_best} |")
+    return table
+
+
 lines = ["HellaSwag 5-shot, held-out rows (the eval split), paired by row; Δacc_norm in points, gold log-lik in nats "
          "against the fp16 pass of the same prompt. Fixed settings chosen, schedules searched and policies trained on "
          "pool items only.", ""]
@@ -67,15 +82,7 @@ for budget, fixed in BUDGETS.items():
         continue
     best = fixed[0]
     state = "" if len(rows) >= ITEMS else f"; **partial: {len(rows)} of {ITEMS} items so far**"
-    lines += [f"### budget {budget} ({len(rows)} rows{state})", "",
-              f"| policy | avg bits (max) | acc_norm | Δ log-lik vs fp16 | Δacc_norm vs fp16 | minus {best}: Δ log-lik | "
-              f"minus {best}: Δacc_norm |", "|---|---|---|---|---|---|---|"]
-    for p in policies:
-        most = max(records[p][r]["avg_bits"] for r in rows)
-        vs_fp16 = "— | —" if p == "fp16" else f"{ci(p, 'fp16', 'loglik_delta', rows)} | {ci(p, 'fp16', 'correct_norm', rows, 100)}"
-        vs_best = "— | —" if p in ("fp16", best) else f"{ci(p, best, 'loglik_delta', rows)} | {ci(p, best, 'correct_norm', rows, 100)}"
-        lines.append(f"| {p} | {rows_mean(records, p, 'avg_bits', rows):.2f} ({most:.2f}) | "
-                     f"{rows_mean(records, p, 'correct_norm', rows):.3f} | {vs_fp16} | {vs_best} |")
+    lines += [f"### budget {budget} ({len(rows)} rows{state})", "", *policy_table(policies, best, rows)]
     for p in controllers(budget):
         lines += ["", f"| {p} minus | Δ log-lik | Δacc_norm |", "|---|---|---|"]
         lines += [f"| {q} | {ci(p, q, 'loglik_delta', rows)} | {ci(p, q, 'correct_norm', rows, 100)} |"
@@ -118,17 +125,7 @@ rows = complete_rows(["fp16", static25, ppo25, fixed25], beside) if beside.get(p
 if rows:
     state = "" if len(rows) >= ITEMS else f"; **partial: {len(rows)} of {ITEMS} items so far**"
     lines += [f"### budget 2.5: PPO warm-started from the schedule, with its comparators recomputed beside it "
-              f"({len(rows)} rows{state})", "",
-              f"| policy | avg bits (max) | acc_norm | Δ log-lik vs fp16 | Δacc_norm vs fp16 | minus {fixed25}: Δ log-lik | "
-              f"minus {fixed25}: Δacc_norm |", "|---|---|---|---|---|---|---|"]
-    for p in ["fp16", static25, ppo25, fixed25]:
-        most = max(beside[p][r]["avg_bits"] for r in rows)
-        vs_fp16 = "— | —" if p == "fp16" else (f"{ci(p, 'fp16', 'loglik_delta', rows, by=beside)} | "
-                                               f"{ci(p, 'fp16', 'correct_norm', rows, 100, by=beside)}")
-        vs_best = "— | —" if p in ("fp16", fixed25) else (f"{ci(p, fixed25, 'loglik_delta', rows, by=beside)} | "
-                                                          f"{ci(p, fixed25, 'correct_norm', rows, 100, by=beside)}")
-        lines.append(f"| {p} | {rows_mean(beside, p, 'avg_bits', rows):.2f} ({most:.2f}) | "
-                     f"{rows_mean(beside, p, 'correct_norm', rows):.3f} | {vs_fp16} | {vs_best} |")
+              f"({len(rows)} rows{state})", "", *policy_table(["fp16", static25, ppo25, fixed25], fixed25, rows, beside)]
     lines += ["", f"{ppo25} minus {static25}: Δ log-lik {ci(ppo25, static25, 'loglik_delta', rows, by=beside)}, "
               f"Δacc_norm {ci(ppo25, static25, 'correct_norm', rows, 100, by=beside)}", ""]
     both = [r for r in rows if all(r in records[p] for p in (static25, fixed25))]
