@@ -54,6 +54,11 @@ def ci(a: str, b: str, key: str, rows: list[int], scale: float = 1.0, by: dict =
     return rows_paired_ci(by, a, b, key, rows).text(scale)
 
 
+def partial(rows: list[int]) -> str:
+    """What a table's heading adds while its run has not reached every item."""
+    return "" if len(rows) >= ITEMS else f"; **partial: {len(rows)} of {ITEMS} items so far**"
+
+
 def policy_table(policies: list[str], best: str, rows: list[int], by: dict = records) -> list[str]:
     """Markdown rows: each policy's bits and acc_norm, and its paired differences against fp16 and ``best``."""
     table = [f"| policy | avg bits (max) | acc_norm | Δ log-lik vs fp16 | Δacc_norm vs fp16 | minus {best}: Δ log-lik | "
@@ -81,8 +86,7 @@ for budget, fixed in BUDGETS.items():
     if not rows:
         continue
     best = fixed[0]
-    state = "" if len(rows) >= ITEMS else f"; **partial: {len(rows)} of {ITEMS} items so far**"
-    lines += [f"### budget {budget} ({len(rows)} rows{state})", "", *policy_table(policies, best, rows)]
+    lines += [f"### budget {budget} ({len(rows)} rows{partial(rows)})", "", *policy_table(policies, best, rows)]
     for p in controllers(budget):
         lines += ["", f"| {p} minus | Δ log-lik | Δacc_norm |", "|---|---|---|"]
         lines += [f"| {q} | {ci(p, q, 'loglik_delta', rows)} | {ci(p, q, 'correct_norm', rows, 100)} |"
@@ -123,9 +127,8 @@ beside = records_by_policy([HERE / "heldout_ppo_b2.5" / "records.jsonl"])
 ppo25, static25, fixed25 = "ppowarm9k-b2.5", "static-b2.5", BUDGETS[2.5][0]
 rows = complete_rows(["fp16", static25, ppo25, fixed25], beside) if beside.get(ppo25) else []
 if rows:
-    state = "" if len(rows) >= ITEMS else f"; **partial: {len(rows)} of {ITEMS} items so far**"
     lines += [f"### budget 2.5: PPO warm-started from the schedule, with its comparators recomputed beside it "
-              f"({len(rows)} rows{state})", "", *policy_table(["fp16", static25, ppo25, fixed25], fixed25, rows, beside)]
+              f"({len(rows)} rows{partial(rows)})", "", *policy_table(["fp16", static25, ppo25, fixed25], fixed25, rows, beside)]
     lines += ["", f"{ppo25} minus {static25}: Δ log-lik {ci(ppo25, static25, 'loglik_delta', rows, by=beside)}, "
               f"Δacc_norm {ci(ppo25, static25, 'correct_norm', rows, 100, by=beside)}", ""]
     both = [r for r in rows if all(r in records[p] for p in (static25, fixed25))]
