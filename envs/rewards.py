@@ -13,6 +13,7 @@ Higher is better for every built-in term, so weights are positive. YAML picks te
       memory: 0.5
       budget: {weight: 1.0, target_bits: 3.0}
       baseline_improvement: {weight: 1.0, baseline: k4v2}   # terminal: beat fixed K4V2 on the gold ending
+      # ... or {weight: 1.0, baseline: k4v2, endings: all}: on the mean of all endings (gold-blind)
 
 Adding a term::
 
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from envs.latency import load_latency_table, setting_key
 from envs.quantities import StepView, required
@@ -94,12 +97,25 @@ class BaselineImprovement(RewardTerm):
     setting on every block as is: an env's ``bit_budget`` does not push it down. In the batched vector
     env the pass runs unbatched (the single env's path), so there a baseline policy's own value is 0
     up to the float noise of the batched forward. ``loglik`` and ``ending_loglik`` are unchanged.
+
+    ``endings: all`` compares the *mean* log-likelihood of all the item's endings instead of the gold
+    one's: gold-blind, so the policy is paid for remembering the prompt well for every continuation
+    rather than for the quantization noise that happens to favour the answer, and each episode's
+    signal averages over every ending (the ``blind-oracle``'s objective, :mod:`agents.oracle`). The
+    full-precision reference is the same on both sides and cancels.
     """
 
     platform_dependent = True
     needs = frozenset({"ending_logprob_delta", "baseline_ending_logprob_delta"})
+    ENDINGS = ("gold", "all")
 
-    def __init__(self, baseline: str | int | Setting | None = None):
+    def __init__(self, baseline: str | int | Setting | None = None, endings: str = "gold"):
+        if endings not in self.ENDINGS:
+            raise ValueError(f"reward term 'baseline_improvement': endings must be one of {self.ENDINGS}, "
+                             f"got {endings!r}")
+        self.endings = endings
+        if endings == "all":
+            self.needs = frozenset({"ending_scores", "baseline_scores"})
         if baseline is None:
             raise ValueError(
                 "reward term 'baseline_improvement' needs the fixed setting to measure against, e.g. "
@@ -116,6 +132,11 @@ class BaselineImprovement(RewardTerm):
     def __call__(self, step: StepView) -> float:
         if not step.record.terminal:
             return 0.0
+        if self.endings == "all":
+            baseline_scores = step["baseline_scores"]
+            if baseline_scores is None:
+                raise RuntimeError("this step offers no baseline pass (StepState.baseline_scores is None)")
+            return float(np.mean(step["ending_scores"]) - np.mean(baseline_scores(self.baseline)))
         return step["ending_logprob_delta"] - step["baseline_ending_logprob_delta"](self.baseline)
 
 

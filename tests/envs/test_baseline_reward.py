@@ -156,9 +156,26 @@ def test_layer_groups_reuse_the_one_group_baseline(tiny_model, tmp_path, counted
     assert len(counted) == 1 and info["rewards"]["baseline_improvement"] == 0.0
 
 
+def test_all_endings_compares_the_mean_of_every_ending(tiny_model):
+    """``endings: all``: 0 for the baseline itself, else the mean ending score minus the baseline's (gold-blind)."""
+    rewards = {"baseline_improvement": {"baseline": "k4v2", "endings": "all"}}
+    env = make_env(tiny_model, bits=MENU, rewards=rewards)
+    gold = make_env(tiny_model, bits=MENU, rewards=baseline_rewards("k4v2"))
+    for row in ROWS[:2]:
+        steps, info = run_fixed(env, MENU.index((4, 2)), row)
+        assert all(r == 0.0 for r in steps) and info["rewards"]["baseline_improvement"] == 0.0
+        steps, info = run_fixed(env, MENU.index(2), row)
+        expected = np.mean(info["scores"]) - np.mean(env.baseline_scores("k4v2"))
+        assert steps[-1] == info["rewards"]["baseline_improvement"] == pytest.approx(expected, abs=1e-12)
+        assert all(r == 0.0 for r in steps[:-1]) and steps[-1] != 0.0
+        _, gold_info = run_fixed(gold, MENU.index(2), row)
+        assert gold_info["rewards"]["baseline_improvement"] != pytest.approx(steps[-1])  # another signal
+
+
 @pytest.mark.parametrize(
     "params,match",
     [
+        ({"baseline": "k4v2", "endings": "gold-ish"}, "endings must be one of"),
         ({}, "needs the fixed setting to measure against"),
         ({"baseline": None}, "needs the fixed setting"),
         ({"baseline": "fast"}, "'fast' is not a setting"),
