@@ -273,25 +273,6 @@ class Rarity(Feature):
         return torch.tensor(ctx.frequency.observe(ctx.token_ids.tolist()))
 
 
-@register_feature("digits")
-class Digits(Feature):
-    """Whether each token spells a decimal digit: where a number (a pass key, a date, a quantity) sits.
-
-    Why: on retrieval tasks the answer is often a number in otherwise digit-free text, and the block
-    holding it is the one low bits must not touch (issue 15). The mean is the block's digit density,
-    the max whether it holds any digit at all.
-    """
-
-    summaries = ("mean", "max")
-    needs = frozenset({"vocab"})
-    doc = "1 if the token's text holds a decimal digit, else 0 (mean: the block's share of digit tokens; 0 .. 1)"
-
-    def compute(self, ctx: BlockContext) -> torch.Tensor:
-        if ctx.vocab is None:
-            raise RuntimeError("digits needs the tokenizer's vocabulary (BlockContext.vocab)")
-        return ctx.vocab.digit[ctx.token_ids.cpu()].float()
-
-
 class _VocabularyMask(Feature):
     """A per-token 0/1 fact read off the tokenizer's vocabulary (:class:`TokenVocabulary`)."""
 
@@ -303,6 +284,20 @@ class _VocabularyMask(Feature):
         if ctx.vocab is None:
             raise RuntimeError(f"{self.name} needs the tokenizer's vocabulary (BlockContext.vocab)")
         return getattr(ctx.vocab, self.mask_name)[ctx.token_ids.cpu()].float()
+
+
+@register_feature("digits")
+class Digits(_VocabularyMask):
+    """Whether each token spells a decimal digit: where a number (a pass key, a date, a quantity) sits.
+
+    Why: on retrieval tasks the answer is often a number in otherwise digit-free text, and the block
+    holding it is the one low bits must not touch (issue 15). The mean is the block's digit density,
+    the max whether it holds any digit at all.
+    """
+
+    summaries = ("mean", "max")
+    mask_name = "digit"
+    doc = "1 if the token's text holds a decimal digit, else 0 (mean: the block's share of digit tokens; 0 .. 1)"
 
 
 @register_feature("capital")
