@@ -204,13 +204,15 @@ def test_baseline_the_cache_cannot_hold_or_before_reset_fails_clearly(tiny_model
         env.baseline_scores("fast")
 
 
-def test_vector_env_rewards_against_the_single_envs_baseline(tiny_model, tmp_path, counted):
+@pytest.mark.parametrize("endings", ["gold", "all"])
+def test_vector_env_rewards_against_the_single_envs_baseline(tiny_model, tmp_path, counted, endings):
     """Rows read the unbatched baseline pass (shared, once per prompt): the reward is the row's own
     delta minus exactly the single env's baseline delta (the row's delta has the batched forward's noise)."""
     model, tok = tiny_model
+    rewards = {"baseline_improvement": {"baseline": "k4v2", "endings": endings}}
     vec = gym.make_vec(
         envs.ENV_ID, num_envs=3, vectorization_mode="vector_entry_point", lm=model, tokenizer=tok, items=ITEMS,
-        **{**TINY_CONFIG, "bits": MENU, "rewards": baseline_rewards("k4v2"), "reference_store": str(tmp_path)},
+        **{**TINY_CONFIG, "bits": MENU, "rewards": rewards, "reference_store": str(tmp_path)},
     )
     single = make_env(tiny_model, bits=MENU, reference_store=str(tmp_path))
     vec.reset(options={"rows": ROWS})
@@ -218,13 +220,16 @@ def test_vector_env_rewards_against_the_single_envs_baseline(tiny_model, tmp_pat
     while len(ends) < len(ROWS):
         _, reward, terminated, _, info = vec.step(np.full(3, MENU.index((4, 2))))
         for i in np.flatnonzero(terminated):
-            ends.setdefault(int(i), (float(reward[i]), {k: info[k][i] for k in ("row", "loglik_delta", "gold")}))
+            ends.setdefault(int(i), (float(reward[i]), {k: info[k][i] for k in ("row", "loglik_delta", "gold", "scores")}))
     assert len(counted) == len(ROWS)  # one pass per prompt
     for reward, info in ends.values():
         single.reset(options={"row": info["row"]})
         gold = info["gold"]
-        base_delta = single.baseline_scores("k4v2")[gold] - single.reference_for(info["row"]).ending_scores[gold]
-        assert reward == info["loglik_delta"] - base_delta
+        if endings == "all":
+            assert reward == pytest.approx(np.mean(info["scores"]) - np.mean(single.baseline_scores("k4v2")), abs=1e-9)
+        else:
+            base_delta = single.baseline_scores("k4v2")[gold] - single.reference_for(info["row"]).ending_scores[gold]
+            assert reward == info["loglik_delta"] - base_delta
         assert abs(reward) < 1.0  # the baseline policy itself: 0 up to the batched forward's noise
     assert len(counted) == len(ROWS)  # the single env read the stored passes
     vec.close()
