@@ -183,15 +183,21 @@ def _ending_logprob_delta(step: StepView) -> float:
     return float(step["ending_scores"][gold] - step["reference"].ending_scores[gold])
 
 
+def baseline_pass(step: StepView) -> Callable[[Any], Any]:
+    """The step's ``baseline_scores`` (setting -> [n_endings] scores), or a clear error where it offers none."""
+    scores = step["baseline_scores"]
+    if scores is None:
+        raise RuntimeError("this step offers no baseline pass (StepState.baseline_scores is None)")
+    return scores
+
+
 @register_quantity("baseline_ending_logprob_delta", needs={"baseline_scores", "reference", "item"})
 def _baseline_ending_logprob_delta(step: StepView) -> Callable[[Any], float]:
     """A function of a setting (an int, a pair or a name such as ``"k4v2"``): the gold ending's
     log-likelihood when every block of the episode's prompt is committed at that setting, minus under
     full precision. A function because a quantity has no parameters and each term names its own
     baseline; the env computes each baseline pass once per prompt (and stores it), not per call."""
-    scores = step["baseline_scores"]
-    if scores is None:
-        raise RuntimeError("this step offers no baseline pass (StepState.baseline_scores is None)")
+    scores = baseline_pass(step)
     reference, gold = step["reference"], step["item"].label
 
     def delta(setting: Any) -> float:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from envs.latency import load_latency_table, setting_key
-from envs.quantities import StepView, required
+from envs.quantities import StepView, baseline_pass, required
 from envs.settings import Setting, normalize_setting
 from quant.registry import Registry
 
@@ -133,10 +133,7 @@ class BaselineImprovement(RewardTerm):
         if not step.record.terminal:
             return 0.0
         if self.endings == "all":
-            baseline_scores = step["baseline_scores"]
-            if baseline_scores is None:
-                raise RuntimeError("this step offers no baseline pass (StepState.baseline_scores is None)")
-            return float(np.mean(step["ending_scores"]) - np.mean(baseline_scores(self.baseline)))
+            return float(np.mean(step["ending_scores"]) - np.mean(baseline_pass(step)(self.baseline)))
         return step["ending_logprob_delta"] - step["baseline_ending_logprob_delta"](self.baseline)
 
 
