@@ -90,6 +90,10 @@ class GenerateConfig:
     # keep the committed prefix dequantized too (quant.kv_cache): decoding as fast as a DynamicCache,
     # the same tokens, but the committed tokens' floats are held on top of the codes (kv bytes count the codes)
     keep_dequantized: bool = False
+    # hand attention the committed tokens grouped by bit-width (quant.kv_cache, reorder_prefix): the same
+    # attention up to float rounding (one prompt at a time, no padding), a few ops per width on each read
+    # instead of a copy per block; false reads them in token order
+    reorder_prefix: bool = True
     out_dir: str = "runs/generate"
     wandb_project: str = "kvgym"
     wandb_group: str | None = None
@@ -254,7 +258,7 @@ def generate_one(model, tokenizer, policy, prompt: str, cfg: GenerateConfig) -> 
     cache = MixedPrecisionKVCache(config=model.config, group_size=cfg.env.group_size, policy=hook,
                                   interval=cfg.env.interval, sink_tokens=cfg.env.sink_tokens,
                                   keep_dequantized=cfg.keep_dequantized, rotate_keys=cfg.env.rotate_keys,
-                                  rotate_values=cfg.env.rotate_values)
+                                  rotate_values=cfg.env.rotate_values, reorder_prefix=cfg.reorder_prefix)
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.perf_counter()

@@ -37,6 +37,13 @@ orthonormal Hadamard matrix, :mod:`quant.rotation`; QuaRot) and rotates them bac
 so attention sees keys in their own basis: the same bits and bytes, spread outlier channels.
 ``rotate_values=True`` does the same for the values (quantized per token, so a few large channels
 stretch every token's range: QuaRot's own case).
+
+``reorder_prefix=True`` makes the codes-only read cheaper still. Blocks at alternating bits are
+stored as one joined chunk per width (:func:`quant.uniform.gather`), and putting their tokens back in
+token order costs a copy per block and the parameters of every block concatenated, on every layer and
+decode step. Attention is a sum over keys: any order gives the same result (up to float rounding) when
+every query sees every committed token, so the chunks are handed to attention as they are, one after
+another.
 """
 
 from __future__ import annotations
@@ -275,9 +282,11 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def __init__(
         self, group_size: int = 64, symmetric: bool = False, keep_dequantized: bool = False,
         rotate_keys: bool = False, rotate_values: bool = False, expected_tokens: int = 0,
+        reorder_prefix: bool = False,
     ):
         super().__init__()
         self.group_size = group_size
+        self.reorder_prefix = reorder_prefix
         self.symmetric = symmetric
         self.keep_dequantized = keep_dequantized
         self.rotate_keys = rotate_keys
@@ -367,6 +376,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         prefix = self._dequantized_prefix(pending.dtype)
         if prefix is not None:  # keep_dequantized: a copy (broadcast along a branched batch)
             out.narrow(-2, 0, committed).copy_(prefix[0 if axis == KEY_AXIS else 1])
+        elif self.reorder_prefix:
+            self._dequantize_by_bits("keys" if axis == KEY_AXIS else "values", out.narrow(-2, 0, committed))
         else:
             keys = axis == KEY_AXIS
             name = "keys" if keys else "values"
@@ -377,20 +388,50 @@ class MixedPrecisionLayer(CacheLayerMixin):
         out.narrow(-2, committed, pending.shape[-2]).copy_(pending)
         return out
 
+    def _dequantize_by_bits(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """``reorder_prefix``: the committed ``name`` dequantized into ``out`` chunk after chunk of
+        :meth:`gathered` (the segments of equal bits joined), so grouped by bits and not in token order.
+
+        Each chunk is one unpack and one multiply-add straight into its slice, and a rotated chunk one
+        matmul back: a handful of ops per width, against a copy per block (and the parameters of every
+        block concatenated) to put the tokens back in order on every read."""
+        rotate = self.rotate_keys if name == "keys" else self.rotate_values
+        offset = 0
+        for qt, _ in self.gathered(name).chunks:
+            part = out.narrow(-2, offset, qt.shape[-2])
+            dequantize(qt, out=part)
+            if rotate and qt.bits < 16:  # every run below 16 bits is stored rotated (_quantize_block)
+                part.copy_(part.float() @ rotation_matrix(part.shape[-1], part.device).T)
+            offset += qt.shape[-2]
+        return out
+
     def gathered(self, name: str) -> Gathered:
         """The committed ``name`` ("keys" or "values") with the segments of equal bits joined
         (:func:`quant.uniform.gather`), built at the first read after a commit and kept until the next.
 
         Why: blocks at alternating bits never merge into one segment, and reading them segment by
         segment cost a few tensor ops per segment and step (~60 reads a step for 30 layers). The
-        segments are then re-pointed at views of the joined codes, so every code is still held once."""
+        segments are then re-pointed at views of the joined codes, so every code is still held once.
+        Keys and values are joined into the same chunks (:meth:`_chunk_labels`), so a read grouped by bits
+        (``reorder_prefix``) puts each token's key and value at the same place."""
         found = self._gathered.get(name)
         if found is None:
-            found = gather([getattr(segment, name) for segment in self.segments], dim=-2)
+            found = gather([getattr(segment, name) for segment in self.segments], dim=-2, labels=self._chunk_labels())
             for segment, part in zip(self.segments, found.parts, strict=True):
                 setattr(segment, name, part)
             self._gathered[name] = found
         return found
+
+    def _chunk_labels(self) -> list[tuple]:
+        """One label per segment for :func:`quant.uniform.gather`: segments join when their (key, value) bits
+        and rotations match and no segment with a partial key group (which keys cannot join past) lies
+        between them, so the keys' chunks and the values' chunks hold the same tokens."""
+        labels, epoch = [], 0
+        for segment in self.segments:
+            labels.append((segment.key_bits, segment.value_bits, segment.key_rotation is None,
+                           segment.value_rotation is None, epoch))
+            epoch += not segment.keys.complete_groups
+        return labels
 
     @property
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -619,6 +660,13 @@ class MixedPrecisionKVCache(Cache):
     ``rotate_keys`` / ``rotate_values``: quantize the keys (values) of every run below 16 bits in a rotated
     basis (each head's keys times an orthonormal Hadamard matrix, :mod:`quant.rotation`) and rotate them back
     when read: the same bits and bytes (issue 15's 2-bit haystack).
+    ``reorder_prefix``: hand attention the committed tokens grouped by bit-width instead of in token order
+    (then the pending ones, in order), which makes a read of the codes a few ops per width rather than a
+    copy per block (see the module docstring). Attention does not depend on the order of the keys it
+    sees as long as every query sees all of them, so this is exact only where the mask is the same over
+    every committed token: a batch without padding, no sliding window, and nothing that reads the attention
+    maps' committed columns by position (single-sequence generation; the env never sets it). Reads of kept
+    floats (``keep_dequantized``) stay in token order.
     """
 
     branch_limit: int | None = None  # branch() broadcasts the prefix to any batch (quant.baselines.EpisodeCache)
@@ -637,6 +685,7 @@ class MixedPrecisionKVCache(Cache):
         rotate_keys: bool = False,
         rotate_values: bool = False,
         expected_tokens: int = 0,
+        reorder_prefix: bool = False,
     ):
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -657,11 +706,12 @@ class MixedPrecisionKVCache(Cache):
         self.keep_dequantized = bool(keep_dequantized)
         self.rotate_keys = bool(rotate_keys)
         self.rotate_values = bool(rotate_values)
+        self.reorder_prefix = bool(reorder_prefix)
 
         def make_layer() -> MixedPrecisionLayer:
             return MixedPrecisionLayer(
                 group_size, symmetric, self.keep_dequantized, self.rotate_keys, self.rotate_values,
-                int(expected_tokens),
+                int(expected_tokens), self.reorder_prefix,
             )
 
         if num_layers is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -357,11 +358,13 @@ class Gathered:
     aligned: bool
 
 
-def gather(parts: list[QuantizedTensor], dim: int = -2) -> Gathered:
+def gather(parts: list[QuantizedTensor], dim: int = -2, labels: Sequence[Hashable] | None = None) -> Gathered:
     """Join the parts of equal bits of the concatenation of ``parts`` along ``dim`` (their bits may differ).
 
     Parts join while the groups line up: along the quantized axis each part but the last of a chunk
-    must end on a complete group; along the packed (last) dimension nothing joins. Why: a cache of
+    must end on a complete group; along the packed (last) dimension nothing joins. ``labels`` (one per
+    part): parts join only with parts of the same label as well, so two concatenations gathered with the
+    same labels (a cache's keys and values) can be chunked alike. Why: a cache of
     blocks at alternating bits never merges them into one segment, and re-joining their codes on
     every read (or dequantizing them part by part, where the groups do not line up) was most of the
     cost of reading it (:func:`dequantize_gathered`)."""
@@ -376,14 +379,17 @@ def gather(parts: list[QuantizedTensor], dim: int = -2) -> Gathered:
     for p in parts:
         starts.append(starts[-1] + p.shape[dim])
     runs: list[list[int]] = []  # indices of the parts of each chunk
-    open_run: dict[int, list[int]] = {}  # bits -> the chunk parts of those bits still join
+    open_run: dict[tuple, list[int]] = {}  # (bits, label) -> the chunk the parts of those still join
+    if labels is not None and len(labels) != len(parts):
+        raise ValueError(f"labels needs one label per part ({len(parts)}), got {len(labels)}")
     for i, p in enumerate(parts):
-        run = open_run.get(p.bits)
+        key = (p.bits, None if labels is None else labels[i])
+        run = open_run.get(key)
         if run is None or dim == ndim - 1:
             run = []
             runs.append(run)
         run.append(i)
-        open_run[p.bits] = run if dim != first.axis or p.complete_groups else None
+        open_run[key] = run if dim != first.axis or p.complete_groups else None
     chunks, views = [], list(parts)
     for run in runs:
         joined = concat([parts[i] for i in run], dim) if len(run) > 1 else parts[run[0]]

@@ -229,6 +229,18 @@ def test_gather_starts_a_new_chunk_after_a_partial_group():
     assert torch.equal(dequantize_gathered(g, torch.empty(1, 2, 48, 64)), torch.cat([dequantize(p) for p in sinks], -2))
 
 
+def test_gather_joins_only_parts_of_one_label():
+    """``labels``: parts of equal bits but other labels stay apart (a cache's keys chunked like its values)."""
+    torch.manual_seed(5)
+    parts = [quantize(torch.randn(1, 2, 64, 64), 4, axis=-2, group_size=64) for _ in range(4)]
+    g = gather(parts, dim=-2, labels=["a", "b", "a", "b"])
+    assert [ranges for _, ranges in g.chunks] == [((0, 64), (128, 64)), ((64, 64), (192, 64))]
+    out = torch.empty(1, 2, 256, 64)
+    assert torch.equal(dequantize_gathered(g, out), torch.cat([dequantize(p) for p in parts], dim=-2))
+    with pytest.raises(ValueError, match="one label per part"):
+        gather(parts, dim=-2, labels=["a"])
+
+
 def test_narrow_is_a_view_and_refuses_what_would_split_a_group_or_a_byte():
     qt = quantize(torch.randn(1, 2, 128, 64), 2, axis=-2, group_size=64)
     part = narrow(qt, -2, 64, 64)
