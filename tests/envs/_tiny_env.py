@@ -67,3 +67,24 @@ def tiny_model_with_layers(num_layers: int):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     return model.eval(), tokenizer
+
+
+def assert_vector_follows_single(vec, single: KVPrecisionEnv, rows: list[int], action, **tolerance) -> dict:
+    """Each row's observations in the batched env ``vec`` (one fixed ``action`` every step) equal the single
+    env's on the same row, step for step (``tolerance``: ``np.testing.assert_allclose``'s rtol/atol).
+    Returns the batched reset's info."""
+    obs, reset_info = vec.reset(options={"rows": rows})
+    traces = [[o] for o in obs]
+    while not vec.idle.all():
+        obs, _, term, _, _ = vec.step(np.stack([action] * len(rows)))
+        for i in range(len(rows)):
+            if not vec.idle[i] or term[i]:
+                traces[i].append(obs[i])
+    for i, row in enumerate(rows):
+        obs, _ = single.reset(options={"row": row})
+        ref, done = [obs], False
+        while not done:
+            obs, _, done, _, _ = single.step(action)
+            ref.append(obs)
+        np.testing.assert_allclose(np.stack(traces[i]), np.stack(ref), **tolerance)
+    return reset_info

@@ -149,7 +149,7 @@ def test_batched_vector_env_observes_the_same_as_the_single_env(tiny_model):
     """The vector env cuts each row's maps back to its own keys; the block's keys must still be the
     last columns (rows of different lengths: padded slots would shift them)."""
     import gymnasium as gym
-    from _tiny_env import ITEMS, TINY_CONFIG
+    from _tiny_env import ITEMS, TINY_CONFIG, assert_vector_follows_single
 
     import envs
 
@@ -158,22 +158,8 @@ def test_batched_vector_env_observes_the_same_as_the_single_env(tiny_model):
     vec = gym.make_vec(envs.ENV_ID, num_envs=3, vectorization_mode="vector_entry_point",
                        lm=model, tokenizer=tok, items=ITEMS, **kw)
     single = make_env(tiny_model, **kw)
-    rows, action = [100, 103, 105], 1
-    obs, info = vec.reset(options={"rows": rows})
-    assert len(set(info["prompt_tokens"].tolist())) > 1
-    traces = [[o] for o in obs]
-    while not vec.idle.all():
-        obs, _, term, _, _ = vec.step(np.full(3, action))
-        for i in range(3):
-            if not vec.idle[i] or term[i]:
-                traces[i].append(obs[i])
-    for i, row in enumerate(rows):
-        obs, _ = single.reset(options={"row": row})
-        ref, done = [obs], False
-        while not done:
-            obs, _, done, _, _ = single.step(action)
-            ref.append(obs)
-        np.testing.assert_allclose(np.stack(traces[i]), np.stack(ref), rtol=1e-3, atol=1e-4)
+    info = assert_vector_follows_single(vec, single, [100, 103, 105], 1, rtol=1e-3, atol=1e-4)
+    assert len(set(info["prompt_tokens"].tolist())) > 1  # rows of different lengths
     vec.close()
     single.close()
 

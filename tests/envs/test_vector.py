@@ -11,7 +11,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from _tiny_env import ITEMS, TINY_CONFIG, make_env
+from _tiny_env import ITEMS, TINY_CONFIG, assert_vector_follows_single, make_env
 
 import envs
 from envs.kv_precision import KVPrecisionEnv
@@ -228,19 +228,6 @@ def test_kv_error_features_and_layer_groups_match_single_env():
     vec = gym.make_vec(envs.ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", **kw)
     single = KVPrecisionEnv(**kw)
     assert vec.action_space.shape == (2, 2)
-    rows, action = [101, 104], np.array([3, 1])  # 16 bits in the first layer group, 4 in the second
-    obs, _ = vec.reset(options={"rows": rows})
-    traces = [[obs[0]], [obs[1]]]
-    while not vec.idle.all():
-        obs, _, term, _, _ = vec.step(np.stack([action, action]))
-        for i in range(2):
-            if not vec.idle[i] or term[i]:
-                traces[i].append(obs[i])
-    for i, row in enumerate(rows):
-        obs, _ = single.reset(options={"row": row})
-        ref, done = [obs], False
-        while not done:
-            obs, _, done, _, _ = single.step(action)
-            ref.append(obs)
-        np.testing.assert_allclose(np.stack(traces[i]), np.stack(ref), atol=1e-4)
+    # 16 bits in the first layer group, 4 in the second
+    assert_vector_follows_single(vec, single, [101, 104], np.array([3, 1]), atol=1e-4)
     vec.close()
