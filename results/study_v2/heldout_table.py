@@ -29,19 +29,19 @@ BUDGETS = {  # the fixed settings chosen on pool items (results/frontier/rotated
 }
 
 
-def of_budget(budget: float) -> list[str]:
+def of_budget(budget: float, by: dict = records) -> list[str]:
     """The controllers of a budget (the calibrated rule, MLPs, PPO), named ``<kind>...-b<budget>``."""
-    return sorted(p for p in records if p.startswith(("rule", "ppo", "mlp")) and p.endswith(f"-b{budget}"))
+    return sorted(p for p in by if p.startswith(("rule", "ppo", "mlp")) and p.endswith(f"-b{budget}"))
 
 
-def controllers(budget: float) -> list[str]:
+def controllers(budget: float, by: dict = records) -> list[str]:
     """The budget's controllers that ran every item; one still running is listed apart (``in_progress``), so the
     table stays a complete paired table of all the items while a new row is being added."""
-    return [p for p in of_budget(budget) if len(records[p]) >= ITEMS]
+    return [p for p in of_budget(budget, by) if len(by[p]) >= ITEMS]
 
 
-def in_progress(budget: float) -> list[str]:
-    return [p for p in of_budget(budget) if len(records[p]) < ITEMS]
+def in_progress(budget: float, by: dict = records) -> list[str]:
+    return [p for p in of_budget(budget, by) if len(by[p]) < ITEMS]
 
 
 def complete_rows(policies: list[str], by: dict = records) -> list[int]:
@@ -124,13 +124,20 @@ for budget, fixed in BUDGETS.items():
 # PPO at 2.5 ran on another machine (heldout_ppo_b2.5.yaml): its comparators were recomputed beside it, so it
 # pairs only with its own run's rows; the rows both runs hold show how far the machine moves the same policy.
 beside = records_by_policy([HERE / "heldout_ppo_b2.5" / "records.jsonl"])
-ppo25, static25, fixed25 = "ppowarm9k-b2.5", "static-b2.5", BUDGETS[2.5][0]
-rows = complete_rows(["fp16", static25, ppo25, fixed25], beside) if beside.get(ppo25) else []
+static25, fixed25 = "static-b2.5", BUDGETS[2.5][0]
+ppos25 = controllers(2.5, beside)
+rows = complete_rows(["fp16", static25, *ppos25, fixed25], beside) if ppos25 else []
 if rows:
-    lines += [f"### budget 2.5: PPO warm-started from the schedule, with its comparators recomputed beside it "
-              f"({len(rows)} rows{partial(rows)})", "", *policy_table(["fp16", static25, ppo25, fixed25], fixed25, rows, beside)]
-    lines += ["", f"{ppo25} minus {static25}: Δ log-lik {ci(ppo25, static25, 'loglik_delta', rows, by=beside)}, "
-              f"Δacc_norm {ci(ppo25, static25, 'correct_norm', rows, 100, by=beside)}", ""]
+    lines += [f"### budget 2.5: PPO warm-started from the schedule (ppowarm: gold reward; ppoblind: every ending's "
+              f"mean, gold-blind), with its comparators recomputed beside it "
+              f"({len(rows)} rows{partial(rows)})", "",
+              *policy_table(["fp16", static25, *ppos25, fixed25], fixed25, rows, beside)]
+    for p in ppos25:
+        lines += ["", f"| {p} minus | Δ log-lik | Δacc_norm |", "|---|---|---|"]
+        lines += [f"| {q} | {ci(p, q, 'loglik_delta', rows, by=beside)} | {ci(p, q, 'correct_norm', rows, 100, by=beside)} |"
+                  for q in [static25, *(o for o in ppos25 if o != p)]]
+    lines += [f"\n{p}: {len(beside[p])} of {ITEMS} items so far, not in the table yet" for p in in_progress(2.5, beside)]
+    lines.append("")
     both = [r for r in rows if all(r in records[p] for p in (static25, fixed25))]
     if both:
         moved = {p: [abs(beside[p][r]["loglik_delta"] - records[p][r]["loglik_delta"]) for r in both]
