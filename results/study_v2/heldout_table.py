@@ -74,6 +74,14 @@ def policy_table(policies: list[str], best: str, rows: list[int], by: dict = rec
     return table
 
 
+def against_static(policies: list[str], static: str, rows: list[int], by: dict = records) -> list[str]:
+    """Markdown rows: each policy's bits and acc_norm, and its paired differences against the static schedule."""
+    return ["| policy | avg bits | acc_norm | minus the static schedule: Δ log-lik | Δacc_norm |", "|---|---|---|---|---|",
+            *(f"| {p} | {rows_mean(by, p, 'avg_bits', rows):.2f} | {rows_mean(by, p, 'correct_norm', rows):.3f} | "
+              f"{ci(p, static, 'loglik_delta', rows, by=by)} | {ci(p, static, 'correct_norm', rows, 100, by=by)} |"
+              for p in policies)]
+
+
 lines = ["HellaSwag 5-shot, held-out rows (the eval split), paired by row; Δacc_norm in points, gold log-lik in nats "
          "against the fp16 pass of the same prompt. Fixed settings chosen, schedules searched and policies trained on "
          "pool items only.", ""]
@@ -115,11 +123,7 @@ for budget, fixed in BUDGETS.items():
     rows = complete_rows([blind, oracle, *policies]) if records.get(blind) else []
     if rows:
         lines += [f"#### the gold-blind oracle at {budget} bits ({len(rows)} rows)", "",
-                  "| policy | avg bits | acc_norm | minus the static schedule: Δ log-lik | Δacc_norm |", "|---|---|---|---|---|"]
-        lines += [f"| {p} | {rows_mean(records, p, 'avg_bits', rows):.2f} | {rows_mean(records, p, 'correct_norm', rows):.3f} | "
-                  f"{ci(p, static, 'loglik_delta', rows)} | {ci(p, static, 'correct_norm', rows, 100)} |"
-                  for p in [blind, oracle, *controllers(budget)]]
-        lines.append("")
+                  *against_static([blind, oracle, *controllers(budget)], static, rows), ""]
 
 # PPO at 2.5 ran on another machine (heldout_ppo_b2.5.yaml): its comparators were recomputed beside it, so it
 # pairs only with its own run's rows; the rows both runs hold show how far the machine moves the same policy.
@@ -138,6 +142,18 @@ if rows:
                   for q in [static25, *(o for o in ppos25 if o != p)]]
     lines += [f"\n{p}: {len(beside[p])} of {ITEMS} items so far, not in the table yet" for p in in_progress(2.5, beside)]
     lines.append("")
+    blind25 = "blind-oracle-b2.5"  # heldout_oracle_b2.5.yaml: the first 100 items, beside these rows
+    oracle_rows = complete_rows([blind25, "fp16", static25, *ppos25, fixed25], beside) if beside.get(blind25) else []
+    if oracle_rows:
+        first = yaml.safe_load((HERE / "heldout_oracle_b2.5.yaml").read_text())["items"]
+        lines += [f"#### the gold-blind oracle at 2.5 bits ({len(oracle_rows)} rows: the first of the held-out items"
+                  f"{'' if len(oracle_rows) >= first else f'; **partial: {len(oracle_rows)} of {first} so far**'})", "",
+                  *against_static([blind25, *ppos25, fixed25], static25, oracle_rows, beside), ""]
+        headroom = (rows_mean(beside, blind25, "loglik_delta", oracle_rows)
+                    - rows_mean(beside, static25, "loglik_delta", oracle_rows))
+        lines += [f"{p} gains {rows_mean(beside, p, 'loglik_delta', oracle_rows) - rows_mean(beside, static25, 'loglik_delta', oracle_rows):+.2f} "
+                  f"nats over the schedule on these rows, of the blind oracle's {headroom:+.2f}." for p in ppos25]
+        lines.append("")
     both = [r for r in rows if all(r in records[p] for p in (static25, fixed25))]
     if both:
         moved = {p: [abs(beside[p][r]["loglik_delta"] - records[p][r]["loglik_delta"]) for r in both]
