@@ -21,7 +21,9 @@ greedily, with each cache in turn:
   as the env runs it (each block dequantized once; the float prefix is held on top of the codes).
   ``ours-3`` / ``ours-k3v2`` (not in the default run either): 3-bit codes, packed in two bit planes.
   ``ours-4-rot`` / ``ours-4-rot-kept`` / ``ours-4-rotkv`` (neither): keys (and values) stored rotated
-  (``rotate_keys``, ``rotate_values``), the same bytes.
+  (``rotate_keys``, ``rotate_values``), the same bytes. ``ours-4-ops`` / ``ours-mixed-ops`` /
+  ``ours-mixed-grouped-ops`` (neither): the same reads with torch ops only, beside the fused CPU kernel
+  (:mod:`quant.fused`) that every other ``ours`` row uses where it is built; the numbers are the same.
   After decoding, the last pending block is committed too, and the bytes held are compared with the
   storage formula (:func:`quant.uniform.expected_nbytes`); ``bytes_with_pending`` is the count just
   before that commit (pending tokens sit in the model's dtype).
@@ -48,6 +50,7 @@ from tqdm.auto import tqdm
 
 from envs.cache_kwarg import with_cache
 from quant.baselines import kv_cache_nbytes, quanto_cache
+from quant.fused import fused_dequantize
 from quant.kv_cache import KEY_AXIS, VALUE_AXIS, MixedPrecisionKVCache
 from quant.uniform import expected_nbytes
 
@@ -78,6 +81,7 @@ class CacheSpec:
     rotate_keys: bool = False  # ours: keys stored Hadamard-rotated, rotated back when read (quant.rotation)
     rotate_values: bool = False  # ours: values likewise
     reorder_prefix: bool = False  # ours: committed tokens read grouped by bits, not in token order (generate's way)
+    fused: bool = True  # ours: dequantize with quant.fused's kernel where it is available (False: torch ops only)
 
 
 DEFAULT_SPECS: tuple[CacheSpec, ...] = (
@@ -103,6 +107,10 @@ EXTRA_SPECS: tuple[CacheSpec, ...] = (
     CacheSpec("ours-4-rot", "ours", 4, rotate_keys=True),  # the rotation back costs a matmul per read
     CacheSpec("ours-4-rot-kept", "ours", 4, keep_dequantized=True, rotate_keys=True),  # ... or once per block
     CacheSpec("ours-4-rotkv", "ours", 4, rotate_keys=True, rotate_values=True),
+    # the same reads with torch ops only, beside the fused kernel's (quant.fused): what it saves, in one run
+    CacheSpec("ours-4-ops", "ours", 4, fused=False),
+    CacheSpec("ours-mixed-ops", "ours", 0, fused=False),
+    CacheSpec("ours-mixed-grouped-ops", "ours", 0, reorder_prefix=True, fused=False),
 )
 
 
@@ -194,6 +202,13 @@ def run_once(
     model, spec: CacheSpec, ids: torch.Tensor, new_tokens: int, interval: int = 64, group_size: int = 64
 ) -> dict[str, Any]:
     """Prefill ``ids`` and decode ``new_tokens`` greedily with one fresh cache; times and bytes."""
+    with fused_dequantize(spec.fused):
+        return _run_once(model, spec, ids, new_tokens, interval, group_size)
+
+
+def _run_once(
+    model, spec: CacheSpec, ids: torch.Tensor, new_tokens: int, interval: int, group_size: int
+) -> dict[str, Any]:
     layers, heads, head_dim = _kv_geometry(model.config)
     cache = _make_cache(spec, model, interval, group_size)
     ids, n = ids.to(model.device), ids.shape[1]

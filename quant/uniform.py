@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quant import fused as _fused
+
 SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8, 16)
 #: Codes per byte of one packed plane (1 bit: the high-bit plane of 3-bit codes).
 _CODES_PER_BYTE = {1: 8, 2: 4, 4: 2, 8: 1}
@@ -292,19 +294,23 @@ def _check_out(out: torch.Tensor, shape: tuple[int, ...]) -> None:
 
 
 def dequantize(
-    qt: QuantizedTensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+    qt: QuantizedTensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None, fused: bool = True
 ) -> torch.Tensor:
     """Reconstruct the tensor; what attention sees for a committed block.
 
     ``out`` (any strides, e.g. a slice of a larger buffer, and possibly with a larger batch that
     ``qt`` broadcasts to; its dtype wins over ``dtype``) receives the result without an intermediate
     copy: the cache dequantizes every segment straight into the tensor it hands to attention.
+    ``fused``: on the CPU in float32, one pass of :mod:`quant.fused`'s kernel where it is available
+    (the same numbers); False: the torch ops below.
     """
     if out is None:
         out = torch.empty(qt.shape, dtype=dtype, device=qt.data.device)
     _check_out(out, qt.shape)
     if qt.bits == 16:
         return out.copy_(qt.data)
+    if fused and _fused.dequantize_into(qt, out):
+        return out
     # Codes -> floats straight into ``out``, then one in-place fused multiply-add. (``addcmul`` on the
     # uint8 codes themselves goes through a slow mixed-dtype path and a hidden full-size temporary.)
     out.copy_(unpack_codes(qt.data, qt.bits, qt.shape[-1]))
@@ -421,6 +427,13 @@ def dequantize_gathered(gathered: Gathered, out: torch.Tensor) -> torch.Tensor:
     fewest ops per read. Otherwise each chunk is dequantized whole and its parts copied into place."""
     _check_out(out, gathered.shape)
     dim = gathered.dim
+    if tuple(out.shape) == gathered.shape and _fused.usable(out):
+        for qt, ranges in gathered.chunks:  # the kernel writes each chunk straight into its places
+            if len(ranges) == 1:
+                dequantize(qt, out=out.narrow(dim, ranges[0][0], qt.shape[dim]))
+            elif dim != 2 or not _fused.dequantize_into(qt, out, _token_rows(ranges)):
+                _scatter(dequantize(qt, out.dtype), ranges, out, dim)
+        return out
     if len(gathered.chunks) == 1 or not gathered.aligned:
         for qt, ranges in gathered.chunks:
             if len(ranges) == 1:
@@ -439,6 +452,13 @@ def dequantize_gathered(gathered: Gathered, out: torch.Tensor) -> torch.Tensor:
         scale = torch.cat([_fp16_param(p, "scale") for p in parts], dim).to(out.dtype)
     _affine_(out, zero, scale, parts[0].axis, parts[0].group_size)
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _token_rows(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The destination of each element of a chunk whose parts take the ``(start, length)`` ``ranges``: the
+    fused kernel's ``rows`` (kept per ranges, which stay the same from one decode step to the next)."""
+    return torch.cat([torch.arange(start, start + n) for start, n in ranges])
 
 
 def _scatter(values: torch.Tensor, ranges: tuple[tuple[int, int], ...], out: torch.Tensor, dim: int) -> None:
