@@ -37,6 +37,11 @@ Choices:
   seeds ``seed, seed+1, ...``) and ``warm_start_epochs`` of maximum likelihood on their actions, under the masks
   the env gave (``agents.sb3.behaviour_clone``); PPO then improves on the teacher instead of first relearning
   it. The teacher's agreement and loss go to the wandb summary. A resumed run ignores it (the checkpoint has it).
+- ``reference_policy: <policy spec>`` (e.g. the static schedule) trains on the env's reward minus that policy's
+  return on the same episode (``agents.reference_return``: a self-critical baseline, computed once per episode
+  of the env's episode set). Playing the reference's actions then earns exactly 0, so the critic no longer has
+  to guess each item's difficulty for the reward's baseline setting, and the learning curve's return is the
+  gain over the reference on the training episodes.
 - ``eval_freq > 0`` adds an EvalCallback (MaskableEvalCallback for MaskablePPO) on a separate env over the
   *train* split, re-seeded with ``eval_seed`` before every evaluation, so each evaluation sees the same few
   items: a comparable training curve, not a held-out score (``experiments.evaluate`` measures that on the
@@ -64,6 +69,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 from tqdm.auto import tqdm
 
 from agents.oracle import PlanningPolicy
+from agents.reference_return import ReferenceReturnWrapper
 from agents.registry import make_policy, parse_spec
 from agents.rollout import rollout
 from agents.sb3 import behaviour_clone, resolve_algorithm
@@ -123,6 +129,9 @@ class TrainPPOConfig:
     warm_start: str | None = None
     warm_start_episodes: int = 64
     warm_start_epochs: int = 300  # ~500 teacher steps: enough passes to copy a position-only schedule (agreement 0.998)
+    # a policy spec whose return on the same episode is subtracted from the training reward (see the module doc);
+    # None: the env's reward as it is
+    reference_policy: str | None = None
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None = torch's default; 1 is fastest on a busy machine)
     seed: int = 0
@@ -135,6 +144,14 @@ class TrainPPOConfig:
 def make_env(config: EnvConfig) -> gym.Env:
     """One training env (a factory rather than the id: make_vec_env would pass render_mode="rgb_array")."""
     return gym.make(ENV_ID, config=config)
+
+
+def make_training_env(cfg: TrainPPOConfig) -> gym.Env:
+    """The env PPO learns on: ``make_env``, behind the reference return when ``reference_policy`` is set."""
+    env = make_env(cfg.env)
+    if cfg.reference_policy is None:
+        return env
+    return ReferenceReturnWrapper(env, make_policy(cfg.reference_policy, env=env))
 
 
 def vecnormalize_path(checkpoint: Path) -> Path:
@@ -290,6 +307,8 @@ def run(cfg: TrainPPOConfig) -> dict[str, Path]:
         raise ValueError(f"train_ppo trains on the train split only (got env.split={cfg.env.split!r}); set env.split=train")
     if cfg.total_timesteps < 1 or cfg.n_envs < 1:
         raise ValueError(f"total_timesteps and n_envs must be >= 1, got {cfg.total_timesteps} and {cfg.n_envs}")
+    if cfg.reference_policy is not None:
+        parse_spec(cfg.reference_policy)
     if cfg.warm_start is not None:
         parse_spec(cfg.warm_start)  # a malformed teacher fails before any model is loaded
         if cfg.warm_start_episodes < 1 or cfg.warm_start_epochs < 1:
@@ -313,7 +332,7 @@ def run(cfg: TrainPPOConfig) -> dict[str, Path]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     make = partial(make_env, cfg.env)
-    venv = _training_env(cfg, make_vec_env(make, n_envs=cfg.n_envs, seed=cfg.seed),
+    venv = _training_env(cfg, make_vec_env(partial(make_training_env, cfg), n_envs=cfg.n_envs, seed=cfg.seed),
                          existing[-1] if resumed else None)
     _check_masks(algo_cls, venv)
     eval_env = None

@@ -178,3 +178,16 @@ def test_warm_start_refuses_bad_teachers_early(tmp_path):
         train_ppo.run(train_ppo.TrainPPOConfig(warm_start="fixed:4", warm_start_episodes=0, **kwargs))
     with pytest.raises(ValueError, match="plans per item"):
         train_ppo.run(train_ppo.TrainPPOConfig(warm_start="oracle", warm_start_episodes=1, **kwargs))
+
+
+def test_reference_policy_pays_the_gain_over_it(tmp_path, recorded):
+    """A learner that can only play the reference's setting earns exactly 0 on every episode's return."""
+    env = EnvConfig(model="tiny-random-llama", shots=0, interval=16, bits=(4,), episodes="train-0-3")
+    cfg = train_ppo.TrainPPOConfig(env=env, algo_kwargs=FAST, total_timesteps=32, checkpoint_every=0, threads=1,
+                                   reference_policy="fixed:4", out_dir=str(tmp_path), progress=False)
+    rows = read_curve(train_ppo.run(cfg)["learning_curve"])
+    assert any(r["episodes"] for r in rows)
+    assert all(r["episode_return"] == 0.0 for r in rows if r["episodes"])
+    with pytest.raises(ValueError):
+        train_ppo.run(train_ppo.TrainPPOConfig(env=env, reference_policy="nonsense:x", total_timesteps=16,
+                                               out_dir=str(tmp_path / "bad"), progress=False))
