@@ -12,6 +12,7 @@ Only rows where every policy of the budget (and fp16) has a record, all computed
 so a table of a run still in progress is a complete paired table of fewer items (it says how many).
 Run from the repository root: python results/study_v2/heldout_table.py  (-> heldout.md, heldout.png)
 """
+import functools
 from pathlib import Path
 
 import yaml
@@ -142,17 +143,21 @@ if rows:
                   for q in [static25, *(o for o in ppos25 if o != p)]]
     lines += [f"\n{p}: {len(beside[p])} of {ITEMS} items so far, not in the table yet" for p in in_progress(2.5, beside)]
     lines.append("")
-    blind25 = "blind-oracle-b2.5"  # heldout_oracle_b2.5.yaml: the first 100 items, beside these rows
-    oracle_rows = complete_rows([blind25, "fp16", static25, *ppos25, fixed25], beside) if beside.get(blind25) else []
-    if oracle_rows:
-        first = yaml.safe_load((HERE / "heldout_oracle_b2.5.yaml").read_text())["items"]
-        lines += [f"#### the gold-blind oracle at 2.5 bits ({len(oracle_rows)} rows: the first of the held-out items"
+    # heldout_oracle_b2.5.yaml: the oracles on the first 100 items, beside these rows
+    first = yaml.safe_load((HERE / "heldout_oracle_b2.5.yaml").read_text())["items"]
+    static_mean = functools.partial(rows_mean, beside, static25, "loglik_delta")
+    for oracle, others, what in (("blind-oracle-b2.5", [], "the gold-blind oracle"),
+                                 ("oracle-b2.5", ["blind-oracle-b2.5"], "the oracle")):
+        ran = beside.get(oracle) and all(beside.get(o) for o in others)
+        oracle_rows = complete_rows([oracle, *others, "fp16", static25, *ppos25, fixed25], beside) if ran else []
+        if not oracle_rows:
+            continue
+        lines += [f"#### {what} at 2.5 bits ({len(oracle_rows)} rows: the first of the held-out items"
                   f"{'' if len(oracle_rows) >= first else f'; **partial: {len(oracle_rows)} of {first} so far**'})", "",
-                  *against_static([blind25, *ppos25, fixed25], static25, oracle_rows, beside), ""]
-        headroom = (rows_mean(beside, blind25, "loglik_delta", oracle_rows)
-                    - rows_mean(beside, static25, "loglik_delta", oracle_rows))
-        lines += [f"{p} gains {rows_mean(beside, p, 'loglik_delta', oracle_rows) - rows_mean(beside, static25, 'loglik_delta', oracle_rows):+.2f} "
-                  f"nats over the schedule on these rows, of the blind oracle's {headroom:+.2f}." for p in ppos25]
+                  *against_static([oracle, *others, *ppos25, fixed25], static25, oracle_rows, beside), ""]
+        headroom = rows_mean(beside, oracle, "loglik_delta", oracle_rows) - static_mean(oracle_rows)
+        lines += [f"{p} gains {rows_mean(beside, p, 'loglik_delta', oracle_rows) - static_mean(oracle_rows):+.2f} "
+                  f"nats over the schedule on these rows, of {what}'s {headroom:+.2f}." for p in ppos25]
         lines.append("")
     both = [r for r in rows if all(r in records[p] for p in (static25, fixed25))]
     if both:
