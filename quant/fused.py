@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,6 +70,7 @@ def _build_and_check() -> tuple[Any, str]:
     try:
         from torch.utils.cpp_extension import load
 
+        _ninja_on_path()
         log.info("loading the fused dequantize kernel (built once per machine, ~40 s): %s", SOURCE.name)
         module = load("kvgym_fused_dequantize", [str(SOURCE)], extra_cflags=["-O3"], verbose=False)
     except Exception as error:  # no compiler, no headers: the torch-op path does the same work
@@ -79,6 +81,17 @@ def _build_and_check() -> tuple[Any, str]:
         log.warning("fused dequantize kernel disagrees with the torch ops (%s); not used", mismatch)
         return None, "unavailable"
     return module, "ready"
+
+
+def _ninja_on_path() -> None:
+    """torch's build runs ``ninja`` from PATH; a virtualenv that was not activated has the ``ninja`` package's
+    binary off it, so its directory is appended where no other ninja is found."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), ninja.BIN_DIR])
 
 
 def _self_check(module: Any) -> str | None:
