@@ -76,7 +76,10 @@ def _build_and_check() -> tuple[Any, str]:
     except Exception as error:  # no compiler, no headers: the torch-op path does the same work
         log.warning("fused dequantize kernel unavailable (%s); reading with torch ops", error)
         return None, "unavailable"
-    mismatch = _self_check(module)
+    try:
+        mismatch = _self_check(module)
+    except Exception as error:  # a kernel that refuses the check's inputs is as untrustworthy as a wrong one
+        mismatch = f"it raised {error!r}"
     if mismatch:
         log.warning("fused dequantize kernel disagrees with the torch ops (%s); not used", mismatch)
         return None, "unavailable"

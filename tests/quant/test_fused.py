@@ -79,3 +79,21 @@ def test_rows_scatter_a_chunk_into_token_order():
     assert out[:, :, 64:136].isnan().all()
     with pytest.raises(RuntimeError, match="out of range"):
         fused.dequantize_into(qt, out, rows + 1)
+
+
+def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch):
+    """Wrong numbers, or an error, in the self-check: the torch ops read instead, and nothing raises."""
+
+    class Wrong:
+        @staticmethod
+        def dequantize_into(data, scale, zero, bits, axis, group_size, half, out, rows):
+            out.fill_(0.0)
+
+    class Raising:
+        @staticmethod
+        def dequantize_into(*args):
+            raise RuntimeError("bad build")
+
+    for module in (Wrong, Raising):
+        monkeypatch.setattr("torch.utils.cpp_extension.load", lambda *args, m=module, **kwargs: m)
+        assert fused._build_and_check() == (None, "unavailable")
