@@ -427,18 +427,13 @@ def dequantize_gathered(gathered: Gathered, out: torch.Tensor) -> torch.Tensor:
     fewest ops per read. Otherwise each chunk is dequantized whole and its parts copied into place."""
     _check_out(out, gathered.shape)
     dim = gathered.dim
-    if tuple(out.shape) == gathered.shape and _fused.usable(out):
-        for qt, ranges in gathered.chunks:  # the kernel writes each chunk straight into its places
-            if len(ranges) == 1:
-                dequantize(qt, out=out.narrow(dim, ranges[0][0], qt.shape[dim]))
-            elif dim != 2 or not _fused.dequantize_into(qt, out, _token_rows(ranges)):
-                _scatter(dequantize(qt, out.dtype), ranges, out, dim)
-        return out
-    if len(gathered.chunks) == 1 or not gathered.aligned:
+    # the fused kernel (quant.fused) writes each chunk straight into its places, even one split into several ranges
+    fused = tuple(out.shape) == gathered.shape and _fused.usable(out)
+    if fused or len(gathered.chunks) == 1 or not gathered.aligned:
         for qt, ranges in gathered.chunks:
             if len(ranges) == 1:
                 dequantize(qt, out=out.narrow(dim, ranges[0][0], qt.shape[dim]))
-            else:
+            elif not (fused and dim == 2 and _fused.dequantize_into(qt, out, _token_rows(ranges))):
                 _scatter(dequantize(qt, out.dtype), ranges, out, dim)
         return out
     for qt, ranges in gathered.chunks:
