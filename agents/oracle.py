@@ -1,9 +1,13 @@
-"""The per-item greedy oracle: an upper bound for evaluation, never a policy that could be deployed.
+"""The per-item greedy oracle: an upper bound for evaluation, never a policy that could be deployed
+(except as ``return-oracle`` on a reward that reads only the prompt, below).
 
 At each block it tries every setting the budget allows, each time completing the episode the
 *completion* way (one fixed setting, or a static schedule's actions for the later blocks), reads the
 terminal gold-ending log-likelihood change (or, as ``blind-oracle``, the mean log-likelihood of all the
-endings), keeps the best (ties: the cheaper setting) and moves on from it. It sees the item's own
+endings; as ``return-oracle``, the env's own reward summed from the block on), keeps the best and moves
+on from it. Ties keep the completion's own action, else the cheaper setting: a block whose setting the
+objective cannot see (the prompt's last block, under the reward ``prompt_loglik``) is left as the
+completion has it rather than dropped to the cheapest. It sees the item's own
 passes (the endings included), so it measures headroom: how much a controller that knew each block's
 real damage could gain. It needs the env's state at each block, which :meth:`envs.kv_precision.KVPrecisionEnv.snapshot`
 gives, so it acts through :meth:`OraclePolicy.plan` (a whole episode's actions for one item), not
@@ -74,10 +78,14 @@ class OraclePolicy(PlanningPolicy):
     ``objective``: what a completed branch is worth: ``"gold"``, the gold ending's log-lik change (the
     score the study reports), or ``"endings"``, the mean log-lik of *all* the item's endings under the
     quantized cache: blind to which ending is gold, so its choices are about how well the prompt is
-    remembered, not about which noise favours the right answer (spec ``blind-oracle``).
+    remembered, not about which noise favours the right answer (spec ``blind-oracle``); or ``"return"``,
+    the env's own reward summed over the branch's steps (spec ``return-oracle``): a search for whatever
+    reward the env is given. With the reward ``prompt_loglik`` it reads only the prompt's own tokens, so it
+    is a per-item search that a deployment could run at prefill (it never sees an ending).
     """
 
-    OBJECTIVES = ("gold", "endings")
+    OBJECTIVES = ("gold", "endings", "return")
+    KINDS = {"gold": "oracle", "endings": "blind-oracle", "return": "return-oracle"}
 
     def __init__(self, observation_names: Sequence[str], bits: Sequence[Any], completion: Any = None,
                  budget: float | None = None, objective: str = "gold"):
@@ -98,10 +106,11 @@ class OraclePolicy(PlanningPolicy):
                 raise ValueError(f"oracle completion setting {setting_name(self.completion)} is not in the env's menu "
                                  f"{[setting_name(b) for b in self.bits]}")
         self.budget = None if budget is None else float(budget)
-        kind = "oracle" if objective == "gold" else "blind-oracle"
+        kind = self.KINDS[objective]
         self.name = (f"{kind}:static" if self.schedule is not None else
                      kind if self.completion is None else f"{kind}:{setting_name(self.completion)}")
-        #: the objective's value of the last plan (with "gold": the log-lik delta its replay scores)
+        #: the objective's value of the last plan (with "gold": the log-lik delta its replay scores; with
+        #: "return": the replay's whole return)
         self.last_value: float | None = None
 
     def completion_index(self, budget: float | None) -> int:
@@ -125,18 +134,20 @@ class OraclePolicy(PlanningPolicy):
         base.reset(options={"row": row})
         finish = self._completion_actions(len(base.block_spans()), budget, groups)
         actions: list[Action] = []
+        episode_return = 0.0
         while True:
             snap = base.snapshot()
             mask = _mask(base)
             best: tuple[Action, float] | None = None
-            for action in candidates:  # cheapest first: a tie keeps the cheaper
+            own = finish[len(actions)]  # the completion's action here: a tie keeps it, else the cheaper
+            for action in candidates:  # cheapest first
                 if mask is not None and not _allowed(mask, action, len(self.bits)):
                     continue
                 base.restore(snap)
                 value, avg_bits = _complete(base, action, finish[len(actions) + 1:], self.objective)
                 if budget is not None and avg_bits > budget + BUDGET_TOLERANCE:
                     continue
-                if best is None or value > best[1]:
+                if best is None or value > best[1] or (value == best[1] and action == own):
                     best = (action, value)
             if best is None:
                 raise ValueError(
@@ -144,10 +155,11 @@ class OraclePolicy(PlanningPolicy):
                     f"{budget} average bits (fp16 sink tokens count 16); choose a cheaper completion setting "
                     "('oracle:<setting>')")
             base.restore(snap)
-            _, _, terminated, truncated, _ = base.step(best[0])
+            _, reward, terminated, truncated, _ = base.step(best[0])
             actions.append(best[0])
+            episode_return += float(reward)
             if terminated or truncated:
-                self.last_value = best[1]
+                self.last_value = episode_return if self.objective == "return" else best[1]
                 return actions
 
     def _completion_actions(self, n_blocks: int, budget: float | None, groups: int) -> list[Action]:
@@ -161,16 +173,23 @@ class OraclePolicy(PlanningPolicy):
 
 def _complete(env: Any, action: Action, later: Sequence[Action], objective: str = "gold") -> tuple[float, float]:
     """Commit ``action``, then each later block at its action in ``later``; the terminal (value, avg_bits),
-    the value being the gold ending's log-lik delta, or with ``objective="endings"`` the mean log-lik of
-    every ending (the same reference for every branch of an item, so it need not be subtracted)."""
-    _, _, terminated, truncated, info = env.step(action)
+    the value being the gold ending's log-lik delta, with ``objective="endings"`` the mean log-lik of
+    every ending (the same reference for every branch of an item, so it need not be subtracted), with
+    ``objective="return"`` the rewards summed from this step on (the earlier ones are the same for every
+    branch)."""
+    _, reward, terminated, truncated, info = env.step(action)
+    rewards = [float(reward)]
     for step_action in later:
         if terminated or truncated:
             break
-        _, _, terminated, truncated, info = env.step(step_action)
+        _, reward, terminated, truncated, info = env.step(step_action)
+        rewards.append(float(reward))
     if not (terminated or truncated):
         raise RuntimeError(f"the completion ran out of actions ({len(later)}) before the episode ended")
-    value = float(info["loglik_delta"]) if objective == "gold" else float(np.mean(info["scores"]))
+    if objective == "return":
+        value = float(sum(rewards))
+    else:
+        value = float(info["loglik_delta"]) if objective == "gold" else float(np.mean(info["scores"]))
     return value, float(info["avg_bits"])
 
 

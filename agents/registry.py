@@ -20,6 +20,8 @@ A spec is ``[alias=]what``, where ``what`` is one of::
                           schedule: its headroom over that schedule       name "oracle:static"
     blind-oracle[:arg]    the oracle maximising the mean log-lik of all
                           endings, blind to the gold one (same args)      name "blind-oracle..."
+    return-oracle[:arg]   the oracle maximising the env's own reward (with
+                          rewards {prompt_loglik: 1}: a prompt-only search) name "return-oracle..."
     evidence              privileged evidence teacher: the answer's blocks
                           precise, the rest of the budget from the end    name "evidence"
     evidence:8            ... evidence blocks at most at 8 bits           name "evidence:8"
@@ -355,6 +357,11 @@ def _oracle(arg, observation_names, bits, env, objective: str = "gold") -> Polic
 @register_policy("blind-oracle", name=lambda arg: _oracle_name(arg, "blind-oracle"))
 def _blind_oracle(arg, observation_names, bits, env) -> Policy:
     return _oracle(arg, observation_names, bits, env, objective="endings")
+
+
+@register_policy("return-oracle", name=lambda arg: _oracle_name(arg, "return-oracle"))
+def _return_oracle(arg, observation_names, bits, env) -> Policy:
+    return _oracle(arg, observation_names, bits, env, objective="return")
 
 
 def _evidence_name(arg: str | None) -> str:

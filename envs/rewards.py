@@ -75,6 +75,22 @@ class EndingLogLikelihood(RewardTerm):
         return step["ending_logprob_delta"] if step.record.terminal else 0.0
 
 
+@register_reward("prompt_loglik")
+class PromptLogLikelihood(RewardTerm):
+    """The next block's prompt tokens' log-likelihood change vs full precision (nats); 0 at the end.
+
+    Why apart from ``loglik``: it is what a controller that sees only the prompt can measure of its own
+    damage (the prompt is known in full at prefill), with no ending in it, so a search on it
+    (``return-oracle`` with this reward, :mod:`agents.oracle`) is a per-item policy that could be deployed.
+    """
+
+    platform_dependent = True
+    needs = frozenset({"logprob_delta"})
+
+    def __call__(self, step: StepView) -> float:
+        return 0.0 if step.record.terminal else step["logprob_delta"]
+
+
 @register_reward("loglik")
 class LogLikelihood(EndingLogLikelihood):
     """Log-likelihood change vs full precision: next block's tokens, and the gold ending at the end (nats)."""

@@ -6,7 +6,8 @@ The oracle (heldout_oracle.yaml: per-item greedy search completing with the budg
 only) runs on the first 100 items; its own section pairs it with the budget's policies on the rows it has run: its
 margin over the static schedule is the headroom a learned per-item policy has over the search baseline. The
 gold-blind oracle (blind-oracle) searches for the best mean log-lik of all endings instead: its margin on the gold
-ending does not come from knowing the answer.
+ending does not come from knowing the answer. The prompt-only search (return-oracle on the reward prompt_loglik)
+values each branch by the prompt's own later tokens: it sees no ending, so a deployment could run it at prefill.
 
 Only rows where every policy of the budget (and fp16) has a record, all computed under one fingerprint, are used,
 so a table of a run still in progress is a complete paired table of fewer items (it says how many).
@@ -147,7 +148,9 @@ if rows:
     first = yaml.safe_load((HERE / "heldout_oracle_b2.5.yaml").read_text())["items"]
     static_mean = functools.partial(rows_mean, beside, static25, "loglik_delta")
     for oracle, others, what in (("blind-oracle-b2.5", [], "the gold-blind oracle"),
-                                 ("oracle-b2.5", ["blind-oracle-b2.5"], "the oracle")):
+                                 ("oracle-b2.5", ["blind-oracle-b2.5"], "the oracle"),
+                                 # the same search valued by the prompt's own tokens: one a deployment could run
+                                 ("prompt-search-b2.5", ["blind-oracle-b2.5"], "the prompt-only search")):
         ran = beside.get(oracle) and all(beside.get(o) for o in others)
         oracle_rows = complete_rows([oracle, *others, "fp16", static25, *ppos25, fixed25], beside) if ran else []
         if not oracle_rows:

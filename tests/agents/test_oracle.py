@@ -15,6 +15,7 @@ from agents.fixed import FixedBitsPolicy  # noqa: E402
 from agents.oracle import OraclePolicy, _allowed, _candidates  # noqa: E402
 from agents.registry import canonical_name, make_policy  # noqa: E402
 from agents.rollout import Schedule, rollout  # noqa: E402
+from envs.settings import parse_setting  # noqa: E402
 
 MENU = (2, (4, 2), 4, 8)
 BUDGET = 3.0
@@ -122,3 +123,36 @@ def test_blind_oracle_maximises_every_endings_log_lik_not_the_gold_one(env):
     assert blind.last_value >= np.mean(fixed["scores"])
     with pytest.raises(ValueError, match="objective"):
         OraclePolicy(env.observation_names, env.bits, objective="accuracy")
+
+
+def test_return_oracle_maximises_the_envs_reward_prompt_only(env):
+    """return-oracle: the same search valued by the env's own return from the block on; with the reward
+    ``prompt_loglik`` it reads the prompt's own tokens only (the terminal step scores no prompt tokens)."""
+    row = ROWS[0]
+    prompt_env = env.sibling(rewards={"prompt_loglik": 1.0}, bit_budget=BUDGET)
+    try:
+        oracle = make_policy("return-oracle:k4v2", env=prompt_env)
+        assert oracle.name == "return-oracle:k4v2" and oracle.objective == "return"
+        assert canonical_name("return-oracle") == "return-oracle"
+        plan = oracle.plan(prompt_env, row)
+        assert oracle.plan(prompt_env, row) == plan  # deterministic
+        replay = rollout(prompt_env, Schedule(plan), options={"row": row})
+        assert replay.final_info["avg_bits"] <= BUDGET + 1e-9
+        assert replay.final_info["rewards"]["prompt_loglik"] == 0.0  # the endings are not in its objective
+        fixed = rollout(prompt_env, FixedBitsPolicy(env.observation_names, env.bits, (4, 2)), options={"row": row})
+        assert sum(replay.rewards) == pytest.approx(oracle.last_value)  # its value is the replay's return
+        assert oracle.last_value >= sum(fixed.rewards) - 1e-9
+    finally:
+        prompt_env.close()
+
+
+def test_a_tie_keeps_the_completions_action(env):
+    """Under ``prompt_loglik`` the last block's setting changes nothing the objective reads (no prompt token
+    follows it): every candidate ties there, and the plan keeps the completion's setting, not the cheapest."""
+    prompt_env = env.sibling(rewards={"prompt_loglik": 1.0})
+    try:
+        for completion in ("k4v2", "4"):
+            plan = make_policy(f"return-oracle:{completion}", env=prompt_env).plan(prompt_env, ROWS[1])
+            assert plan[-1] == env.bits.index(parse_setting(completion))
+    finally:
+        prompt_env.close()

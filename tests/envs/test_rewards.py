@@ -37,6 +37,12 @@ def test_loglik_adds_the_ending_delta_only_at_the_end():
     assert term("loglik")(record(terminal=True, logprob_delta=0.0, ending_logprob_delta=-2.0)) == pytest.approx(-2.0)
 
 
+def test_prompt_loglik_is_the_block_tokens_only_never_the_ending():
+    assert term("prompt_loglik")(record(ending_logprob_delta=-2.0)) == pytest.approx(-0.75)
+    assert term("prompt_loglik")(record(terminal=True, logprob_delta=-5.0, ending_logprob_delta=-2.0)) == 0.0
+    assert REWARDS.get("prompt_loglik").needs == {"logprob_delta"}
+
+
 def test_ending_loglik_is_the_gold_ending_only_and_terminal_only():
     assert term("ending_loglik")(record(ending_logprob_delta=-2.0)) == 0.0  # block tokens never count
     assert term("ending_loglik")(record(terminal=True, logprob_delta=-5.0, ending_logprob_delta=-2.0)) == -2.0
