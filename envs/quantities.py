@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from envs.scoring import choose
 from quant.registry import Registry
 
@@ -161,19 +163,27 @@ def _saliency(step: StepView):
     return step["next_block"].saliency
 
 
-@register_quantity("logprob_delta", needs={"next_block", "next_span", "reference"})
+@register_quantity("token_logprob_deltas", needs={"next_block", "next_span", "reference"})
+def _token_logprob_deltas(step: StepView):
+    """[T'] per token of next_block with a known next token: its log-prob under the partly quantized
+    cache minus under the item's full-precision reference; entry ``i`` is the prediction made at prompt
+    position ``next_span[0] + i`` (empty at the terminal step: no tokens left)."""
+    block = step["next_block"]
+    if block is None:
+        return torch.zeros(0)
+    start = step["next_span"][0]
+    ref = step["reference"].target_logprobs[start : start + int(block.target_mask.sum())]
+    return block.target_log_probs - ref
+
+
+@register_quantity("logprob_delta", needs={"token_logprob_deltas"})
 def _logprob_delta(step: StepView) -> float:
     """Summed log-prob of next_block's actual tokens under the partly quantized cache minus the same
     under the item's full-precision reference (0 at the terminal step: no tokens left).
 
     Measuring against the item's own reference removes item difficulty from the signal and leaves
     the damage quantization did."""
-    block = step["next_block"]
-    if block is None:
-        return 0.0
-    start = step["next_span"][0]
-    ref = step["reference"].target_logprobs[start : start + int(block.target_mask.sum())]
-    return float((block.target_log_probs - ref).sum())
+    return float(step["token_logprob_deltas"].sum())
 
 
 @register_quantity("ending_logprob_delta", needs={"ending_scores", "reference", "item"})

@@ -82,13 +82,28 @@ class PromptLogLikelihood(RewardTerm):
     Why apart from ``loglik``: it is what a controller that sees only the prompt can measure of its own
     damage (the prompt is known in full at prefill), with no ending in it, so a search on it
     (``return-oracle`` with this reward, :mod:`agents.oracle`) is a per-item policy that could be deployed.
+    ``tokens: N`` counts only the predictions of the prompt's last N tokens (for a few-shot prompt: the
+    query the answer continues, rather than the other shots), from whichever blocks hold them.
     """
 
     platform_dependent = True
     needs = frozenset({"logprob_delta"})
 
+    def __init__(self, tokens: int | None = None):
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"reward term 'prompt_loglik': tokens must be a positive integer, got {tokens!r}")
+        self.tokens = tokens
+        if tokens is not None:
+            self.needs = frozenset({"token_logprob_deltas", "next_span", "reference"})
+
     def __call__(self, step: StepView) -> float:
-        return 0.0 if step.record.terminal else step["logprob_delta"]
+        if step.record.terminal:
+            return 0.0
+        if self.tokens is None:
+            return step["logprob_delta"]
+        # entry i of the deltas predicts prompt token start + i + 1; the reference has one per token but the first
+        first = len(step["reference"].target_logprobs) - self.tokens - step["next_span"][0]
+        return float(step["token_logprob_deltas"][max(first, 0):].sum())
 
 
 @register_reward("loglik")

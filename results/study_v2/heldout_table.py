@@ -150,7 +150,9 @@ if rows:
     for oracle, others, what in (("blind-oracle-b2.5", [], "the gold-blind oracle"),
                                  ("oracle-b2.5", ["blind-oracle-b2.5"], "the oracle"),
                                  # the same search valued by the prompt's own tokens: one a deployment could run
-                                 ("prompt-search-b2.5", ["blind-oracle-b2.5"], "the prompt-only search")):
+                                 ("prompt-search-b2.5", ["blind-oracle-b2.5"], "the prompt-only search"),
+                                 ("prompt-tail-search-b2.5", ["prompt-search-b2.5", "blind-oracle-b2.5"],
+                                  "the search on the prompt's last 52 tokens")):
         ran = beside.get(oracle) and all(beside.get(o) for o in others)
         oracle_rows = complete_rows([oracle, *others, "fp16", static25, *ppos25, fixed25], beside) if ran else []
         if not oracle_rows:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import numpy as np
 import pytest
+import torch
 from _tiny_env import ITEMS, TINY_CONFIG, make_env
 
 from envs.quantities import StepRecord, StepView
@@ -13,7 +15,8 @@ from envs.rewards import DEFAULT_REWARDS, REWARDS, RewardFunction, RewardTerm, r
 
 #: the quantities of a hand-made step, as providers would compute them, and their defaults
 QUANTITY_DEFAULTS = dict(
-    logprob_delta=-0.75, ending_logprob_delta=0.0, correct_norm=False, reference_correct_norm=False
+    logprob_delta=-0.75, ending_logprob_delta=0.0, correct_norm=False, reference_correct_norm=False,
+    token_logprob_deltas=None, next_span=None, reference=None,
 )
 
 
@@ -41,6 +44,22 @@ def test_prompt_loglik_is_the_block_tokens_only_never_the_ending():
     assert term("prompt_loglik")(record(ending_logprob_delta=-2.0)) == pytest.approx(-0.75)
     assert term("prompt_loglik")(record(terminal=True, logprob_delta=-5.0, ending_logprob_delta=-2.0)) == 0.0
     assert REWARDS.get("prompt_loglik").needs == {"logprob_delta"}
+
+
+def test_prompt_loglik_tokens_counts_only_the_prompts_last_tokens():
+    """A 10-token prompt has 9 predictions; the block at positions [4, 8) makes predictions 4..7 (of tokens
+    5..8); the last 3 tokens (7, 8, 9) are predictions 6, 7, 8, so this block contributes entries 2 and 3."""
+    reference = types.SimpleNamespace(target_logprobs=torch.zeros(9))
+    deltas = torch.tensor([-1.0, -2.0, -4.0, -8.0])
+    view = record(token_logprob_deltas=deltas, next_span=(4, 8), reference=reference)
+    assert term("prompt_loglik", tokens=3)(view) == pytest.approx(-12.0)
+    assert term("prompt_loglik", tokens=100)(view) == pytest.approx(-15.0)
+    assert term("prompt_loglik", tokens=1)(view) == 0.0  # prediction 8 is in a later block
+    assert term("prompt_loglik", tokens=3)(record(terminal=True, token_logprob_deltas=deltas, next_span=(4, 8),
+                                                  reference=reference)) == 0.0
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="tokens"):
+            term("prompt_loglik", tokens=bad)
 
 
 def test_ending_loglik_is_the_gold_ending_only_and_terminal_only():
@@ -250,3 +269,24 @@ def test_latency_table_reads_pairs_sinks_and_layer_groups(tiny_model, tmp_path):
     _, _, _, _, info = env.step([0, 0])
     assert info["rewards"]["latency_table"] == pytest.approx(-1.25)
     env.close()
+
+
+def test_prompt_loglik_tokens_in_a_real_episode(tiny_model):
+    """All the prompt's tokens give the untruncated term step by step; the last few count only in the steps
+    whose block holds them (the last prompt block), never at the terminal step."""
+    specs = {"all": {"prompt_loglik": 1.0}, "wide": {"prompt_loglik": {"weight": 1.0, "tokens": 10**6}},
+             "tail": {"prompt_loglik": {"weight": 1.0, "tokens": 3}}}
+    rewards = {}
+    for name, spec in specs.items():
+        env = make_env(tiny_model, rewards=spec)
+        env.reset(options={"row": ITEMS[2].row})
+        done, rewards[name] = False, []
+        while not done:
+            _, reward, done, _, _ = env.step(0)
+            rewards[name].append(reward)
+        env.close()
+    assert rewards["wide"] == pytest.approx(rewards["all"]) and len(rewards["all"]) > 2
+    scoring = [i for i, r in enumerate(rewards["all"]) if r != 0.0]  # steps whose block had tokens to predict
+    tail = [i for i, r in enumerate(rewards["tail"]) if r != 0.0]
+    assert tail and set(tail) <= set(scoring[-2:])  # 3 tokens lie in the last one or two such blocks
+    assert rewards["tail"][-1] == 0.0
