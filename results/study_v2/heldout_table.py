@@ -147,12 +147,14 @@ if rows:
     # heldout_oracle_b2.5.yaml: the oracles on the first 100 items, beside these rows
     first = yaml.safe_load((HERE / "heldout_oracle_b2.5.yaml").read_text())["items"]
     static_mean = functools.partial(rows_mean, beside, static25, "loglik_delta")
-    for oracle, others, what in (("blind-oracle-b2.5", [], "the gold-blind oracle"),
-                                 ("oracle-b2.5", ["blind-oracle-b2.5"], "the oracle"),
-                                 # the same search valued by the prompt's own tokens: one a deployment could run
-                                 ("prompt-search-b2.5", ["blind-oracle-b2.5"], "the prompt-only search"),
-                                 ("prompt-tail-search-b2.5", ["prompt-search-b2.5", "blind-oracle-b2.5"],
-                                  "the search on the prompt's last 52 tokens")):
+    # (policy, others on its rows, what it is, whether it is an oracle: its margin is the controllers' headroom)
+    for oracle, others, what, is_oracle in (("blind-oracle-b2.5", [], "the gold-blind oracle", True),
+                                            ("oracle-b2.5", ["blind-oracle-b2.5"], "the oracle", True),
+                                            # the same search valued by the prompt's own tokens: deployable
+                                            ("prompt-search-b2.5", ["blind-oracle-b2.5"], "the prompt-only search",
+                                             False),
+                                            ("prompt-tail-search-b2.5", ["blind-oracle-b2.5"],
+                                             "the search on the prompt's last 52 tokens", False)):
         ran = beside.get(oracle) and all(beside.get(o) for o in others)
         oracle_rows = complete_rows([oracle, *others, "fp16", static25, *ppos25, fixed25], beside) if ran else []
         if not oracle_rows:
@@ -161,8 +163,26 @@ if rows:
                   f"{'' if len(oracle_rows) >= first else f'; **partial: {len(oracle_rows)} of {first} so far**'})", "",
                   *against_static([oracle, *others, *ppos25, fixed25], static25, oracle_rows, beside), ""]
         headroom = rows_mean(beside, oracle, "loglik_delta", oracle_rows) - static_mean(oracle_rows)
-        lines += [f"{p} gains {rows_mean(beside, p, 'loglik_delta', oracle_rows) - static_mean(oracle_rows):+.2f} "
+        lines += [] if not is_oracle else [f"{p} gains {rows_mean(beside, p, 'loglik_delta', oracle_rows) - static_mean(oracle_rows):+.2f} "
                   f"nats over the schedule on these rows, of {what}'s {headroom:+.2f}." for p in ppos25]
+        lines.append("")
+    searches = ["oracle-b2.5", "prompt-tail-search-b2.5", "prompt-search-b2.5"]
+    shared_plans = complete_rows(["blind-oracle-b2.5", *searches], beside)
+    if shared_plans:  # which blocks' settings each per-item search shares with the gold-blind oracle's plan
+        from agents.static import StaticSchedulePolicy
+
+        schedule = StaticSchedulePolicy.load(str(HERE / "search" / "schedule_b2.5.json"), ["progress"],
+                                             [2, (3, 2), (4, 2), 4, 8, 16])
+        lines += [f"#### agreement with the gold-blind oracle's plans ({len(shared_plans)} rows)", "",
+                  "| policy | blocks whose setting equals the blind oracle's |", "|---|---|"]
+        for p in [static25, *searches]:
+            same = total = 0
+            for r in shared_plans:
+                blind = beside["blind-oracle-b2.5"][r]["actions"]
+                plan = schedule.actions_for(len(blind)) if p == static25 else beside[p][r]["actions"]
+                same += sum(int(a == b) for a, b in zip(plan, blind, strict=True))
+                total += len(blind)
+            lines.append(f"| {p} | {same / total:.2f} |")
         lines.append("")
     both = [r for r in rows if all(r in records[p] for p in (static25, fixed25))]
     if both:
