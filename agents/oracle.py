@@ -178,18 +178,17 @@ def _complete(env: Any, action: Action, later: Sequence[Action], objective: str 
     ``objective="return"`` the rewards summed from this step on (the earlier ones are the same for every
     branch)."""
     _, reward, terminated, truncated, info = env.step(action)
-    rewards = [float(reward)]
+    total = float(reward)
     for step_action in later:
         if terminated or truncated:
             break
         _, reward, terminated, truncated, info = env.step(step_action)
-        rewards.append(float(reward))
+        total += float(reward)
     if not (terminated or truncated):
         raise RuntimeError(f"the completion ran out of actions ({len(later)}) before the episode ended")
     if objective == "return":
-        value = float(sum(rewards))
-    else:
-        value = float(info["loglik_delta"]) if objective == "gold" else float(np.mean(info["scores"]))
+        return total, float(info["avg_bits"])
+    value = float(info["loglik_delta"]) if objective == "gold" else float(np.mean(info["scores"]))
     return value, float(info["avg_bits"])
 
 
