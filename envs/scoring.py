@@ -8,15 +8,18 @@ length (lm-eval ``api/task.py``: ``len(choice)`` of the ending *without* the del
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from envs.cache_kwarg import with_cache
+from quant.batched_cache import BatchedKVCache
+from quant.kv_cache import MixedPrecisionKVCache
 
 __all__ = [
-    "encode_pair", "score_requests", "continuation_logprobs", "can_pack", "choose", "TARGET_DELIMITER",
-    "CACHED_SCORING",
+    "encode_pair", "score_requests", "continuation_logprobs", "batched_continuation_logprobs", "can_pack",
+    "choose", "PackedRow", "TARGET_DELIMITER", "CACHED_SCORING",
 ]
 
 TARGET_DELIMITER = " "
@@ -150,12 +153,7 @@ def continuation_logprobs(
     if prefix_last_logits is None:
         raise ValueError("prefix_last_logits is required with a cache (the cache has no logits)")
 
-    first = torch.log_softmax(prefix_last_logits.float().reshape(-1, prefix_last_logits.shape[-1]), dim=-1)
-    if first.shape[0] not in (1, len(conts)):
-        raise ValueError(f"prefix_last_logits has {first.shape[0]} rows; expected 1 or {len(conts)}")
-    first_ids = torch.tensor([c[0] for c in conts], device=first.device)
-    totals = first.expand(len(conts), -1)[torch.arange(len(conts), device=first.device), first_ids]
-    scores = [float(t) for t in totals]
+    scores = _first_token_scores(prefix_last_logits, conts)
     if all(len(c) == 1 for c in conts):
         return scores
 
@@ -182,30 +180,114 @@ def _row_rest(model, cache, conts: list[list[int]], pad_id: int) -> list[float]:
     return _gather_sums(logits, [c[1:] for c in conts], [0] * len(conts))
 
 
-def _packed_rest(model, cache, past: int, conts: list[list[int]]) -> list[float]:
-    """Log-probs of every continuation's tokens after its first, all continuations in one row.
+def _first_token_scores(prefix_last_logits: torch.Tensor, conts: list[list[int]]) -> list[float]:
+    """Each continuation's first token's log-prob from the logits at the prefix's last position."""
+    first = torch.log_softmax(prefix_last_logits.float().reshape(-1, prefix_last_logits.shape[-1]), dim=-1)
+    if first.shape[0] not in (1, len(conts)):
+        raise ValueError(f"prefix_last_logits has {first.shape[0]} rows; expected 1 or {len(conts)}")
+    first_ids = torch.tensor([c[0] for c in conts], device=first.device)
+    totals = first.expand(len(conts), -1)[torch.arange(len(conts), device=first.device), first_ids]
+    return [float(t) for t in totals]
 
-    Continuation ``i``'s inputs ``c[:-1]`` sit side by side at positions ``past, past + 1, ...``
-    each (as if each alone followed the prefix); a token sees the whole prefix and the earlier
-    tokens of its own continuation only. The mask is additive (0 or the dtype's minimum), which
-    eager and SDPA attention both read."""
+
+@dataclass(frozen=True)
+class PackedRow:
+    """Continuations' inputs ``c[:-1]`` side by side in one row (:data:`CACHED_SCORING`): each at positions
+    ``past, past + 1, ...`` as if it alone followed the prefix, and each token seeing the prefix and the
+    earlier tokens of its own continuation only."""
+
+    ids: torch.Tensor  # [L] the inputs, continuation after continuation
+    local: torch.Tensor  # [L] each token's position after the prefix
+    visible: torch.Tensor  # [L, L] bool: query token may see new token
+    starts: list[int]  # where each continuation's inputs begin in the row
+    targets: list[list[int]]  # what each continuation's inputs predict: ``c[1:]``
+
+    @classmethod
+    def of(cls, conts: list[list[int]], device) -> PackedRow:
+        pieces = [c[:-1] for c in conts]
+        lengths = torch.tensor([len(p) for p in pieces], device=device)
+        ids = torch.tensor([t for p in pieces for t in p], dtype=torch.long, device=device)
+        starts = torch.cumsum(lengths, 0) - lengths
+        segment = torch.repeat_interleave(torch.arange(len(pieces), device=device), lengths)
+        local = torch.arange(len(ids), device=device) - starts[segment]
+        visible = (segment[:, None] == segment[None, :]) & (local[:, None] >= local[None, :])
+        return cls(ids, local, visible, starts.tolist(), [c[1:] for c in conts])
+
+    def sums(self, logits: torch.Tensor) -> list[float]:
+        """Each continuation's summed target log-probs from the row's ``[L', V]`` logits (``L' >= L``)."""
+        return _gather_sums(logits.unsqueeze(0).expand(len(self.starts), -1, -1), self.targets, self.starts)
+
+
+def _packed_rest(model, cache, past: int, conts: list[list[int]]) -> list[float]:
+    """Log-probs of every continuation's tokens after its first, all continuations in one row
+    (:class:`PackedRow`). The mask is additive (0 or the dtype's minimum), which eager and SDPA
+    attention both read."""
     device = next(model.parameters()).device
-    pieces = [c[:-1] for c in conts]
-    lengths = torch.tensor([len(p) for p in pieces], device=device)
-    ids = torch.tensor([t for p in pieces for t in p], device=device)
-    starts = torch.cumsum(lengths, 0) - lengths
-    segment = torch.repeat_interleave(torch.arange(len(pieces), device=device), lengths)
-    local = torch.arange(len(ids), device=device) - starts[segment]
-    visible = (segment[:, None] == segment[None, :]) & (local[:, None] >= local[None, :])
+    row = PackedRow.of(conts, device)
+    n = len(row.ids)
     dtype = model.dtype if model.dtype.is_floating_point else torch.float32
-    mask = torch.zeros(1, 1, len(ids), past + len(ids), dtype=dtype, device=device)
-    mask[0, 0, :, past:].masked_fill_(~visible, torch.finfo(dtype).min)
+    mask = torch.zeros(1, 1, n, past + n, dtype=dtype, device=device)
+    mask[0, 0, :, past:].masked_fill_(~row.visible, torch.finfo(dtype).min)
     logits = model(
-        input_ids=ids.unsqueeze(0), position_ids=(past + local).unsqueeze(0), attention_mask=mask,
+        input_ids=row.ids.unsqueeze(0), position_ids=(past + row.local).unsqueeze(0), attention_mask=mask,
         **with_cache(model, cache), use_cache=True,
     ).logits
-    offsets = starts.tolist()
-    return _gather_sums(logits.expand(len(conts), -1, -1), [c[1:] for c in conts], offsets)
+    return row.sums(logits[0])
+
+
+@torch.inference_mode()
+def batched_continuation_logprobs(
+    model,
+    caches: Sequence[MixedPrecisionKVCache],
+    prefixes: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    prefix_last_logits: Sequence[torch.Tensor],
+) -> list[list[float]]:
+    """:func:`continuation_logprobs` for several prefixes at once, each against its own cache (batch 1,
+    holding that prefix), in ONE forward.
+
+    Why: the batched vector env ends several episodes in the same step, and scoring each row's endings
+    in a forward of its own made a step of N rows cost up to N + 1 forwards. Each row's continuations
+    are packed into its row as for one cache (:class:`PackedRow`, :data:`CACHED_SCORING`), the rows
+    right-padded over a :class:`~quant.batched_cache.BatchedKVCache`, which gives every row its own
+    positions and mask. The caches get the continuation tokens appended, as with one cache (branch or
+    discard afterwards). Scores equal the row-by-row ones up to the float noise of a padded batch.
+    """
+    if not (len(caches) == len(prefixes) == len(continuations) == len(prefix_last_logits)) or not caches:
+        raise ValueError("need one cache, prefix, list of continuations and last logits per row")
+    if not can_pack(model):
+        raise ValueError("this model has sliding-window or chunked attention layers, which a packed row's mask "
+                         "would override: score the rows one by one (continuation_logprobs)")
+    rows_conts = [[list(c) for c in conts] for conts in continuations]
+    if any(not conts or any(not c for c in conts) for conts in rows_conts):
+        raise ValueError("every row needs a non-empty list of non-empty continuations")
+    for cache, prefix in zip(caches, prefixes, strict=True):
+        if cache.get_seq_length() != len(prefix):
+            raise ValueError(f"a cache holds {cache.get_seq_length()} tokens but its prefix has {len(prefix)}")
+    scores = [_first_token_scores(last, conts) for last, conts in zip(prefix_last_logits, rows_conts, strict=True)]
+    device = next(model.parameters()).device
+    packed = [PackedRow.of(conts, device) if any(len(c) > 1 for c in conts) else None for conts in rows_conts]
+    new = [0 if row is None else len(row.ids) for row in packed]
+    width = max(new)
+    if width == 0:
+        return scores
+    ids = torch.zeros(len(packed), width, dtype=torch.long, device=device)
+    local = torch.zeros(len(packed), width, dtype=torch.long, device=device)
+    visible = torch.zeros(len(packed), width, width, dtype=torch.bool, device=device)
+    for r, row in enumerate(packed):
+        if row is not None:
+            n = len(row.ids)
+            ids[r, :n], local[r, :n], visible[r, :n, :n] = row.ids, row.local, row.visible
+    batch = BatchedKVCache(list(caches), new)
+    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+    logits = model(
+        input_ids=ids, position_ids=batch.position_ids(width, device, local),
+        attention_mask=batch.attention_mask(width, dtype, device, visible), **with_cache(model, batch), use_cache=True,
+    ).logits
+    for r, row in enumerate(packed):
+        if row is not None:
+            scores[r] = [s + t for s, t in zip(scores[r], row.sums(logits[r]), strict=True)]
+    return scores
 
 
 def choose(scores: Sequence[float], endings: Sequence[str]) -> tuple[int, int]:

@@ -7,9 +7,17 @@ Why: a step's own work is small next to the model forward, and a forward of N bl
 less than N forwards of one. Every row is a full :class:`~envs.kv_precision.KVPrecisionEnv` (the
 rows share the model, the items and the reference passes) and runs exactly the single env's phases
 (start an episode, commit the action, observe the block, compute the reward, score the endings
-against the row's own cache, build the info); only the block forward is shared: the rows' blocks are
+against the row's own cache, build the info); only the forwards are shared: the rows' blocks are
 right-padded into one batch over a :class:`~quant.batched_cache.BatchedKVCache`, with each row's
-positions and a mask so no row sees padding or another row. So each row's observation, reward and
+positions and a mask so no row sees padding or another row.
+
+``batch_scoring`` (default: on unless the model is on a CPU): the rows whose episodes end in the same
+step score their endings in one forward too, each row's endings packed as the single env packs them.
+On a GPU every forward is hundreds of kernel launches, and scoring row by row took a fifth of a step of
+64 rows (results/gpu_h200). On a CPU a forward costs its FLOPs: the rows' packed endings differ in
+length (30-160 tokens on HellaSwag), padding them to the longest wastes about what batching saves
+(``experiments.bench_throughput --rows batched batched-scoring``, SmolLM2-135M on 2 cores: 0.93x the
+row-by-row episodes/s with 4 rows, 1.06x with 8), so there they score row by row. So each row's observation, reward and
 info come from the same code as the single env's; the numbers differ only by float noise of the
 batched matmuls (quantized settings amplify last-bit differences; see tests/envs/test_vector.py).
 
@@ -34,6 +42,7 @@ backward per row).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -50,6 +59,7 @@ from envs.cache_kwarg import with_cache
 from envs.features import BlockContext
 from envs.hellaswag import HellaSwagItem
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
+from envs.scoring import batched_continuation_logprobs
 from quant.batched_cache import BatchedKVCache
 
 __all__ = ["KVPrecisionVectorEnv"]
@@ -70,6 +80,7 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         items: Sequence[HellaSwagItem] | None = None,
         render_mode: str | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        batch_scoring: bool | None = None,
         **overrides: Any,
     ):
         autoreset_mode = _autoreset_mode(autoreset_mode)
@@ -89,6 +100,7 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
                 'saliency features or use gym.make_vec(..., vectorization_mode="sync")'
             )
         self.envs: list[KVPrecisionEnv] = [first] + [first.sibling() for _ in range(num_envs - 1)]
+        self.batch_scoring = first.model.device.type != "cpu" if batch_scoring is None else bool(batch_scoring)
         self.num_envs = num_envs
         self.config = first.config
         self.render_mode = None
@@ -155,6 +167,7 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         truncations = np.zeros(n, dtype=bool)
         infos: dict[str, Any] = {}
         commits: dict[int, Any] = {}
+        ending: dict[int, Any] = {}  # rows whose episode ends in this step: their terminal commits
         starts: dict[int, dict[str, Any]] = {}
         to_run: list[tuple[int, int]] = []
         for i, env in enumerate(self.envs):
@@ -173,12 +186,15 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             if not commit.terminal:
                 commits[i] = commit
                 to_run.append((i, env._episode.block_index))
-                continue
-            # the episode ends: the single env's scoring path, against this row's own cache
-            t_score = time.perf_counter()
-            scores = env._score_current()
+            else:
+                ending[i] = commit
+        t_score = time.perf_counter()
+        scores = self._score_endings(list(ending))
+        score_seconds = (time.perf_counter() - t_score) / max(len(ending), 1)  # each row's share
+        for i, commit in ending.items():  # the episode ends: the single env's terminal step, scores given
+            env = self.envs[i]
             obs[i], rewards[i], terminations[i], truncations[i], info = env._finish_step(
-                commit, None, scores, time.perf_counter() - t_score
+                commit, None, scores[i], score_seconds
             )
             start = self._next_start(i) if self.autoreset_mode == AutoresetMode.SAME_STEP else None
             if start is not None:  # SAME_STEP: restart now, in this step's forward
@@ -187,6 +203,7 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
                 to_run.append((i, 0))
             else:
                 infos = self._add_info(infos, info, i)
+        to_run.sort()  # rows in order in the batch, restarted ones among them
         contexts = dict(zip((i for i, _ in to_run), self._run_blocks(to_run), strict=True))
         for i, env in enumerate(self.envs):
             if i in starts:
@@ -228,6 +245,25 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             env.close()
 
     # --- internals ----------------------------------------------------------------------------
+    def _score_endings(self, rows: list[int]) -> dict[int, np.ndarray]:
+        """The endings of every row whose episode ends in this step: with ``batch_scoring``, all in ONE
+        forward, each against its row's own cache (:func:`envs.scoring.batched_continuation_logprobs`),
+        every cache branched so it is left as it was, as the single env's scoring leaves it; else (or for
+        one row, or a model whose attention a packed row cannot mask) row by row, the single env's path."""
+        if not self.batch_scoring or len(rows) <= 1 or not self.envs[rows[0]]._pack_endings:
+            return {i: self.envs[i]._score_current() for i in rows}
+        episodes = [self.envs[i]._episode for i in rows]
+        with contextlib.ExitStack() as stack:
+            for ep in episodes:
+                stack.enter_context(ep.cache.branch(1))
+            scores = batched_continuation_logprobs(
+                self.model, [ep.cache for ep in episodes], [ep.prompt_ids for ep in episodes],
+                [ep.endings for ep in episodes], [ep.last_logits for ep in episodes],
+            )
+        for ep in episodes:
+            ep.done = True
+        return {i: np.asarray(row, dtype=np.float64) for i, row in zip(rows, scores, strict=True)}
+
     def _seeds(self, seed) -> list[int | None] | None:
         if seed is None:
             return None

@@ -5,7 +5,9 @@
 Rows, each at fixed bits on the held-out split: the single env (one process, torch's threads);
 Gymnasium's ``SyncVectorEnv`` of N envs (``gym.make_vec(..., vectorization_mode="sync")``); the
 batched vector env of N rows, one forward per step for all of them (``vectorization_mode=
-"vector_entry_point"``, envs/vector.py); the Ray backend of ``evaluate`` with N workers (``--threads`` torch threads each, default 1). Plus whole env / bare forward:
+"vector_entry_point"``, envs/vector.py), its endings scored row by row (``batched``) and, the rows that end
+in the same step, in one forward (``batched-scoring``: the env's ``batch_scoring``, its default off a
+CPU); the Ray backend of ``evaluate`` with N workers (``--threads`` torch threads each, default 1). Plus whole env / bare forward:
 the single env's wall time over a bare SDPA forward of the same blocks
 (``experiments.bench_env.bare_forward_ms``, ``model(block, cache=DynamicCache())``). Measuring them
 in one run keeps the ratios meaningful on a shared, noisy machine, where absolute numbers are not.
@@ -26,6 +28,7 @@ import argparse
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,7 @@ from agents.rollout import rollout
 from experiments.bench_env import bare_forward_ms
 from experiments.io import write_json
 
-ROWS = ("single", "sync", "batched", "ray")
+ROWS = ("single", "sync", "batched", "batched-scoring", "ray")
 
 
 def _env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,17 +166,20 @@ def bare_batching_gain(model, prompts: Sequence[Sequence[int]], interval: int) -
             "batched_seconds": batched_ms / 1000, "gain": single_ms / batched_ms}
 
 
-def bench_batched(args: argparse.Namespace) -> dict[str, Any]:
+def bench_batched(args: argparse.Namespace, batch_scoring: bool = False) -> dict[str, Any]:
     """The batched vector env (``vectorization_mode="vector_entry_point"``, one forward per step for all
     its rows) on the single env's ``episodes`` held-out rows, given as reset's row queue: each row runs
     once, a row that ends takes the next one, and rows left without one sit out (``idle``). One warm-up
-    step first (first-call costs, not measured)."""
+    step first (first-call costs, not measured). ``batch_scoring``: the env's option (the rows that end in
+    the same step score their endings in one forward; the ``batched-scoring`` row), else row by row; the
+    bare batching gain is measured only without it (it does not depend on it)."""
     import gymnasium as gym
 
     from envs import ENV_ID
 
     n = args.num_envs
-    vec = gym.make_vec(ENV_ID, num_envs=n, vectorization_mode="vector_entry_point", **_env_kwargs(args))
+    vec = gym.make_vec(ENV_ID, num_envs=n, vectorization_mode="vector_entry_point", batch_scoring=batch_scoring,
+                       **_env_kwargs(args))
     actions = np.full(n, list(vec.envs[0].bits).index(args.bits))
     items = vec.envs[0].items
     rows = [items[min(i, len(items) - 1)].row for i in range(1 + max(args.episodes, n))]
@@ -188,27 +194,30 @@ def bench_batched(args: argparse.Namespace) -> dict[str, Any]:
     from envs.model import load_model
 
     env = vec.envs[0]
-    sdpa, _ = load_model(args.model, dtype=env.model.dtype, device=env.model.device, attn_implementation="sdpa")
+    gain = None
     prompts = [env.episode_inputs(row)[1] for row in rows[1 : n + 1]]
-    gain = bare_batching_gain(sdpa, prompts, env.config.interval) if len(prompts) == n else None
+    if not batch_scoring and len(prompts) == n:
+        sdpa, _ = load_model(args.model, dtype=env.model.dtype, device=env.model.device, attn_implementation="sdpa")
+        gain = bare_batching_gain(sdpa, prompts, env.config.interval)
     vec.close()
     return {"episodes": finished, "seconds": wall, "episodes_per_s": finished / wall,
             "num_envs": n, "threads": torch.get_num_threads(), "bare_batching": gain}
 
 
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "single": bench_single, "sync": bench_sync, "batched": bench_batched, "ray": bench_ray,
+    "single": bench_single, "sync": bench_sync, "batched": bench_batched,
+    "batched-scoring": partial(bench_batched, batch_scoring=True), "ray": bench_ray,
 }
 
 
 def format_table(results: dict[str, dict[str, Any]], n: int) -> str:
     labels = {"single": "single env", "sync": f"SyncVectorEnv({n})", "batched": f"batched vector env ({n})",
-              "ray": f"Ray ({n} workers)"}
+              "batched-scoring": "  + endings in one forward", "ray": f"Ray ({n} workers)"}
     base = results.get("single", {}).get("episodes_per_s")
-    lines = [f"{'runner':<24} {'episodes':>8} {'episodes/s':>11} {'x single':>9} {'threads':>8}"]
+    lines = [f"{'runner':<26} {'episodes':>8} {'episodes/s':>11} {'x single':>9} {'threads':>8}"]
     for name, r in results.items():
         ratio = f"{r['episodes_per_s'] / base:>9.2f}" if base else f"{'':>9}"
-        lines.append(f"{labels[name]:<24} {r['episodes']:>8} {r['episodes_per_s']:>11.3f} {ratio} {r['threads']:>8}")
+        lines.append(f"{labels[name]:<26} {r['episodes']:>8} {r['episodes_per_s']:>11.3f} {ratio} {r['threads']:>8}")
     if "single" in results:
         lines.append(f"\nwhole env / bare SDPA forward (single env): {results['single']['whole_env_over_bare_sdpa']:.2f}x")
     gain = results.get("batched", {}).get("bare_batching")

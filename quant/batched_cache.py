@@ -11,7 +11,9 @@ Rows differ in history length and block length, so the model needs per-row posit
 :meth:`BatchedKVCache.position_ids` and :meth:`BatchedKVCache.attention_mask` give both (a query of
 row r at block offset i sees the row's slots ``[0, history_r + i]``; padded slots are never seen;
 a padding query sees slot 0 only, so its softmax stays finite). Pass the 4D mask as
-``attention_mask``: transformers uses a 4D mask as given.
+``attention_mask``: transformers uses a 4D mask as given. Both take a per-row layout of the new
+tokens (positions and which new tokens each sees), so a forward can also score several
+continuations per row, packed side by side, against every row's cache at once.
 """
 
 from __future__ import annotations
@@ -93,18 +95,42 @@ class BatchedKVCache(Cache):
         """Key slots attention sees: the longest row's history + its new tokens."""
         return self.layers[0].width
 
-    def position_ids(self, block_width: int, device=None) -> torch.Tensor:
-        """[N, block_width]: row r's block continues its own sequence at position ``past[r]``."""
-        past = torch.tensor(self.past, device=device).unsqueeze(1)
-        return past + torch.arange(block_width, device=device).unsqueeze(0)
+    def position_ids(self, block_width: int, device=None, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, block_width]: row r's block continues its own sequence at position ``past[r]``.
 
-    def attention_mask(self, block_width: int, dtype: torch.dtype, device=None) -> torch.Tensor:
-        """[N, 1, block_width, width] additive mask: 0 where a query may attend, the dtype's min elsewhere."""
+        ``offsets``: [N, block_width] each new token's position after its row's history instead of
+        ``0, 1, 2, ...`` (several continuations packed into one row each restart at 0)."""
+        past = torch.tensor(self.past, device=device).unsqueeze(1)
+        if offsets is None:
+            return past + torch.arange(block_width, device=device).unsqueeze(0)
+        if offsets.shape != (len(self.rows), block_width):
+            raise ValueError(f"offsets must be [{len(self.rows)}, {block_width}], got {list(offsets.shape)}")
+        return past + offsets.to(device)
+
+    def attention_mask(
+        self, block_width: int, dtype: torch.dtype, device=None, visible: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[N, 1, block_width, width] additive mask: 0 where a query may attend, the dtype's min elsewhere.
+
+        A query sees its row's whole history and, among the row's new tokens, those ``visible`` marks:
+        [N, block_width, block_width] bool, query by new token (default causal: itself and the ones
+        before it; continuations packed into one row see only their own tokens)."""
+        n_rows = len(self.rows)
         past = torch.tensor(self.past, device=device).view(-1, 1, 1)
         new = torch.tensor(self.new_tokens, device=device).view(-1, 1, 1)
         query = torch.arange(block_width, device=device).view(1, -1, 1)
         slot = torch.arange(self.width, device=device).view(1, 1, -1)
-        allowed = (slot <= past + query) & (query < new)
+        if visible is None:
+            visible = torch.ones(block_width, block_width, dtype=torch.bool, device=device).tril()
+            visible = visible.expand(n_rows, -1, -1)
+        elif visible.shape != (n_rows, block_width, block_width):
+            raise ValueError(f"visible must be [{n_rows}, {block_width}, {block_width}], got {list(visible.shape)}")
+        offset = slot - past  # [N, 1, width]: a slot's place among its row's new tokens
+        in_block = (offset >= 0) & (offset < new)
+        among_new = torch.gather(
+            visible.to(device), 2, offset.clamp(0, block_width - 1).expand(n_rows, block_width, self.width)
+        )
+        allowed = ((slot < past) | (in_block & among_new)) & (query < new)
         allowed = allowed | ((query >= new) & (slot == 0))  # padding queries: one harmless slot
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)

@@ -84,13 +84,15 @@ def test_rotated_cache_runs_in_bfloat16_on_the_gpu(cuda_env):
 
 def test_batched_vector_env_on_the_gpu_agrees_with_the_single_env(cuda_env):
     """The batched env's rows live on the GPU too: at all-16 each row's predictions are the single env's and its
-    scores agree to bf16 precision; a quantized step runs (finite scores)."""
+    scores agree to bf16 precision; a quantized step runs (finite scores). On the GPU the rows that end
+    together score their endings in one forward by default (``batch_scoring``)."""
     import gymnasium as gym
 
     import envs
 
     vec = gym.make_vec(envs.ENV_ID, num_envs=3, vectorization_mode="vector_entry_point", items=ITEMS,
                        **TINY_CONFIG, **MENU, reference_store=False)
+    assert vec.batch_scoring
     rows = [item.row for item in cuda_env.items[:3]]
     for action in (cuda_env.bits.index(16), cuda_env.bits.index((4, 2))):
         vec.reset(options={"rows": rows})

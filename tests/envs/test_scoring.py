@@ -3,7 +3,15 @@ import torch
 from transformers import DynamicCache
 
 from envs.cache_kwarg import cache_keyword, with_cache
-from envs.scoring import can_pack, choose, continuation_logprobs, encode_pair, score_requests
+from envs.scoring import (
+    batched_continuation_logprobs,
+    can_pack,
+    choose,
+    continuation_logprobs,
+    encode_pair,
+    score_requests,
+)
+from quant.kv_cache import MixedPrecisionKVCache
 
 ENDINGS = [" is ripping level tiles off.", " starts pulling up roofing.", " the end", " x"]
 
@@ -78,6 +86,48 @@ def test_packed_row_matches_full_forward_and_one_row_per_continuation(tiny_model
     assert packed == pytest.approx(rows, abs=1e-4)
     assert packed == pytest.approx([_one_at_a_time(model, prefix, c) for c in conts], abs=1e-4)
     assert can_pack(model)
+
+
+def _mixed_prefilled(model, prefix, commit_bits=None):
+    """A MixedPrecisionKVCache holding ``prefix`` (committed at ``commit_bits``, else pending) and the
+    logits at its last position."""
+    cache = MixedPrecisionKVCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        out = model(torch.tensor([prefix]), **with_cache(model, cache), use_cache=True)
+    if commit_bits is not None:
+        cache.commit(commit_bits)
+    return cache, out.logits[0, -1]
+
+
+@pytest.mark.parametrize("commit_bits", [None, 16, 4])
+def test_batched_rows_equal_one_row_at_a_time(tiny_model, commit_bits):
+    """Several prefixes of different lengths, each against its own cache, in one padded forward: the
+    same scores as each row packed alone (float noise), and a row whose continuations are all one
+    token long sits out."""
+    model, tok = tiny_model
+    prefixes = [
+        tok.encode("Some boys are in a room joking and playing around. when they"),
+        tok.encode("A woman"),
+        tok.encode("The man takes the dog for a walk in the park and then"),
+    ]
+    rows = [
+        [tok.encode(e) for e in ENDINGS],
+        [tok.encode(e) for e in ENDINGS[:2]] + [tok.encode(" y")[:1]],
+        [tok.encode(" y")[:1], tok.encode(" z")[:1]],  # nothing after the first token: no new tokens
+    ]
+    alone = []
+    for prefix, conts in zip(prefixes, rows, strict=True):
+        cache, last = _mixed_prefilled(model, prefix, commit_bits)
+        alone.append(continuation_logprobs(model, prefix, conts, cache=cache, prefix_last_logits=last))
+    built = [_mixed_prefilled(model, prefix, commit_bits) for prefix in prefixes]
+    caches = [cache for cache, _ in built]
+    batched = batched_continuation_logprobs(model, caches, prefixes, rows, [last for _, last in built])
+    for got, want in zip(batched, alone, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+    appended = [sum(len(c) - 1 for c in conts) for conts in rows]
+    assert [c.get_seq_length() for c in caches] == [len(p) + n for p, n in zip(prefixes, appended, strict=True)]
+    with pytest.raises(ValueError, match="prefix has"):
+        batched_continuation_logprobs(model, caches, prefixes, rows, [last for _, last in built])
 
 
 def test_models_with_sliding_windows_are_not_packed(tiny_model):

@@ -14,7 +14,9 @@ import torch
 from _tiny_env import ITEMS, TINY_CONFIG, assert_vector_follows_single, make_env
 
 import envs
+import envs.vector
 from envs.kv_precision import KVPrecisionEnv
+from envs.scoring import batched_continuation_logprobs
 from envs.vector import KVPrecisionVectorEnv
 from experiments.stats import paired_diff_ci
 from quant.batched_cache import BatchedKVCache
@@ -76,9 +78,41 @@ def test_batched_cache_mask_and_positions():
     assert torch.equal(keys[0, :, :3], k[0]) and keys[1, :, 1:].abs().sum() == 0
 
 
+def test_batched_cache_layout_of_new_tokens():
+    """Per-row positions and visibility among the new tokens (continuations packed side by side)."""
+    rows = [MixedPrecisionKVCache(1), MixedPrecisionKVCache(1)]
+    for layer in rows[0].layers:
+        layer.update(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))  # row 0 has seen 2 tokens
+    cache = BatchedKVCache(rows, [3, 2])
+    offsets = torch.tensor([[0, 1, 0], [0, 0, 0]])  # row 0: a continuation of two tokens, then one of one
+    assert cache.position_ids(3, offsets=offsets).tolist() == [[2, 3, 2], [0, 0, 0]]
+    visible = torch.zeros(2, 3, 3, dtype=torch.bool)
+    visible[0] = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    visible[1, :2, :2] = torch.eye(2, dtype=torch.bool)
+    allowed = cache.attention_mask(3, torch.float32, visible=visible)[:, 0] == 0
+    assert allowed[0].tolist() == [[True, True, True, False, False], [True, True, True, True, False],
+                                   [True, True, False, False, True]]
+    assert allowed[1].tolist() == [[True, False, False, False, False], [False, True, False, False, False],
+                                   [True, False, False, False, False]]  # query 2 is padding
+    default = cache.attention_mask(3, torch.float32)
+    causal = torch.ones(3, 3, dtype=torch.bool).tril().expand(2, -1, -1)
+    assert torch.equal(default, cache.attention_mask(3, torch.float32, visible=causal))
+    with pytest.raises(ValueError, match="visible"):
+        cache.attention_mask(3, torch.float32, visible=visible[:1])
+
+
 # --- equality with the single env ----------------------------------------------------------------------
-def test_all16_equals_single_env(tiny_model):
-    vec, single = make_vec(tiny_model, num_envs=4), make_env(tiny_model)
+@pytest.mark.parametrize("batch_scoring", [False, True], ids=["rows-score-alone", "endings-in-one-forward"])
+def test_all16_equals_single_env(tiny_model, batch_scoring, monkeypatch):
+    vec, single = make_vec(tiny_model, num_envs=4, batch_scoring=batch_scoring), make_env(tiny_model)
+    assert vec.batch_scoring is batch_scoring
+    batched_rows = []  # rows per batched scoring forward
+
+    def counted(model, caches, *args):
+        batched_rows.append(len(caches))
+        return batched_continuation_logprobs(model, caches, *args)
+
+    monkeypatch.setattr(envs.vector, "batched_continuation_logprobs", counted)
     full = single.bits.index(16)
     rows = [100, 103, 105, 108]
     lengths = set()
@@ -95,6 +129,8 @@ def test_all16_equals_single_env(tiny_model):
         ref = single_episode(single, full, seed=7 + i)
         assert end["row"] == ref["row"]
         np.testing.assert_allclose(end["scores"], ref["scores"], atol=1e-3)
+    # rows that ended in the same step shared a forward only when asked to
+    assert (max(batched_rows) > 1) if batch_scoring else not batched_rows
     vec.close()
 
 
@@ -107,12 +143,19 @@ def test_rows_of_different_lengths_are_padded(tiny_model):
 
 @pytest.mark.parametrize(
     "bits,action,extra",
-    [((2, 4, 8, 16), 0, {}), ((2, (4, 2), 16), 1, {}), ((2, 4, 8, 16), 0, {"rotate_keys": True, "sink_tokens": 2})],
-    ids=["2bit", "k4v2", "2bit-rotated"],
+    [
+        ((2, 4, 8, 16), 0, {}),
+        ((2, (4, 2), 16), 1, {}),
+        ((2, 4, 8, 16), 0, {"rotate_keys": True, "sink_tokens": 2}),
+        ((2, 4, 8, 16), 0, {"batch_scoring": True}),
+    ],
+    ids=["2bit", "k4v2", "2bit-rotated", "2bit-endings-in-one-forward"],
 )
 def test_quantized_paired_difference_ci_contains_zero(tiny_model, bits, action, extra):
     n = 4
-    vec = make_vec(tiny_model, num_envs=n, bits=bits, shots=2, **extra)
+    extra = dict(extra)
+    batch_scoring = extra.pop("batch_scoring", None)
+    vec = make_vec(tiny_model, num_envs=n, bits=bits, shots=2, batch_scoring=batch_scoring, **extra)
     single = make_env(tiny_model, bits=bits, shots=2, **extra)
     if extra.get("rotate_keys"):
         vec.reset(seed=0)

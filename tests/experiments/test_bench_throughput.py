@@ -22,7 +22,7 @@ def test_smoke_on_the_tiny_model(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
     results = bench_throughput.main(["--model", "tiny-random-llama", "--episodes", "3", "--num-envs", "2",
                                      "--shots", "0", "--out", str(out)])
-    assert set(results) == {"single", "sync", "batched", "ray"}
+    assert set(results) == {"single", "sync", "batched", "batched-scoring", "ray"}
     for name, r in results.items():
         assert r["episodes_per_s"] > 0, name
     assert results["single"]["episodes"] == 3 and results["sync"]["episodes"] >= 3
@@ -33,10 +33,13 @@ def test_smoke_on_the_tiny_model(tmp_path, capsys, monkeypatch):
 
 def test_batched_row_runs_the_single_envs_rows(tmp_path, capsys):
     results = bench_throughput.main(["--model", "tiny-random-llama", "--episodes", "3", "--num-envs", "2",
-                                     "--shots", "0", "--rows", "single", "batched", "--out", str(tmp_path / "b.json")])
-    assert results["batched"]["episodes"] == 3 and results["batched"]["episodes_per_s"] > 0  # each row once
+                                     "--shots", "0", "--rows", "single", "batched", "batched-scoring",
+                                     "--out", str(tmp_path / "b.json")])
+    for name in ("batched", "batched-scoring"):  # each row once, endings scored row by row or together
+        assert results[name]["episodes"] == 3 and results[name]["episodes_per_s"] > 0
+    assert results["batched-scoring"]["bare_batching"] is None  # measured once, on the batched row
     out = capsys.readouterr().out
-    assert "batched vector env (2)" in out
+    assert "batched vector env (2)" in out and "+ endings in one forward" in out
 
 
 def test_the_bare_batching_gain_times_the_same_blocks_both_ways(tmp_path, capsys):
