@@ -12,6 +12,10 @@ the single env's wall time over a bare SDPA forward of the same blocks
 (``experiments.bench_env.bare_forward_ms``, ``model(block, cache=DynamicCache())``). Measuring them
 in one run keeps the ratios meaningful on a shared, noisy machine, where absolute numbers are not.
 
+``--count-ops`` adds the torch operators each row-step issues (one env step, or reset, of one row), counted
+in one more pass: on a GPU each operator is at least one kernel launch, so this is what bounds the
+batched env there when the device itself is fast (:class:`TorchOpCounter`), measured on any machine.
+
 The references of those rows are computed and stored first (:func:`store_references`), so every
 runner reads them and none pays them for the others.
 
@@ -34,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from agents.fixed import FixedBitsPolicy
 from agents.rollout import rollout
@@ -41,6 +46,23 @@ from experiments.bench_env import bare_forward_ms
 from experiments.io import write_json
 
 ROWS = ("single", "sync", "batched", "batched-scoring", "ray")
+
+
+class TorchOpCounter(TorchDispatchMode):
+    """Counts the torch operators dispatched while it is active (``with TorchOpCounter() as c: ...; c.ops``).
+
+    Why: on a GPU every operator is at least one kernel launch, a few microseconds of CPU time each in eager
+    PyTorch, so a step that issues many small operators per row is bound by launches however fast the device
+    is (the H200 ran the batched env at 6.7 episodes/s, results/gpu_h200). The count is the same on any
+    device, so the work that would bring it down can be measured on a CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,6 +104,11 @@ def bench_single(args: argparse.Namespace) -> dict[str, Any]:
     for row in rows[1:]:
         rollout(env, policy, options={"row": row})
     wall = time.perf_counter() - t0
+    ops = None
+    if args.count_ops:  # one more pass over the first measured row, counted (counting is slow)
+        with TorchOpCounter() as counter:
+            episode = rollout(env, policy, options={"row": rows[1]})
+        ops = counter.ops / (len(episode) + 1)  # the reset runs block 0: one row-step of its own
 
     sdpa, _ = load_model(args.model, dtype=env.model.dtype, device=env.model.device, attn_implementation="sdpa")
     interval, bare_ms = env.config.interval, 0.0
@@ -93,7 +120,7 @@ def bench_single(args: argparse.Namespace) -> dict[str, Any]:
     env.close()
     return {"episodes": len(rows) - 1, "seconds": wall, "episodes_per_s": (len(rows) - 1) / wall,
             "bare_sdpa_seconds": bare_ms / 1000, "whole_env_over_bare_sdpa": wall / (bare_ms / 1000),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "ops_per_row_step": ops}
 
 
 def bench_sync(args: argparse.Namespace) -> dict[str, Any]:
@@ -191,6 +218,15 @@ def bench_batched(args: argparse.Namespace, batch_scoring: bool = False) -> dict
         _, _, terminated, truncated, _ = vec.step(actions)
         finished += int(np.sum(terminated | truncated))
     wall = time.perf_counter() - t0
+    ops = None
+    if args.count_ops:  # one more pass over the first n measured rows, all starting together, counted
+        row_steps = n
+        with TorchOpCounter() as counter:
+            vec.reset(options={"rows": rows[1 : n + 1]})
+            while not vec.idle.all():
+                row_steps += int(np.sum(~vec.idle))
+                vec.step(actions)
+        ops = counter.ops / row_steps
     from envs.model import load_model
 
     env = vec.envs[0]
@@ -201,7 +237,7 @@ def bench_batched(args: argparse.Namespace, batch_scoring: bool = False) -> dict
         gain = bare_batching_gain(sdpa, prompts, env.config.interval)
     vec.close()
     return {"episodes": finished, "seconds": wall, "episodes_per_s": finished / wall,
-            "num_envs": n, "threads": torch.get_num_threads(), "bare_batching": gain}
+            "num_envs": n, "threads": torch.get_num_threads(), "bare_batching": gain, "ops_per_row_step": ops}
 
 
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
@@ -214,10 +250,14 @@ def format_table(results: dict[str, dict[str, Any]], n: int) -> str:
     labels = {"single": "single env", "sync": f"SyncVectorEnv({n})", "batched": f"batched vector env ({n})",
               "batched-scoring": "  + endings in one forward", "ray": f"Ray ({n} workers)"}
     base = results.get("single", {}).get("episodes_per_s")
-    lines = [f"{'runner':<26} {'episodes':>8} {'episodes/s':>11} {'x single':>9} {'threads':>8}"]
+    counted = any(r.get("ops_per_row_step") is not None for r in results.values())
+    lines = [f"{'runner':<26} {'episodes':>8} {'episodes/s':>11} {'x single':>9} {'threads':>8}"
+             + (f" {'ops/row-step':>13}" if counted else "")]
     for name, r in results.items():
         ratio = f"{r['episodes_per_s'] / base:>9.2f}" if base else f"{'':>9}"
-        lines.append(f"{labels[name]:<26} {r['episodes']:>8} {r['episodes_per_s']:>11.3f} {ratio} {r['threads']:>8}")
+        ops = r.get("ops_per_row_step")
+        lines.append(f"{labels[name]:<26} {r['episodes']:>8} {r['episodes_per_s']:>11.3f} {ratio} {r['threads']:>8}"
+                     + (f" {'' if ops is None else f'{ops:.0f}':>13}" if counted else ""))
     if "single" in results:
         lines.append(f"\nwhole env / bare SDPA forward (single env): {results['single']['whole_env_over_bare_sdpa']:.2f}x")
     gain = results.get("batched", {}).get("bare_batching")
@@ -242,6 +282,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="torch threads of the single and vector env (default: torch's choice) and of each Ray "
                         "worker (default 1); on a busy machine more threads than free cores slow torch down a lot")
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which runners to measure")
+    p.add_argument("--count-ops", action="store_true",
+                   help="also count the torch operators per row-step (one env step or reset of one row) of the "
+                        "single and batched envs, in one more, untimed pass: on a GPU each is a kernel launch")
     p.add_argument("--out", type=Path, default=Path("runs/bench_throughput.json"))
     return p.parse_args(argv)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from experiments import bench_throughput
 
@@ -60,3 +61,23 @@ def test_references_are_stored_before_any_runner_is_timed(tmp_path, monkeypatch)
                                         "--shots", "0"])
     assert bench_throughput.store_references(args) == 4  # the warm-up row and the 3 measured ones
     assert len(list((tmp_path / "references").glob("*.safetensors"))) == 4
+
+
+def test_the_op_counter_counts_each_dispatched_operator():
+    x = torch.ones(3)
+    with bench_throughput.TorchOpCounter() as counter:
+        y = x + x
+        y.mul_(2)
+    assert counter.ops == 2 and y.tolist() == [4.0, 4.0, 4.0]
+
+
+def test_ops_per_row_step_are_counted_on_request(tmp_path, capsys):
+    """Batching shares the model's operators among the rows: a row-step of the batched env issues fewer."""
+    argv = ["--model", "tiny-random-llama", "--episodes", "2", "--num-envs", "2", "--shots", "0",
+            "--rows", "single", "batched"]
+    plain = bench_throughput.main([*argv, "--out", str(tmp_path / "a.json")])
+    assert plain["single"]["ops_per_row_step"] is None and "ops/row-step" not in capsys.readouterr().out
+    counted = bench_throughput.main([*argv, "--count-ops", "--out", str(tmp_path / "b.json")])
+    single, batched = counted["single"]["ops_per_row_step"], counted["batched"]["ops_per_row_step"]
+    assert 0 < batched < single
+    assert "ops/row-step" in capsys.readouterr().out
