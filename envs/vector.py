@@ -9,7 +9,9 @@ rows share the model, the items and the reference passes) and runs exactly the s
 (start an episode, commit the action, observe the block, compute the reward, score the endings
 against the row's own cache, build the info); only the forwards are shared: the rows' blocks are
 right-padded into one batch over a :class:`~quant.batched_cache.BatchedKVCache`, with each row's
-positions and a mask so no row sees padding or another row.
+positions and a mask so no row sees padding or another row. So each row's observation, reward and
+info come from the same code as the single env's; the numbers differ only by float noise of the
+batched matmuls (quantized settings amplify last-bit differences; see tests/envs/test_vector.py).
 
 ``batch_scoring`` (default: on unless the model is on a CPU): the rows whose episodes end in the same
 step score their endings in one forward too, each row's endings packed as the single env packs them.
@@ -17,9 +19,7 @@ On a GPU every forward is hundreds of kernel launches, and scoring row by row to
 64 rows (results/gpu_h200). On a CPU a forward costs its FLOPs: the rows' packed endings differ in
 length (30-160 tokens on HellaSwag), padding them to the longest wastes about what batching saves
 (``experiments.bench_throughput --rows batched batched-scoring``, SmolLM2-135M on 2 cores: 0.93x the
-row-by-row episodes/s with 4 rows, 1.06x with 8), so there they score row by row. So each row's observation, reward and
-info come from the same code as the single env's; the numbers differ only by float noise of the
-batched matmuls (quantized settings amplify last-bit differences; see tests/envs/test_vector.py).
+row-by-row episodes/s with 4 rows, 1.06x with 8), so there they score row by row.
 
 With ``bit_budget``, :meth:`KVPrecisionVectorEnv.action_masks` stacks the rows' masks and each row's
 commit phase enforces its budget as the single env does.
