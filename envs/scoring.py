@@ -180,6 +180,11 @@ def _row_rest(model, cache, conts: list[list[int]], pad_id: int) -> list[float]:
     return _gather_sums(logits, [c[1:] for c in conts], [0] * len(conts))
 
 
+def _mask_dtype(model) -> torch.dtype:
+    """The dtype of an additive attention mask for ``model`` (its own, float32 for a quantized model)."""
+    return model.dtype if model.dtype.is_floating_point else torch.float32
+
+
 def _first_token_scores(prefix_last_logits: torch.Tensor, conts: list[list[int]]) -> list[float]:
     """Each continuation's first token's log-prob from the logits at the prefix's last position."""
     first = torch.log_softmax(prefix_last_logits.float().reshape(-1, prefix_last_logits.shape[-1]), dim=-1)
@@ -225,7 +230,7 @@ def _packed_rest(model, cache, past: int, conts: list[list[int]]) -> list[float]
     device = next(model.parameters()).device
     row = PackedRow.of(conts, device)
     n = len(row.ids)
-    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+    dtype = _mask_dtype(model)
     mask = torch.zeros(1, 1, n, past + n, dtype=dtype, device=device)
     mask[0, 0, :, past:].masked_fill_(~row.visible, torch.finfo(dtype).min)
     logits = model(
@@ -279,7 +284,7 @@ def batched_continuation_logprobs(
             n = len(row.ids)
             ids[r, :n], local[r, :n], visible[r, :n, :n] = row.ids, row.local, row.visible
     batch = BatchedKVCache(list(caches), new)
-    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+    dtype = _mask_dtype(model)
     logits = model(
         input_ids=ids, position_ids=batch.position_ids(width, device, local),
         attention_mask=batch.attention_mask(width, dtype, device, visible), **with_cache(model, batch), use_cache=True,

@@ -120,17 +120,17 @@ class BatchedKVCache(Cache):
         new = torch.tensor(self.new_tokens, device=device).view(-1, 1, 1)
         query = torch.arange(block_width, device=device).view(1, -1, 1)
         slot = torch.arange(self.width, device=device).view(1, 1, -1)
-        if visible is None:
-            visible = torch.ones(block_width, block_width, dtype=torch.bool, device=device).tril()
-            visible = visible.expand(n_rows, -1, -1)
-        elif visible.shape != (n_rows, block_width, block_width):
-            raise ValueError(f"visible must be [{n_rows}, {block_width}, {block_width}], got {list(visible.shape)}")
-        offset = slot - past  # [N, 1, width]: a slot's place among its row's new tokens
-        in_block = (offset >= 0) & (offset < new)
-        among_new = torch.gather(
-            visible.to(device), 2, offset.clamp(0, block_width - 1).expand(n_rows, block_width, self.width)
-        )
-        allowed = ((slot < past) | (in_block & among_new)) & (query < new)
+        if visible is None:  # causal (every block step): two comparisons, no gather
+            allowed = (slot <= past + query) & (query < new)
+        else:
+            if visible.shape != (n_rows, block_width, block_width):
+                raise ValueError(f"visible must be [{n_rows}, {block_width}, {block_width}], got {list(visible.shape)}")
+            offset = slot - past  # [N, 1, width]: a slot's place among its row's new tokens
+            in_block = (offset >= 0) & (offset < new)
+            among_new = torch.gather(
+                visible.to(device), 2, offset.clamp(0, block_width - 1).expand(n_rows, block_width, self.width)
+            )
+            allowed = ((slot < past) | (in_block & among_new)) & (query < new)
         allowed = allowed | ((query >= new) & (slot == 0))  # padding queries: one harmless slot
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
