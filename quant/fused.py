@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("fused_dequantize.cpp")
 #: Set to 0 to read with torch ops only (e.g. to compare speeds; results are the same).
 ENV_SWITCH = "KVGYM_FUSED_DEQUANTIZE"
+#: A build takes ~40 s; a build lock older than this was left by a build that was killed.
+STALE_BUILD_LOCK_SECONDS = 600
 
 _lock = threading.Lock()
 _kernel: Any = None
@@ -71,6 +74,9 @@ def _build_and_check() -> tuple[Any, str]:
         from torch.utils.cpp_extension import load
 
         _ninja_on_path()
+        build_directory = _build_directory()
+        if build_directory is not None:
+            _remove_stale_build_lock(Path(build_directory) / "lock")
         log.info("loading the fused dequantize kernel (built once per machine, ~40 s): %s", SOURCE.name)
         module = load("kvgym_fused_dequantize", [str(SOURCE)], extra_cflags=["-O3"], verbose=False)
     except Exception as error:  # no compiler, no headers: the torch-op path does the same work
@@ -84,6 +90,34 @@ def _build_and_check() -> tuple[Any, str]:
         log.warning("fused dequantize kernel disagrees with the torch ops (%s); not used", mismatch)
         return None, "unavailable"
     return module, "ready"
+
+
+def _build_directory() -> str | None:
+    """Where torch builds (and locks) this extension: ``$TORCH_EXTENSIONS_DIR`` or its cache default (None
+    where this torch does not say: then no stale lock is looked for)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return _get_build_directory("kvgym_fused_dequantize", verbose=False)
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+def _remove_stale_build_lock(lock: Path, max_age: float = STALE_BUILD_LOCK_SECONDS) -> bool:
+    """Remove ``lock`` when it is older than ``max_age`` seconds; whether it did.
+
+    Why: torch's build takes this lock and waits, with no time limit, for whoever holds it to finish; a
+    build that was killed (Ctrl-C, a stopped job) never removes it, so every later process hung on its
+    first read of a mixed-bit cache."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age:
+        return False
+    log.warning("removing a fused-kernel build lock left %.0f s ago by a build that did not finish: %s", age, lock)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def _ninja_on_path() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -97,3 +99,15 @@ def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch):
     for module in (Wrong, Raising):
         monkeypatch.setattr("torch.utils.cpp_extension.load", lambda *args, m=module, **kwargs: m)
         assert fused._build_and_check() == (None, "unavailable")
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A build that was killed leaves torch's lock behind, and every later build would wait on it forever."""
+    lock = tmp_path / "lock"
+    assert not fused._remove_stale_build_lock(lock)  # none there
+    lock.touch()
+    assert not fused._remove_stale_build_lock(lock, max_age=600) and lock.exists()  # a build may be running
+    old = time.time() - 601
+    os.utime(lock, (old, old))
+    assert fused._remove_stale_build_lock(lock, max_age=600) and not lock.exists()
+    assert fused._build_directory().endswith("kvgym_fused_dequantize")
