@@ -60,7 +60,7 @@ from envs.features import BlockContext
 from envs.hellaswag import HellaSwagItem
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
 from envs.scoring import batched_continuation_logprobs
-from quant.batched_cache import BatchedKVCache
+from quant.batched_cache import BatchedKVCache, RowKVStore
 
 __all__ = ["KVPrecisionVectorEnv"]
 
@@ -116,6 +116,8 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         self._idle = np.zeros(num_envs, dtype=bool)
         self._queue: deque[int] | None = None  # rows still to start (reset's options["rows"] past num_envs)
         self._started = False
+        #: every row's kept floats in one buffer per layer, so a step reads and appends all rows at once
+        self.store = RowKVStore(num_envs)
 
     @property
     def model(self):
@@ -141,7 +143,7 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         for i, env in enumerate(self.envs):
             gym.Env.reset(env, seed=None if seeds is None else seeds[i])  # the row's np_random, as env.reset
             env._check_open()
-            starts.append(env._start_episode(options if rows is None else {**options, "row": rows[i]}))
+            starts.append(self._start_row(i, options if rows is None else {**options, "row": rows[i]}))
         contexts = self._run_blocks([(i, 0) for i in range(self.num_envs)])
         obs = np.stack([env._first_observation(ctx) for env, ctx in zip(self.envs, contexts, strict=True)])
         infos: dict[str, Any] = {}
@@ -234,11 +236,17 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
     def _next_start(self, i: int) -> dict[str, Any] | None:
         """Start row i's next episode (the queue's next row, else drawn); None when it goes idle instead."""
         if self._queue is None:
-            return self.envs[i]._start_episode({})
+            return self._start_row(i, {})
         if not self._queue:
             self._idle[i] = True
             return None
-        return self.envs[i]._start_episode({"row": self._queue.popleft()})
+        return self._start_row(i, {"row": self._queue.popleft()})
+
+    def _start_row(self, i: int, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Row i's next episode (the single env's start), its cache keeping its floats in row i of the store."""
+        info = self.envs[i]._start_episode(options)
+        self.store.attach(i, self.envs[i]._episode.cache)
+        return info
 
     def close_extras(self, **kwargs: Any) -> None:
         for env in self.envs:
@@ -289,7 +297,9 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         batch = torch.zeros((len(ids), width), dtype=torch.long)
         for r, x in enumerate(ids):
             batch[r, : len(x)] = x
-        cache = BatchedKVCache([self.envs[i]._episode.cache for i, _ in blocks], [len(x) for x in ids])
+        cache = BatchedKVCache(
+            [self.envs[i]._episode.cache for i, _ in blocks], [len(x) for x in ids], self.store, [i for i, _ in blocks]
+        )
         attentions = "attentions" in self.envs[0].forward_needs
         t0 = time.perf_counter()
         with torch.inference_mode():

@@ -7,6 +7,12 @@ wraps the N row caches; each layer's ``update`` appends row r's real new keys/va
 (the same storage and quantizer as a single episode) and returns all rows' dequantized keys/values
 stacked, each row's ``[history, new tokens]`` starting at slot 0 and zero-padded on the right.
 
+With a :class:`RowKVStore` the rows' kept floats (``keep_dequantized``) live in one buffer per layer,
+``[rows, heads, capacity, dim]``, row r's cache using row r of it. A forward then writes every row's new
+keys/values with one indexed copy per layer and hands attention a view of the buffer, instead of two
+appends and a copy of each row's whole history into a fresh batch per row and layer: on a GPU each of
+those is a kernel launch, the per-row cost that bounds the batched env there (issue 14's op count).
+
 Rows differ in history length and block length, so the model needs per-row positions and a mask:
 :meth:`BatchedKVCache.position_ids` and :meth:`BatchedKVCache.attention_mask` give both (a query of
 row r at block offset i sees the row's slots ``[0, history_r + i]``; padded slots are never seen;
@@ -19,23 +25,161 @@ continuations per row, packed side by side, against every row's cache at once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from quant.kv_cache import MixedPrecisionKVCache, MixedPrecisionLayer
+from quant.kv_cache import MixedPrecisionKVCache, MixedPrecisionLayer, is_row_view
 
-__all__ = ["BatchedKVCache"]
+__all__ = ["BatchedKVCache", "RowKVStore"]
+
+
+class RowKVStore:
+    """The kept floats of N row caches: one ``[layers, N, heads, capacity, dim]`` buffer for keys and one for
+    values; layer l of row r's cache (:meth:`attach`) keeps its committed and pending tokens in ``[l, r]``.
+
+    Why: a batched forward can then append every row's block with one indexed write per layer and read all
+    rows as one view (:class:`BatchedKVCache` with ``store``), and a commit writes the dequantized block of
+    every layer with one copy (:meth:`write_block`), where separate buffers cost a few ops per row and layer
+    (each a kernel launch on a GPU). The buffers start zeroed (attention never sees a padded slot, but a NaN
+    there would still poison its masked product), grow by doubling for every row and layer at once, and
+    every attached layer is re-pointed when they move. A row's storage belongs to the cache attached last:
+    attaching a new one detaches the old (:meth:`MixedPrecisionLayer.detach_kept`)."""
+
+    def __init__(self, rows: int):
+        if rows < 1:
+            raise ValueError(f"a row store needs at least one row, got {rows}")
+        self.rows = rows
+        self.layers: int | None = None  # from the first cache attached
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        self._by_layer: list[tuple[torch.Tensor, torch.Tensor]] = []  # [N, heads, capacity, dim] views per layer
+        self._attached: list[MixedPrecisionKVCache | None] = [None] * rows
+
+    @property
+    def capacity(self) -> int:
+        """Tokens every row can hold now (0 before the first allocation)."""
+        return 0 if self._keys is None else self._keys.shape[3]
+
+    def attach(self, row: int, cache: MixedPrecisionKVCache) -> None:
+        """Make ``cache`` (a fresh one, nothing kept yet) keep its floats in row ``row``."""
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} of a store of {self.rows} rows")
+        if not cache.keep_dequantized:
+            raise ValueError("only a cache with keep_dequantized=True keeps floats to share")
+        if self.layers is None:
+            self.layers = len(cache.layers)
+        elif len(cache.layers) != self.layers:
+            raise ValueError(f"a store of {self.layers} layers cannot hold a cache of {len(cache.layers)}")
+        old = self._attached[row]
+        if old is not None and old is not cache:
+            for layer in old.layers:
+                layer.detach_kept()
+        for index, layer in enumerate(cache.layers):
+            layer.kept_slot = _Slot(self, row, index)
+        self._attached[row] = cache
+
+    def reserve(
+        self, layer: int, tokens: int, key_shape: Sequence[int], value_shape: Sequence[int], dtype: torch.dtype,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer ``layer``'s (keys, values) buffers, ``[N, heads, capacity >= tokens, dim]``, made or grown as
+        needed; None when the store holds another shape (heads, dim), dtype or device than asked."""
+        if self.layers is None:
+            raise RuntimeError("attach a cache to the store before asking it for buffers")
+        if self._keys is None:
+            with torch.inference_mode():  # as the layers' own kept buffers: written only in inference mode
+                self._keys, self._values = (
+                    torch.zeros((self.layers, self.rows, s[-3], tokens, s[-1]), dtype=dtype, device=device)
+                    for s in (key_shape, value_shape)
+                )
+            self._by_layer = list(zip(self._keys.unbind(0), self._values.unbind(0), strict=True))
+        keys, values = self._keys, self._values
+        if (keys.shape[2], keys.shape[4], values.shape[2], values.shape[4]) != (
+            key_shape[-3], key_shape[-1], value_shape[-3], value_shape[-1]
+        ) or keys.dtype != dtype or keys.device != torch.device(device):
+            return None
+        if keys.shape[3] < tokens:
+            self._grow(max(tokens, 2 * keys.shape[3]))
+        return self._by_layer[layer]
+
+    def holds(self, layer: int, row: int, kept: torch.Tensor) -> bool:
+        """Whether ``kept`` is row ``row`` of layer ``layer``'s keys buffer (no tensor op)."""
+        return bool(self._by_layer) and is_row_view(self._by_layer[layer][0], row, kept)
+
+    def write_block(self, row: int, layers: Sequence[MixedPrecisionLayer], keys: torch.Tensor,
+                    values: torch.Tensor) -> bool:
+        """Write a committed block's dequantized ``keys`` and ``values`` ([len(layers), heads, tokens, dim],
+        consecutive layers of row ``row``'s cache, in order) right after each layer's kept tokens, in one copy
+        each; False (nothing written) when some layer does not keep its floats here, they end at different
+        tokens or the block does not fit: the layers then write their own."""
+        if not layers:
+            return False
+        first, n = layers[0].kept_slot.layer, keys.shape[-2]
+        start = layers[0]._kept_length
+        for offset, layer in enumerate(layers):
+            slot, kept = layer.kept_slot, layer._kept
+            if (slot is None or slot.store is not self or slot.row != row or slot.layer != first + offset
+                    or kept is None or not self.holds(slot.layer, row, kept[0]) or layer._kept_length != start
+                    or start + n > kept[0].shape[-2]):
+                return False
+        with torch.inference_mode():
+            for buffer, block in ((self._keys, keys), (self._values, values)):
+                buffer.narrow(0, first, len(layers)).select(1, row).narrow(-2, start, n).copy_(block)
+        return True
+
+    def _grow(self, tokens: int) -> None:
+        old_keys, old_by_layer = self._keys, self._by_layer
+        used = old_keys.shape[3]
+        with torch.inference_mode():
+            grown = []
+            for old in (self._keys, self._values):
+                buffer = old.new_zeros((*old.shape[:3], tokens, old.shape[4]))
+                buffer.narrow(3, 0, used).copy_(old)
+                grown.append(buffer)
+        self._keys, self._values = grown
+        self._by_layer = list(zip(self._keys.unbind(0), self._values.unbind(0), strict=True))
+        for row, cache in enumerate(self._attached):
+            if cache is None:
+                continue
+            for index, target in enumerate(cache.layers):
+                if target._kept is not None and is_row_view(old_by_layer[index][0], row, target._kept[0]):
+                    keys, values = self._by_layer[index]
+                    target.rebind_kept(keys[row : row + 1], values[row : row + 1])
+
+
+@dataclass
+class _Slot:
+    """Row ``row`` of a :class:`RowKVStore` for layer ``layer`` of one cache (a ``kept_slot``)."""
+
+    store: RowKVStore
+    row: int
+    layer: int
+
+    def buffers(self, tokens, key_shape, value_shape, dtype, device):
+        found = self.store.reserve(self.layer, tokens, key_shape, value_shape, dtype, device)
+        if found is None:
+            return None
+        return found[0][self.row : self.row + 1], found[1][self.row : self.row + 1]
+
+    def holds(self, kept: torch.Tensor) -> bool:
+        return self.store.holds(self.layer, self.row, kept)
+
+    def write_block(self, layers, keys, values) -> bool:
+        return self.store.write_block(self.row, layers, keys, values)
 
 
 class _BatchedLayer(CacheLayerMixin):
-    """Layer ``i`` of every row: splits the batch, updates each row's layer, stacks the results."""
+    """Layer ``i`` of every row: splits the batch, updates each row's layer, stacks the results (or, over a
+    :class:`RowKVStore`, writes all rows' new tokens at once and returns a view of the store)."""
 
     is_sliding = False
 
-    def __init__(self, rows: list[MixedPrecisionLayer], past: list[int], new: list[int]):
+    def __init__(self, rows: list[MixedPrecisionLayer], past: list[int], new: list[int], index: int,
+                 owner: BatchedKVCache):
         super().__init__()
-        self.rows, self.past, self.new = rows, past, new
+        self.rows, self.past, self.new, self.index, self.owner = rows, past, new, index, owner
         self.width = max(p + n for p, n in zip(past, new, strict=True))
         self.is_initialized = True
 
@@ -46,6 +190,10 @@ class _BatchedLayer(CacheLayerMixin):
         batch, heads, _, _ = key_states.shape
         if batch != len(self.rows):
             raise ValueError(f"batched forward of {batch} rows on a cache of {len(self.rows)}")
+        if self.owner.store is not None and torch.is_inference_mode_enabled():
+            found = self._update_in_store(key_states, value_states)
+            if found is not None:
+                return found
         keys = key_states.new_zeros((batch, heads, self.width, key_states.shape[-1]))
         values = value_states.new_zeros((batch, value_states.shape[1], self.width, value_states.shape[-1]))
         for r, (layer, n) in enumerate(zip(self.rows, self.new, strict=True)):
@@ -54,6 +202,41 @@ class _BatchedLayer(CacheLayerMixin):
             k, v = layer.update(key_states[r : r + 1, :, :n], value_states[r : r + 1, :, :n])
             keys[r, :, : k.shape[-2]] = k[0]
             values[r, :, : v.shape[-2]] = v[0]
+        return keys, values
+
+    def _update_in_store(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Write every row's new tokens into its row of the store (one indexed write for keys, one for values;
+        a padded token lands past its row's tokens, where nothing lives) and return views of the store.
+        A row whose layer does not keep its tokens there (its first block, a cropped cache, ...) runs its own
+        update and its whole history is copied into its row. None: the store cannot hold this layer."""
+        owner = self.owner
+        tokens = max(self.past) + key_states.shape[-2]
+        found = owner.store.reserve(self.index, tokens, key_states.shape, value_states.shape, key_states.dtype,
+                                    key_states.device)
+        if found is None:
+            return None
+        keys, values = found
+        rows, positions = owner.store_index(key_states.shape[-2], key_states.device)
+        keys[rows, :, positions] = key_states.transpose(1, 2)
+        values[rows, :, positions] = value_states.transpose(1, 2)
+        for r, (layer, n) in enumerate(zip(self.rows, self.new, strict=True)):
+            if n == 0:
+                continue
+            slot = owner.slots[r]
+            if layer._kept is None and not layer._committed and not layer.pending_length and layer.kept_slot == _Slot(
+                owner.store, slot, self.index
+            ):  # the episode's first block: the row's layer takes its row of the store now
+                layer.adopt_kept(keys[slot : slot + 1], values[slot : slot + 1])
+            if layer.appends_in_place(keys, values, slot):
+                layer.extend_pending(n)
+                continue
+            k, v = layer.update(key_states[r : r + 1, :, :n], value_states[r : r + 1, :, :n])
+            keys[slot, :, : k.shape[-2]] = k[0]
+            values[slot, :, : v.shape[-2]] = v[0]
+        keys, values = keys.narrow(2, 0, self.width), values.narrow(2, 0, self.width)
+        if not owner.every_row_in_order:
+            index = owner.slot_tensor(key_states.device)
+            keys, values = keys.index_select(0, index), values.index_select(0, index)
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -70,25 +253,55 @@ class BatchedKVCache(Cache):
     """One forward over N row caches (see module docstring); built afresh for every forward.
 
     ``new_tokens[r]``: real tokens of row r in this forward's padded input (0: the row sits out, its
-    input is all padding and its cache is untouched).
+    input is all padding and its cache is untouched). ``store`` and ``slots``: the rows' caches keep their
+    floats in ``store`` (:meth:`RowKVStore.attach`), batch row r's in store row ``slots[r]``; every layer
+    then reads and writes the store instead of copying each row (module docstring). Same numbers.
     """
 
-    def __init__(self, rows: Sequence[MixedPrecisionKVCache], new_tokens: Sequence[int]):
+    def __init__(self, rows: Sequence[MixedPrecisionKVCache], new_tokens: Sequence[int],
+                 store: RowKVStore | None = None, slots: Sequence[int] | None = None):
         if len(rows) != len(new_tokens) or not rows:
             raise ValueError(f"need one new-token count per row, got {len(new_tokens)} for {len(rows)} rows")
         for row in rows:
             if not isinstance(row, MixedPrecisionKVCache):
                 raise TypeError(f"rows must be MixedPrecisionKVCache, got {type(row).__name__}")
+        if (store is None) != (slots is None):
+            raise ValueError("pass both store and slots (the store row of each batch row), or neither")
+        if slots is not None and (len(slots) != len(rows) or len(set(slots)) != len(slots)
+                                  or not all(0 <= s < store.rows for s in slots)):
+            raise ValueError(f"slots must be {len(rows)} distinct rows of the store (0..{store.rows - 1}), got {slots}")
         self.rows = list(rows)
         self.new_tokens = [int(n) for n in new_tokens]
         self.past = [row.get_seq_length() for row in self.rows]
+        self.store, self.slots = store, None if slots is None else [int(s) for s in slots]
+        #: the batch is the store's rows in order, so a view of the store is the batch (no row gathered)
+        self.every_row_in_order = store is not None and self.slots == list(range(store.rows))
+        self._rows: dict[str, torch.Tensor] = {}  # device (and shape) -> slots as a tensor
+        self._positions: dict[tuple[int, str], torch.Tensor] = {}  # (block width, device) -> store positions
         n_layers = len(self.rows[0].layers)
         super().__init__(
             layers=[
-                _BatchedLayer([row.layers[i] for row in self.rows], self.past, self.new_tokens)
+                _BatchedLayer([row.layers[i] for row in self.rows], self.past, self.new_tokens, i, self)
                 for i in range(n_layers)
             ]
         )
+
+    def store_index(self, block_width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows [N, 1], positions [N, block_width])``: where each new token goes in the store, made once
+        per forward and shared by every layer."""
+        key = (block_width, str(device))
+        if key not in self._positions:
+            past = torch.tensor(self.past, device=device).unsqueeze(1)
+            self._positions[key] = past + torch.arange(block_width, device=device).unsqueeze(0)
+        return self.slot_tensor(device, column=True), self._positions[key]
+
+    def slot_tensor(self, device, column: bool = False) -> torch.Tensor:
+        """The store row of each batch row: [N] (or [N, 1] with ``column``)."""
+        key = f"{device}:{column}"
+        if key not in self._rows:
+            rows = torch.tensor(self.slots, device=device)
+            self._rows[key] = rows.unsqueeze(1) if column else rows
+        return self._rows[key]
 
     @property
     def width(self) -> int:

@@ -48,11 +48,12 @@ another.
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -66,8 +67,8 @@ from quant.uniform import (
     dequantize,
     dequantize_gathered,
     gather,
-    narrow,
     quantize,
+    unstack,
 )
 
 #: Bits of a block: one width for keys and values, or a (key_bits, value_bits) pair.
@@ -148,6 +149,37 @@ def layer_groups(num_layers: int, groups: int) -> list[range]:
 
 def _whole(x: float) -> int | float:
     return int(x) if x == int(x) else x
+
+
+class KeptSlot(Protocol):
+    """Where a layer's kept buffers live when several caches share them (``MixedPrecisionLayer.kept_slot``;
+    implemented by quant.batched_cache.RowKVStore's rows)."""
+
+    def buffers(
+        self, tokens: int, key_shape: Sequence[int], value_shape: Sequence[int], dtype: torch.dtype,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer's (keys, values) views, [1, heads, capacity >= tokens, dim], their tokens kept when
+        the buffers grow; None when these shapes, dtype or device cannot be shared."""
+
+    def holds(self, kept: torch.Tensor) -> bool:
+        """Whether ``kept`` is this slot's current keys view."""
+
+    def write_block(self, layers: Sequence[MixedPrecisionLayer], keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Write the dequantized block of ``layers`` (this slot's layer first, the next ones after it), stacked
+        ``[len(layers), heads, tokens, dim]``, after their kept tokens at once; False: nothing written."""
+
+
+def is_row_view(buffer: torch.Tensor, row: int, view: torch.Tensor) -> bool:
+    """Whether ``view`` is ``buffer[row : row + 1]`` (pointer, shape, strides and dtype compared; no tensor op,
+    so it can run per row, layer and step)."""
+    return (
+        view.data_ptr() == buffer.data_ptr() + row * buffer.stride(0) * buffer.element_size()
+        and view.shape[1:] == buffer.shape[1:]
+        and view.shape[0] == 1
+        and view.stride()[1:] == buffer.stride()[1:]
+        and view.dtype == buffer.dtype
+    )
 
 
 def _empty_like_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -291,7 +323,10 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.keep_dequantized = keep_dequantized
         self.rotate_keys = rotate_keys
         self.rotate_values = rotate_values
-        self.segments: list[_Segment] = []
+        self._segments: list[_Segment] = []  # see ``segments``
+        # committed segments not yet merged into ``_segments``: merging is deferred to the first read of
+        # ``segments`` (a keep_dequantized cache may never read them; a merge is six concatenations a layer)
+        self._unmerged: list[_Segment] = []
         self._committed = 0  # tokens in ``segments`` (read per layer and step: a running count, not a sum)
         # keep_dequantized: the kept buffers' first capacity, so that an episode of known length never grows them
         self.expected_tokens = expected_tokens
@@ -303,6 +338,9 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self._kept_length = 0
         # the committed keys and values gathered for the per-step read (see ``gathered``); reset by a commit
         self._gathered: dict[str, Gathered] = {}
+        # keep_dequantized: where the kept buffers come from when they are shared with other caches (a row of
+        # quant.batched_cache.RowKVStore, which the batched env reads as one batch); None: the layer's own
+        self.kept_slot: KeptSlot | None = None
 
     # --- transformers CacheLayerMixin contract -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -317,18 +355,18 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.keys.shape[:2] != key_states.shape[:2] or self.keys.shape[-1] != key_states.shape[-1]:
-            if self.keys.shape[-2] == 0 and not self.segments:
+            if self.keys.shape[-2] == 0 and not self._committed:
                 self.lazy_initialization(key_states, value_states)
             else:
                 raise ValueError(
                     f"new keys of shape {tuple(key_states.shape)} do not match the cache's "
                     f"(batch, heads, ., head_dim) = {tuple(self.keys.shape)}"
                 )
-        if self.keep_dequantized and self.segments and self.batch_expand == 1 and torch.is_inference_mode_enabled():
+        if self.keep_dequantized and self._committed and self.batch_expand == 1 and torch.is_inference_mode_enabled():
             return self._update_kept(key_states, value_states)  # (the kept buffers are inference tensors)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        if not self.segments:
+        if not self._committed:
             return self.keys, self.values
         return self._assemble(self.keys, KEY_AXIS), self._assemble(self.values, VALUE_AXIS)
 
@@ -491,8 +529,11 @@ class MixedPrecisionLayer(CacheLayerMixin):
         need = self._kept_length + n
         if self._kept is None:
             shapes = [list(getattr(segments[0], name).shape) for name in ("keys", "values")]
-            self._kept = tuple(torch.empty((*s[:-2], 0, s[-1]), dtype=dtype, device=segments[0].keys.data.device)
-                               for s in shapes)
+            device = segments[0].keys.data.device
+            shared = None if self.kept_slot is None else self.kept_slot.buffers(
+                max(need, self.expected_tokens), shapes[0], shapes[1], dtype, device
+            )
+            self._kept = shared or tuple(torch.empty((*s[:-2], 0, s[-1]), dtype=dtype, device=device) for s in shapes)
         self._reserve_kept(max(need, self.expected_tokens), self._kept_length)
         kept = self._kept
         for i, name in enumerate(("keys", "values")):
@@ -511,6 +552,10 @@ class MixedPrecisionLayer(CacheLayerMixin):
         capacity = kept[0].shape[-2]
         if capacity >= need:
             return
+        if self.kept_slot is not None and self.kept_slot.holds(kept[0]):  # the shared buffers grow, contents kept
+            self._kept = self.kept_slot.buffers(max(need, 2 * capacity), kept[0].shape, kept[1].shape,
+                                                kept[0].dtype, kept[0].device)
+            return
         grown = []
         for old in kept:
             buffer = old.new_empty((*old.shape[:-2], max(need, 2 * capacity), old.shape[-1]))
@@ -518,6 +563,79 @@ class MixedPrecisionLayer(CacheLayerMixin):
                 buffer.narrow(-2, 0, keep).copy_(old.narrow(-2, 0, keep))
             grown.append(buffer)
         self._kept = (grown[0], grown[1])
+
+    # --- kept buffers shared with other caches (kept_slot) -------------------------------------
+    def appends_in_place(self, keys: torch.Tensor, values: torch.Tensor, row: int) -> bool:
+        """Whether this layer's kept buffers are row ``row`` of the shared buffers ``keys`` and ``values``
+        ([rows, heads, capacity, dim]) and its next tokens go right after its pending ones there, as
+        :meth:`_update_kept` would put them: then a batched forward may write them for every row at once
+        and call :meth:`extend_pending`. Python checks only (no tensor op: this runs per row, layer and step)."""
+        kept = self._kept
+        return (
+            kept is not None
+            and self.batch_expand == 1
+            and self._kept_length == self._committed
+            and is_row_view(keys, row, kept[0])
+            and is_row_view(values, row, kept[1])
+            and (self.pending_length == 0 or self._pending_in_kept())
+        )
+
+    def adopt_kept(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Before its first token: hold ``keys`` and ``values`` (a row of shared buffers, [1, heads, capacity,
+        dim]) as the kept buffers, so that a batched forward writes the first block there too
+        (:meth:`appends_in_place`) and the first commit dequantizes it in place."""
+        if self._committed or self.pending_length:
+            raise RuntimeError("adopt_kept() is for a layer that holds no token yet")
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._kept, self._kept_length = (keys, values), 0
+        self.keys, self.values = keys.narrow(-2, 0, 0), values.narrow(-2, 0, 0)
+
+    def extend_pending(self, new: int) -> None:
+        """``new`` tokens were written into the kept buffers right after the pending ones (by a batched
+        forward, see :meth:`appends_in_place`): they are pending now."""
+        total = self.pending_length + new
+        self.keys = self._kept[0].narrow(-2, self._kept_length, total)
+        self.values = self._kept[1].narrow(-2, self._kept_length, total)
+
+    def rebind_kept(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The shared buffers moved (they grew; their owner copied every token over): point the kept buffers,
+        and pending tokens that live in them, at the new ``keys`` and ``values``."""
+        in_place = self.pending_length > 0 and self._pending_in_kept()
+        self._kept = (keys, values)
+        if in_place:
+            self.extend_pending(0)
+
+    def detach_kept(self) -> None:
+        """Stop using shared kept buffers (their row now holds another cache): pending tokens that live
+        there are copied out and the kept floats dropped, so the next read rebuilds them from the codes
+        into the layer's own buffers; using this cache later is correct, only slower once."""
+        if self._kept is not None and self.kept_slot is not None and self.kept_slot.holds(self._kept[0]):
+            if self.pending_length and self._pending_in_kept():
+                self.keys, self.values = self.keys.clone(), self.values.clone()
+            self._kept, self._kept_length = None, 0
+        self.kept_slot = None
+
+    def __deepcopy__(self, memo: dict) -> MixedPrecisionLayer:
+        """A deep copy; one whose kept buffers are shared (:attr:`kept_slot`) gets its own copy of its row
+        of them rather than a copy of every row's buffer (a view's deep copy copies its whole storage)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        shared = self.kept_slot is not None and self._kept is not None and self.kept_slot.holds(self._kept[0])
+        in_place = shared and self.pending_length > 0 and self._pending_in_kept()
+        skip = ("kept_slot", "_kept", "keys", "values") if shared else ()
+        for name, value in self.__dict__.items():
+            if name not in skip:
+                setattr(new, name, copy.deepcopy(value, memo))
+        if shared:
+            new.kept_slot = None
+            new._kept = (self._kept[0].clone(), self._kept[1].clone())
+            if in_place:
+                new.keys = new.values = None
+                new.extend_pending(self.pending_length)
+            else:
+                new.keys, new.values = copy.deepcopy(self.keys, memo), copy.deepcopy(self.values, memo)
+        return new
 
     def dequantized_nbytes(self) -> int:
         """Bytes of the kept dequantized buffers (0 unless ``keep_dequantized``; spare capacity
@@ -537,7 +655,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = None
-        self.segments = []
+        self._segments, self._unmerged = [], []
         self._committed = 0
         self._gathered = {}
         self._kept, self._kept_length = None, 0
@@ -597,47 +715,69 @@ class MixedPrecisionLayer(CacheLayerMixin):
             rotation_matrix(self.values.shape[-1], self.values.device) if self.rotate_values else None,
         )
 
-    def _store(self, new: list[_Segment], floats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def _store(
+        self, new: list[_Segment], floats: tuple[torch.Tensor, torch.Tensor] | None = None,
+        empty: tuple[torch.Tensor, torch.Tensor] | None = None, written: bool = False,
+    ) -> None:
         """Append a committed block's segments and empty the pending buffer; ``floats``: the block's
-        keys and values already dequantized (a stacked commit did it for every layer at once)."""
+        keys and values already dequantized (a stacked commit did it for every layer at once); ``empty``:
+        zero-token (keys, values) to hold as the pending buffer (one pair shared by the layers of a commit);
+        ``written``: the dequantized block is already in the kept buffers, right after the kept tokens."""
         self._gathered = {}
         for segment in new:
             self._append(segment)
-        if self.keep_dequantized:
+        if written:
+            self._kept_length += sum(segment.length for segment in new)
+        elif self.keep_dequantized:
             self._keep_dequantized(new, floats)
-        self.keys = _empty_like_tokens(self.keys)
-        self.values = _empty_like_tokens(self.values)
+        if empty is None:
+            empty = (_empty_like_tokens(self.keys), _empty_like_tokens(self.values))
+        self.keys, self.values = empty
+
+    @property
+    def segments(self) -> list[_Segment]:
+        """The committed segments in token order, consecutive blocks at the same bits merged into one when the
+        keys' groups line up (merged here, at the first read after a commit; merging moves no code, so the
+        bytes are the same either way)."""
+        for new in self._unmerged:
+            last = self._segments[-1] if self._segments else None
+            if (
+                last is not None
+                and (last.key_bits, last.value_bits) == (new.key_bits, new.value_bits)
+                and (last.key_rotation is None) == (new.key_rotation is None)
+                and (last.value_rotation is None) == (new.value_rotation is None)
+                and last.keys.complete_groups
+            ):
+                self._segments[-1] = _Segment(
+                    new.key_bits,
+                    new.value_bits,
+                    concat([last.keys, new.keys], dim=-2),
+                    concat([last.values, new.values], dim=-2),
+                    new.key_rotation,
+                    new.value_rotation,
+                )
+            else:
+                self._segments.append(new)
+        self._unmerged = []
+        return self._segments
 
     def _append(self, new: _Segment) -> None:
-        """Add a segment, merged into the last one when both bits match and the keys' groups line up."""
+        """Add a committed segment (merged into the last one at the next read of :attr:`segments`)."""
         self._committed += new.length
-        last = self.segments[-1] if self.segments else None
-        if (
-            last is not None
-            and (last.key_bits, last.value_bits) == (new.key_bits, new.value_bits)
-            and (last.key_rotation is None) == (new.key_rotation is None)
-            and (last.value_rotation is None) == (new.value_rotation is None)
-            and last.keys.complete_groups
-        ):
-            self.segments[-1] = _Segment(
-                new.key_bits,
-                new.value_bits,
-                concat([last.keys, new.keys], dim=-2),
-                concat([last.values, new.values], dim=-2),
-                new.key_rotation,
-                new.value_rotation,
-            )
-        else:
-            self.segments.append(new)
+        self._unmerged.append(new)
+
+    def _all_segments(self) -> list[_Segment]:
+        """Every committed segment, merged or not yet: what byte counts read without merging."""
+        return self._segments + self._unmerged
 
     def nbytes(self, include_pending: bool = True) -> int:
-        total = sum(s.nbytes() for s in self.segments)
+        total = sum(s.nbytes() for s in self._all_segments())
         if include_pending and self.keys is not None:
             total += self.keys.numel() * self.keys.element_size() * 2
         return total
 
     def fp16_nbytes(self, include_pending: bool = True) -> int:
-        total = sum(s.keys.fp16_nbytes() + s.values.fp16_nbytes() for s in self.segments)
+        total = sum(s.keys.fp16_nbytes() + s.values.fp16_nbytes() for s in self._all_segments())
         if include_pending and self.keys is not None:
             total += self.keys.numel() * 2 * 2
         return total
@@ -843,23 +983,29 @@ class MixedPrecisionKVCache(Cache):
                     _quantize_block(layer.keys, layer.values, runs, layer.group_size, layer.symmetric, layer.rotations)
                 )
             return
-        batch = first.keys.shape[0]
+        n = len(layers)
         stacked = _quantize_block(
             torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]),
             runs, first.group_size, first.symmetric, first.rotations,
         )
-        floats = None
+        floats: list[tuple[torch.Tensor, torch.Tensor]] | list[None] = [None] * n
+        written = False  # the block's floats already sit in every layer's kept buffers (one shared store)
         if first.keep_dequantized:
             with torch.inference_mode():
-                floats = first._dequantize_segments(stacked, first.keys.dtype)
+                keys, values = first._dequantize_segments(stacked, first.keys.dtype)
+            written = first.kept_slot is not None and first.kept_slot.write_block(layers, keys, values)
+            if not written:
+                floats = list(zip(keys.unflatten(0, (n, -1)).unbind(0), values.unflatten(0, (n, -1)).unbind(0),
+                                  strict=True))
+        # each layer's piece of every segment, cut for all layers at once (unstack: two ops a tensor, not one a layer)
+        pieces = [(unstack(s.keys, n), unstack(s.values, n)) for s in stacked]
+        empty = (_empty_like_tokens(first.keys), _empty_like_tokens(first.values))  # zero tokens: one pair for all
         for i, layer in enumerate(layers):
-            rows = slice(i * batch, (i + 1) * batch)
             new = [
-                _Segment(s.key_bits, s.value_bits, narrow(s.keys, 0, rows.start, batch),
-                         narrow(s.values, 0, rows.start, batch), s.key_rotation, s.value_rotation)
-                for s in stacked
+                _Segment(s.key_bits, s.value_bits, keys[i], values[i], s.key_rotation, s.value_rotation)
+                for s, (keys, values) in zip(stacked, pieces, strict=True)
             ]
-            layer._store(new, None if floats is None else (floats[0][rows], floats[1][rows]))
+            layer._store(new, floats[i], empty, written)
 
     def _check_commit(self) -> tuple[int, int]:
         """``(pending tokens, pending sink tokens)`` of a commit that may go ahead (else an error)."""

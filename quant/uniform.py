@@ -347,6 +347,28 @@ def narrow(qt: QuantizedTensor, dim: int, start: int, length: int) -> QuantizedT
     )
 
 
+def unstack(qt: QuantizedTensor, parts: int) -> list[QuantizedTensor]:
+    """``qt`` cut into ``parts`` equal pieces along dim 0, as views of its codes and parameters.
+
+    The same pieces as ``narrow(qt, 0, i * n, n)`` for each i, in two tensor ops per tensor for all of them
+    rather than one per piece: a commit quantizes every layer's block stacked along dim 0 and hands each
+    layer its piece (on a GPU every op is a kernel launch, and there are 30 layers)."""
+    n = qt.shape[0]
+    if parts < 1 or n % parts:
+        raise ValueError(f"cannot cut {n} elements along dim 0 into {parts} equal pieces")
+    if qt.axis % len(qt.shape) == 0 and qt.bits != 16:
+        raise ValueError("dim 0 is this tensor's quantized axis: cut it with narrow, group by group")
+
+    def cut(t: torch.Tensor | None) -> Sequence[torch.Tensor | None]:
+        return [None] * parts if t is None else t.unflatten(0, (parts, -1)).unbind(0)
+
+    shape = (n // parts, *qt.shape[1:])
+    return [
+        QuantizedTensor(data, scale, zero, qt.bits, shape, qt.axis, qt.group_size, qt.symmetric)
+        for data, scale, zero in zip(cut(qt.data), cut(qt.scale), cut(qt.zero), strict=True)
+    ]
+
+
 @dataclass(frozen=True)
 class Gathered:
     """The parts of one concatenation, regrouped to be read many times (:func:`gather`).

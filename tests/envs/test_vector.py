@@ -101,6 +101,23 @@ def test_batched_cache_layout_of_new_tokens():
         cache.attention_mask(3, torch.float32, visible=visible[:1])
 
 
+def test_rows_keep_their_floats_in_the_vector_envs_store(tiny_model):
+    """The batched env's rows read and write one shared buffer (quant.batched_cache.RowKVStore), so the
+    equality tests below cover that path; a new episode takes its row over."""
+    vec = make_vec(tiny_model, num_envs=3)
+    vec.reset(seed=0)
+    first = [env._episode.cache for env in vec.envs]
+    vec.step(np.zeros(3, dtype=np.int64))
+    for i, env in enumerate(vec.envs):
+        for index, layer in enumerate(env._episode.cache.layers):
+            assert vec.store.holds(index, i, layer._kept[0])
+    for _ in range(40):  # until every row has started a second episode
+        vec.step(np.zeros(3, dtype=np.int64))
+        if all(env._episode.cache is not cache for env, cache in zip(vec.envs, first, strict=True)):
+            break
+    assert all(layer.kept_slot is None for cache in first for layer in cache.layers)  # detached
+
+
 # --- equality with the single env ----------------------------------------------------------------------
 @pytest.mark.parametrize("batch_scoring", [False, True], ids=["rows-score-alone", "endings-in-one-forward"])
 def test_all16_equals_single_env(tiny_model, batch_scoring, monkeypatch):

@@ -141,6 +141,19 @@ def test_segments_merge_only_when_key_and_value_bits_both_match(tiny):
         ]
 
 
+def test_segments_merge_when_read_and_bytes_do_not_wait_for_it(tiny):
+    """Merging is deferred to the first read of ``segments`` (a kept-floats cache may never read them): the
+    bytes counted before that read equal the bytes after it, and the merged segments are the eager ones."""
+    model, ids = tiny
+    cache = MixedPrecisionKVCache(config=model.config, group_size=GROUP, keep_dequantized=True)
+    _run_blocks(model, cache, ids, (64, 64, 30, 64), (4, 4, 4, 2))
+    before = cache.nbytes(), [layer.fp16_nbytes() for layer in cache.layers]
+    assert all(len(layer._unmerged) == 4 for layer in cache.layers)  # nothing merged at commit time
+    assert [(s.key_bits, s.length) for s in cache.layers[0].segments] == [(4, 158), (2, 64)]
+    assert (cache.nbytes(), [layer.fp16_nbytes() for layer in cache.layers]) == before
+    assert not cache.layers[0]._unmerged
+
+
 def test_reading_alternating_bits_gathers_each_width_once_and_a_commit_starts_over(tiny):
     """After a read every layer's segments of one width are views of one joined tensor (the per-step
     read unpacks each width once), the bytes held are unchanged, and the next commit is read too."""

@@ -22,6 +22,7 @@ from quant.uniform import (
     packed_length,
     quantize,
     unpack_codes,
+    unstack,
 )
 
 QUANT_BITS = (2, 3, 4, 8)
@@ -252,6 +253,25 @@ def test_narrow_is_a_view_and_refuses_what_would_split_a_group_or_a_byte():
         narrow(qt, -1, 0, 32)
     with pytest.raises(ValueError, match="outside"):
         narrow(qt, -2, 64, 65)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("axis", (-1, -2))
+def test_unstack_gives_the_pieces_narrow_gives(bits, axis):
+    """A stacked commit's codes cut per layer: the same views as one narrow per piece."""
+    qt = quantize(torch.randn(6, 2, 40, 16), bits, axis=axis, group_size=16)
+    pieces = unstack(qt, 3)
+    assert len(pieces) == 3
+    for i, piece in enumerate(pieces):
+        expected = narrow(qt, 0, 2 * i, 2)
+        assert piece.shape == expected.shape == (2, 2, 40, 16) and piece.nbytes() == expected.nbytes()
+        assert piece.data.untyped_storage().data_ptr() == qt.data.untyped_storage().data_ptr()
+        assert torch.equal(dequantize(piece), dequantize(expected))
+    with pytest.raises(ValueError, match="equal pieces"):
+        unstack(qt, 4)
+    if bits != 16:
+        with pytest.raises(ValueError, match="quantized axis"):
+            unstack(quantize(torch.randn(4, 8), bits, axis=0, group_size=4), 2)
 
 
 def test_dequantize_honours_dtype():
