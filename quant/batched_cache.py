@@ -129,6 +129,13 @@ class RowKVStore:
                 buffer.narrow(0, first, len(layers)).select(1, row).narrow(-2, start, n).copy_(block)
         return True
 
+    def pending_views(self, row: int, start: int, length: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Row ``row``'s tokens ``[start, start + length)`` of every layer as ``[1, heads, length, dim]`` views,
+        keys and values: three ops each for all the layers."""
+        return tuple(
+            buffer.narrow(1, row, 1).narrow(3, start, length).unbind(0) for buffer in (self._keys, self._values)
+        )
+
     def _grow(self, tokens: int) -> None:
         old_keys, old_by_layer = self._keys, self._by_layer
         used = old_keys.shape[3]
@@ -187,13 +194,20 @@ class _BatchedLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        batch, heads, _, _ = key_states.shape
+        batch = key_states.shape[0]
         if batch != len(self.rows):
             raise ValueError(f"batched forward of {batch} rows on a cache of {len(self.rows)}")
+        found = None
         if self.owner.store is not None and torch.is_inference_mode_enabled():
             found = self._update_in_store(key_states, value_states)
-            if found is not None:
-                return found
+        if found is None:
+            found = self._update_each_row(key_states, value_states)
+        self.owner.updated(self.index)
+        return found
+
+    def _update_each_row(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Each row's layer appends its new tokens; all rows' keys/values copied into a fresh zero-padded batch."""
+        batch, heads = key_states.shape[:2]
         keys = key_states.new_zeros((batch, heads, self.width, key_states.shape[-1]))
         values = value_states.new_zeros((batch, value_states.shape[1], self.width, value_states.shape[-1]))
         for r, (layer, n) in enumerate(zip(self.rows, self.new, strict=True)):
@@ -228,7 +242,7 @@ class _BatchedLayer(CacheLayerMixin):
             ):  # the episode's first block: the row's layer takes its row of the store now
                 layer.adopt_kept(keys[slot : slot + 1], values[slot : slot + 1])
             if layer.appends_in_place(keys, values, slot):
-                layer.extend_pending(n)
+                owner.appended(r, self.index, n)  # its pending views are set once the forward is through
                 continue
             k, v = layer.update(key_states[r : r + 1, :, :n], value_states[r : r + 1, :, :n])
             keys[slot, :, : k.shape[-2]] = k[0]
@@ -278,6 +292,8 @@ class BatchedKVCache(Cache):
         self.every_row_in_order = store is not None and self.slots == list(range(store.rows))
         self._rows: dict[str, torch.Tensor] = {}  # device (and shape) -> slots as a tensor
         self._positions: dict[tuple[int, str], torch.Tensor] = {}  # (block width, device) -> store positions
+        self._appended: dict[int, dict[int, int]] = {}  # batch row -> {layer: tokens appended in the store}
+        self._updated: set[int] = set()  # layers whose update ran in this forward
         n_layers = len(self.rows[0].layers)
         super().__init__(
             layers=[
@@ -285,6 +301,37 @@ class BatchedKVCache(Cache):
                 for i in range(n_layers)
             ]
         )
+
+    def appended(self, row: int, layer: int, new: int) -> None:
+        """Layer ``layer`` of batch row ``row`` took ``new`` tokens in place in the store; its pending views
+        are set by :meth:`finish` (for all the row's layers at once when all took them)."""
+        self._appended.setdefault(row, {})[layer] = new
+
+    def updated(self, layer: int) -> None:
+        """Layer ``layer`` ran its update; after the last layer the forward's appends are finished."""
+        self._updated.add(layer)
+        if len(self._updated) == len(self.layers):
+            self.finish()
+
+    def finish(self) -> None:
+        """Point every row's pending keys/values at the tokens the forward appended in the store: one view of
+        all its layers cut per layer (a few ops a row, :meth:`RowKVStore.pending_views`) where every layer
+        appended, else layer by layer. Runs by itself once every layer has updated; idempotent."""
+        n_layers = len(self.layers)
+        for row, by_layer in self._appended.items():
+            layers = self.rows[row].layers
+            start = layers[0]._kept_length
+            pending = layers[0].pending_length
+            if len(by_layer) == n_layers and all(
+                layer._kept_length == start and layer.pending_length == pending for layer in layers
+            ):
+                keys, values = self.store.pending_views(self.slots[row], start, pending + by_layer[0])
+                for layer, k, v in zip(layers, keys, values, strict=True):
+                    layer.keys, layer.values = k, v
+            else:
+                for index, new in by_layer.items():
+                    layers[index].extend_pending(new)
+        self._appended = {}
 
     def store_index(self, block_width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows [N, 1], positions [N, block_width])``: where each new token goes in the store, made once
