@@ -154,6 +154,9 @@ class BlockContext:
     # (the observer's set; ``novelty`` adds the block's)
     seen: set[int] = field(default_factory=set)
     vocab: TokenVocabulary | None = None  # the tokenizer's per-id facts, for features that need "vocab"
+    # per-token values a batched forward computed for all its rows at once (name -> [T]): the properties of
+    # the same name return them instead of computing them from this block's own maps (envs.vector)
+    batch_values: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @cached_property
     def _softmax_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -177,6 +180,16 @@ class BlockContext:
         shifted, exp, log_z = self._softmax_parts
         dot = torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
         return log_z - dot / log_z.exp()
+
+    @cached_property
+    def head_variance(self) -> torch.Tensor:
+        """[T] per token: the variance across heads of its attention weights, summed over keys, averaged over
+        layers (:func:`head_variance`)."""
+        if "head_variance" in self.batch_values:
+            return self.batch_values["head_variance"]
+        if self.attentions is None:
+            raise RuntimeError("attn_var needs attention maps: run the model with output_attentions=True")
+        return head_variance(self.attentions)[0]
 
     @cached_property
     def received_attention(self) -> torch.Tensor:
@@ -221,6 +234,21 @@ class BlockContext:
         # gather first, then mask: ``shifted[mask]`` would copy the whole [T', vocab] rows to pick one each
         picked = shifted.gather(-1, self.targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)[mask]
         return picked - log_z[mask]
+
+
+def head_variance(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[B, T] per query: the variance across heads of its attention weights, summed over keys, averaged over
+    layers; ``attentions`` per layer [B, heads, T, S]. Keys a query cannot see weigh 0 in every head, so a
+    batch padded to its longest row gives each row what its own maps give.
+
+    Centred sum of squares rather than Tensor.var: on CPU, var over the heads dim of a map takes a slow
+    strided path, ~20x slower than these two passes. One pass per layer serves every row of a batch."""
+    total = None
+    for a in attentions:
+        x = a if a.dtype == torch.float32 else a.float()
+        dev = (x - x.mean(dim=1, keepdim=True)).square_().sum(dim=(1, 3))
+        total = dev if total is None else total.add_(dev)
+    return total / (attentions[0].shape[1] * len(attentions))
 
 
 class Feature:
@@ -367,17 +395,7 @@ class AttentionVariance(Feature):
     doc = "variance across heads of the attention weights, summed over keys, mean over layers (0 .. 1)"
 
     def compute(self, ctx: BlockContext) -> torch.Tensor:
-        if ctx.attentions is None:
-            raise RuntimeError("attn_var needs attention maps: run the model with output_attentions=True")
-        # Centred sum of squares rather than Tensor.var: on CPU, var over the leading (heads) dim of
-        # a [heads, T, S] map takes a slow strided path, ~20x slower than these two passes.
-        total = None
-        for a in ctx.attentions:
-            x = a[0].float()
-            dev = (x - x.mean(dim=0, keepdim=True)).square_().sum(dim=(0, 2))
-            total = dev if total is None else total.add_(dev)
-        heads = ctx.attentions[0].shape[1]
-        return total / (heads * len(ctx.attentions))
+        return ctx.head_variance
 
 
 @register_feature("token_acc")

@@ -897,10 +897,12 @@ class KVPrecisionEnv(gym.Env):
         return torch.tensor(self._episode.prompt_ids[start:end], device=self.model.device).unsqueeze(0)
 
     def _block_context(
-        self, index: int, logits: torch.Tensor, attentions, saliency: torch.Tensor | None, seconds: float
+        self, index: int, logits: torch.Tensor, attentions, saliency: torch.Tensor | None, seconds: float,
+        batch_values: dict[str, torch.Tensor] | None = None,
     ) -> BlockContext:
         """The context of block ``index`` once the model has run it: ``logits`` [T, V], per-layer
-        ``attentions`` [1, heads, T, S] (or None), with its keys/values pending in the episode's cache."""
+        ``attentions`` [1, heads, T, S] (or None), with its keys/values pending in the episode's cache;
+        ``batch_values``: per-token values a batched forward computed for every row (``BlockContext``)."""
         ep = self._episode
         start, end = ep.blocks[index]
         ep.last_logits = logits[-1]
@@ -910,7 +912,7 @@ class KVPrecisionEnv(gym.Env):
         targets = targets[: end - start]
         return ep.observer.context(
             self._block_ids(index)[0], logits, targets, ep.cache,
-            attentions=attentions, saliency=saliency, forward_seconds=seconds,
+            attentions=attentions, saliency=saliency, forward_seconds=seconds, batch_values=batch_values,
         )
 
     def _forward_with_saliency(self, ids: torch.Tensor, cache: MixedPrecisionKVCache):

@@ -41,6 +41,7 @@ class BlockObserver:
         attentions: tuple[torch.Tensor, ...] | None = None,
         saliency: torch.Tensor | None = None,
         forward_seconds: float = 0.0,
+        batch_values: dict[str, torch.Tensor] | None = None,
     ) -> BlockContext:
         """The :class:`BlockContext` of the next block; ``cache`` holds it pending (see ``BlockContext``)."""
         index, start = self.block_index, self.position
@@ -59,6 +60,7 @@ class BlockObserver:
             saliency=saliency,
             cache=cache,
             forward_seconds=forward_seconds,
+            batch_values=dict(batch_values or {}),
         )
 
     def observe(self, ctx: BlockContext) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from envs.cache_kwarg import with_cache
-from quant.batched_cache import BatchedKVCache
+from quant.batched_cache import BatchedKVCache, RowKVStore
 from quant.kv_cache import MixedPrecisionKVCache
 
 __all__ = [
@@ -247,9 +247,12 @@ def batched_continuation_logprobs(
     prefixes: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[Sequence[int]]],
     prefix_last_logits: Sequence[torch.Tensor],
+    store: RowKVStore | None = None,
+    slots: Sequence[int] | None = None,
 ) -> list[list[float]]:
     """:func:`continuation_logprobs` for several prefixes at once, each against its own cache (batch 1,
-    holding that prefix), in ONE forward.
+    holding that prefix), in ONE forward. ``store`` and ``slots``: the caches keep their floats in rows
+    ``slots`` of ``store`` (:class:`~quant.batched_cache.BatchedKVCache` reads them in place).
 
     Why: the batched vector env ends several episodes in the same step, and scoring each row's endings
     in a forward of its own made a step of N rows cost up to N + 1 forwards. Each row's continuations
@@ -283,7 +286,7 @@ def batched_continuation_logprobs(
         if row is not None:
             n = len(row.ids)
             ids[r, :n], local[r, :n], visible[r, :n, :n] = row.ids, row.local, row.visible
-    batch = BatchedKVCache(list(caches), new)
+    batch = BatchedKVCache(list(caches), new, store, slots)
     dtype = _mask_dtype(model)
     logits = model(
         input_ids=ids, position_ids=batch.position_ids(width, device, local),

@@ -56,7 +56,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from envs.cache_kwarg import with_cache
-from envs.features import BlockContext
+from envs.features import BlockContext, head_variance
 from envs.hellaswag import HellaSwagItem
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
 from envs.scoring import batched_continuation_logprobs
@@ -118,6 +118,8 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         self._started = False
         #: every row's kept floats in one buffer per layer, so a step reads and appends all rows at once
         self.store = RowKVStore(num_envs)
+        features = first.feature_set.features + first.feature_set.token_features
+        self._reads_head_variance = any(f.name == "attn_var" for f in features)  # computed once per step for all
 
     @property
     def model(self):
@@ -266,7 +268,7 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
                 stack.enter_context(ep.cache.branch(1))
             scores = batched_continuation_logprobs(
                 self.model, [ep.cache for ep in episodes], [ep.prompt_ids for ep in episodes],
-                [ep.endings for ep in episodes], [ep.last_logits for ep in episodes],
+                [ep.endings for ep in episodes], [ep.last_logits for ep in episodes], self.store, rows,
             )
         for ep in episodes:
             ep.done = True
@@ -312,12 +314,31 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
                 output_attentions=attentions,
             )
         seconds = (time.perf_counter() - t0) / len(blocks)  # each row's share of the forward
+        variance = head_variance(out.attentions) if attentions and self._reads_head_variance else None
         contexts = []
         for r, ((i, index), x) in enumerate(zip(blocks, ids, strict=True)):
             n, seen = len(x), cache.past[r] + len(x)
-            maps = tuple(a[r : r + 1, :, :n, :seen] for a in out.attentions) if attentions else None
-            contexts.append(self.envs[i]._block_context(index, out.logits[r, :n], maps, None, seconds))
+            maps = _RowMaps(out.attentions, r, n, seen) if attentions else None
+            values = None if variance is None else {"head_variance": variance[r, :n]}
+            contexts.append(self.envs[i]._block_context(index, out.logits[r, :n], maps, None, seconds, values))
         return contexts
+
+
+class _RowMaps(Sequence):
+    """Row ``row``'s attention maps out of a batched forward, per layer ``[1, heads, tokens, seen]``, cut when
+    read: a step whose features take their attention statistics from the whole batch (``head_variance``)
+    never pays a cut per row and layer (on a GPU each is a kernel launch)."""
+
+    def __init__(self, maps: Sequence[torch.Tensor], row: int, tokens: int, seen: int):
+        self.maps, self.row, self.tokens, self.seen = maps, row, tokens, seen
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __getitem__(self, layer):
+        if isinstance(layer, slice):
+            return [self[i] for i in range(*layer.indices(len(self)))]
+        return self.maps[layer][self.row : self.row + 1, :, : self.tokens, : self.seen]
 
 
 def _autoreset_mode(value: AutoresetMode | str) -> AutoresetMode:
