@@ -24,6 +24,7 @@ from envs.features import (
     Feature,
     FeatureSet,
     RunningFrequency,
+    head_variance,
     register_feature,
 )
 
@@ -175,6 +176,32 @@ def test_entropy_and_token_acc_on_a_handmade_block():
     assert obs["token_acc_mean"] == pytest.approx((0.25 + float(p[1, 0])) / 2, rel=1e-5)
     assert obs["token_acc_min"] == pytest.approx(0.25, rel=1e-5)
     assert obs["progress"] == pytest.approx(0.5)
+
+
+def test_head_variance_of_a_padded_batch_is_each_rows_own():
+    """attn_var's statistic over a batch of rows padded to the longest (queries past a row's end, keys it
+    cannot see at weight 0) equals each row's own maps'; batch values, when given, are what a block reads."""
+    torch.manual_seed(0)
+    tokens, seen = [3, 5], [7, 9]
+    maps = []
+    for _ in range(2):  # layers
+        layer = torch.zeros(2, 4, 5, 9)
+        for r in range(2):
+            layer[r, :, : tokens[r], : seen[r]] = torch.softmax(torch.randn(4, tokens[r], seen[r]), -1)
+        maps.append(layer)
+    batch = head_variance(maps)
+    for r in range(2):
+        own = [m[r : r + 1, :, : tokens[r], : seen[r]] for m in maps]
+        x = torch.stack([m[0] for m in own])  # [layers, heads, T, S]: the definition, by hand
+        by_hand = x.var(dim=1, unbiased=False).sum(-1).mean(0)  # variance over heads, summed over keys
+        torch.testing.assert_close(batch[r, : tokens[r]], head_variance(own)[0])
+        torch.testing.assert_close(head_variance(own)[0], by_hand, rtol=1e-5, atol=1e-7)
+    state = EpisodeState(block_index=0, n_blocks=1, avg_bits=16, kv_ratio=1.0, last_bits=16)
+    ctx = BlockContext(token_ids=torch.tensor([1, 2, 3]), logits=torch.zeros(3, 4), targets=torch.tensor([1, 2, -1]),
+                       state=state, batch_values={"head_variance": batch[0, :3]})
+    assert FeatureSet(("attn_var",)).observe(ctx) == pytest.approx([float(batch[0, :3].mean())])
+    with pytest.raises(RuntimeError, match="attention maps"):
+        _ = BlockContext(token_ids=ctx.token_ids, logits=ctx.logits, targets=ctx.targets, state=state).head_variance
 
 
 def test_latency_feature_makes_the_spec_nondeterministic(tiny_model):

@@ -15,6 +15,7 @@ from _tiny_env import ITEMS, TINY_CONFIG, assert_vector_follows_single, make_env
 
 import envs
 import envs.vector
+from envs.features import head_variance
 from envs.kv_precision import KVPrecisionEnv
 from envs.scoring import batched_continuation_logprobs
 from envs.vector import KVPrecisionVectorEnv
@@ -119,6 +120,27 @@ def test_rows_keep_their_floats_in_the_vector_envs_store(tiny_model):
 
 
 # --- equality with the single env ----------------------------------------------------------------------
+def test_attention_features_equal_the_single_envs(tiny_model, monkeypatch):
+    """attn_var from one head-variance pass over the whole batch per step, recv_attn from each row's maps
+    cut when it reads them: the single env's observations either way."""
+    rows_per_call = []
+
+    def counted(maps):
+        rows_per_call.append(maps[0].shape[0])
+        return head_variance(maps)
+
+    monkeypatch.setattr(envs.vector, "head_variance", counted)
+    features = ["attn_var", "recv_attn", "entropy"]
+    vec, single = make_vec(tiny_model, num_envs=2, features=features), make_env(tiny_model, features=features)
+    full = single.bits.index(16)
+    rows = [100, 103]
+    for end, row in zip(first_episodes(vec, full, options={"rows": rows}), rows, strict=True):
+        ref = single_episode(single, full, options={"row": row})
+        np.testing.assert_allclose(np.stack(end["obs"]), np.stack(ref["obs"]), atol=1e-4)
+    assert 2 in rows_per_call  # both rows' statistic in one pass
+
+
+
 @pytest.mark.parametrize("batch_scoring", [False, True], ids=["rows-score-alone", "endings-in-one-forward"])
 def test_all16_equals_single_env(tiny_model, batch_scoring, monkeypatch):
     vec, single = make_vec(tiny_model, num_envs=4, batch_scoring=batch_scoring), make_env(tiny_model)
