@@ -273,12 +273,17 @@ class Feature:
 
     def summarise(self, value: torch.Tensor | float) -> list[float]:
         """The observation entries of a computed value: the summaries of a per-token one, else the value."""
+        return [float(v) for v in self.summary_values(value)]
+
+    def summary_values(self, value: torch.Tensor | float) -> list[torch.Tensor | float]:
+        """:meth:`summarise` before reading the numbers: 0-d tensors where a per-token value is a tensor, so
+        a :class:`FeatureSet` reads all of a block's at once (one device-to-host copy, not one per entry)."""
         if not self.per_token:
-            return [float(value)]
+            return [value]
         value = torch.as_tensor(value, dtype=torch.float32)
         if value.numel() == 0:
             return [0.0] * len(self.summaries)
-        return [float(_SUMMARIES[s](value)) for s in self.summaries]
+        return [_SUMMARIES[s](value) for s in self.summaries]
 
 
 @register_feature("entropy")
@@ -575,6 +580,24 @@ class LastBits(Feature):
         return ctx.state.last_bits / ctx.state.max_bits
 
 
+def _read(values: Sequence[torch.Tensor | float]) -> list[float]:
+    """``values`` as floats, the tensors among them read with one copy per device rather than one each
+    (on a GPU every ``float(t)`` waits for the device)."""
+    def batched(v) -> bool:  # the summaries of per-token features: 0-d float32 tensors
+        return isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float32
+
+    out: list[float | None] = [None if batched(v) else float(v) for v in values]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if batched(v):
+            by_device.setdefault(v.device, []).append(i)
+    for positions in by_device.values():
+        read = torch.stack([values[i] for i in positions]).tolist()
+        for i, x in zip(positions, read, strict=True):
+            out[i] = x
+    return out
+
+
 DEFAULT_FEATURES: tuple[str, ...] = (
     "entropy",
     "rarity",
@@ -627,7 +650,7 @@ class FeatureSet:
                 computed[f.name] = f.compute(ctx)
             return computed[f.name]
 
-        out = [v for f in self.features for v in f.summarise(value(f))]
+        out = _read([v for f in self.features for v in f.summary_values(value(f))])
         for f in self.token_features:
             per_token = torch.as_tensor(value(f), dtype=torch.float32).reshape(-1)[: self.slots]
             out.extend(per_token.tolist() + [0.0] * (self.slots - len(per_token)))

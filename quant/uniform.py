@@ -131,12 +131,12 @@ def _round_half(x: torch.Tensor, direction: float) -> torch.Tensor:
     """
     h = x.to(torch.float16)
     wrong_side = (h.float() > x) if direction < 0 else (h.float() < x)
-    if wrong_side.any():
-        # One fp16 step is at most 2**-10 relative (6e-8 absolute for subnormals): stepping that far
-        # before rounding to nearest lands on the requested side.
-        nudged = (x + direction * (x.abs() * 2.0**-10 + 6e-8)).to(torch.float16)
-        h = torch.where(wrong_side, nudged, h)
-    return h
+    # One fp16 step is at most 2**-10 relative (6e-8 absolute for subnormals): stepping that far before
+    # rounding to nearest lands on the requested side. Computed whether or not any element needs it: asking
+    # first (``wrong_side.any()``) would make a GPU wait for the answer on every commit, and some element of
+    # a block nearly always does.
+    nudged = (x + direction * (x.abs() * 2.0**-10 + 6e-8)).to(torch.float16)
+    return torch.where(wrong_side, nudged, h)
 
 
 @dataclass
