@@ -13,6 +13,13 @@ positions and a mask so no row sees padding or another row. So each row's observ
 info come from the same code as the single env's; the numbers differ only by float noise of the
 batched matmuls (quantized settings amplify last-bit differences; see tests/envs/test_vector.py).
 
+What the rows share beyond the forward is what would otherwise cost operators per row (on a GPU each is
+a kernel launch, and those launches, not the device, bound the batched env: issue 14's op count): the
+rows' kept floats live in one :class:`~quant.batched_cache.RowKVStore` (a step appends and reads every
+row at once, a commit writes every layer at once), and ``attn_var``'s head variance is computed once per
+step for all rows (``features.head_variance``), each row's attention maps cut only when a feature reads
+them.
+
 ``batch_scoring`` (default: on unless the model is on a CPU): the rows whose episodes end in the same
 step score their endings in one forward too, each row's endings packed as the single env packs them.
 On a GPU every forward is hundreds of kernel launches, and scoring row by row took a fifth of a step of

@@ -7,11 +7,12 @@ wraps the N row caches; each layer's ``update`` appends row r's real new keys/va
 (the same storage and quantizer as a single episode) and returns all rows' dequantized keys/values
 stacked, each row's ``[history, new tokens]`` starting at slot 0 and zero-padded on the right.
 
-With a :class:`RowKVStore` the rows' kept floats (``keep_dequantized``) live in one buffer per layer,
-``[rows, heads, capacity, dim]``, row r's cache using row r of it. A forward then writes every row's new
-keys/values with one indexed copy per layer and hands attention a view of the buffer, instead of two
-appends and a copy of each row's whole history into a fresh batch per row and layer: on a GPU each of
-those is a kernel launch, the per-row cost that bounds the batched env there (issue 14's op count).
+With a :class:`RowKVStore` the rows' kept floats (``keep_dequantized``) live in one buffer,
+``[layers, rows, heads, capacity, dim]``, row r's cache using row r of it. A forward then writes every
+row's new keys/values with one indexed copy per layer and hands attention a view of the buffer, instead of
+two appends and a copy of each row's whole history into a fresh batch per row and layer; a commit writes
+every layer's dequantized block with one copy. On a GPU each op is a kernel launch, and the ops per row
+are what bound the batched env there (issue 14's op count, ``bench_throughput --count-ops``).
 
 Rows differ in history length and block length, so the model needs per-row positions and a mask:
 :meth:`BatchedKVCache.position_ids` and :meth:`BatchedKVCache.attention_mask` give both (a query of
