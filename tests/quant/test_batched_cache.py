@@ -14,9 +14,9 @@ import copy
 import pytest
 import torch
 from _tiny_llama import tiny_llama
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from envs.cache_kwarg import with_cache
+from experiments.bench_throughput import TorchOpCounter
 from quant.batched_cache import BatchedKVCache, RowKVStore
 from quant.kv_cache import MixedPrecisionKVCache
 
@@ -28,16 +28,6 @@ STEPS = [
     ((0, 1, 2), (4, 16, 16), (8, 2, 2)),
     ((1,), (16,), (4,)),
 ]
-
-
-class _OpCount(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -162,11 +152,11 @@ def test_the_store_saves_per_row_ops(model):
         for cache in caches:
             cache.commit(4)
         _forward(model, caches, [ids[r, 16:32] for r in range(4)], store, slots)
-        with _OpCount() as commit:
+        with TorchOpCounter() as commit:
             caches[0].commit(4)
         for cache in caches[1:]:
             cache.commit(4)
-        with _OpCount() as forward:
+        with TorchOpCounter() as forward:
             _forward(model, caches, [ids[r, 32:48] for r in range(4)], store, slots)
         return commit.ops, forward.ops
 
