@@ -123,7 +123,7 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         self._idle = np.zeros(num_envs, dtype=bool)
         self._queue: deque[int] | None = None  # rows still to start (reset's options["rows"] past num_envs)
         self._started = False
-        #: every row's kept floats in one buffer per layer, so a step reads and appends all rows at once
+        #: every row's kept floats in one buffer, so a step reads and appends all rows at once
         self.store = RowKVStore(num_envs)
         features = first.feature_set.features + first.feature_set.token_features
         self._reads_head_variance = any(f.name == "attn_var" for f in features)  # computed once per step for all

@@ -328,6 +328,10 @@ class MixedPrecisionLayer(CacheLayerMixin):
         # ``segments`` (a keep_dequantized cache may never read them; a merge is six concatenations a layer)
         self._unmerged: list[_Segment] = []
         self._committed = 0  # tokens in ``segments`` (read per layer and step: a running count, not a sum)
+        # bytes of the committed codes, and of the same tokens in fp16: running sums too (the env reads them
+        # several times a step, and a keep_dequantized cache's segments stay unmerged, one per block)
+        self._code_nbytes = 0
+        self._code_fp16_nbytes = 0
         # keep_dequantized: the kept buffers' first capacity, so that an episode of known length never grows them
         self.expected_tokens = expected_tokens
         # >1 while the cache is branched along the batch, see MixedPrecisionKVCache.branch
@@ -656,7 +660,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self._segments, self._unmerged = [], []
-        self._committed = 0
+        self._committed = self._code_nbytes = self._code_fp16_nbytes = 0
         self._gathered = {}
         self._kept, self._kept_length = None, 0
         self.batch_expand = 1
@@ -762,22 +766,21 @@ class MixedPrecisionLayer(CacheLayerMixin):
         return self._segments
 
     def _append(self, new: _Segment) -> None:
-        """Add a committed segment (merged into the last one at the next read of :attr:`segments`)."""
+        """Add a committed segment (merged into the last one at the next read of :attr:`segments`; a merge
+        moves no code, so the byte counts are added here once)."""
         self._committed += new.length
+        self._code_nbytes += new.nbytes()
+        self._code_fp16_nbytes += new.keys.fp16_nbytes() + new.values.fp16_nbytes()
         self._unmerged.append(new)
 
-    def _all_segments(self) -> list[_Segment]:
-        """Every committed segment, merged or not yet: what byte counts read without merging."""
-        return self._segments + self._unmerged
-
     def nbytes(self, include_pending: bool = True) -> int:
-        total = sum(s.nbytes() for s in self._all_segments())
+        total = self._code_nbytes
         if include_pending and self.keys is not None:
             total += self.keys.numel() * self.keys.element_size() * 2
         return total
 
     def fp16_nbytes(self, include_pending: bool = True) -> int:
-        total = sum(s.keys.fp16_nbytes() + s.values.fp16_nbytes() for s in self._all_segments())
+        total = self._code_fp16_nbytes
         if include_pending and self.keys is not None:
             total += self.keys.numel() * 2 * 2
         return total
