@@ -393,8 +393,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
             values.narrow(-2, committed, pending).copy_(self.values)
         keys.narrow(-2, committed + pending, new).copy_(key_states)
         values.narrow(-2, committed + pending, new).copy_(value_states)
-        self.keys = keys.narrow(-2, committed, pending + new)
-        self.values = values.narrow(-2, committed, pending + new)
+        self.extend_pending(new)
         total = committed + pending + new
         return keys.narrow(-2, 0, total), values.narrow(-2, 0, total)
 
