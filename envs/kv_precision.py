@@ -286,14 +286,16 @@ class _Commit:
     t0: float  # when the step started (perf_counter)
     before: int  # committed bytes before the commit
     before_fp16: int
-    after: int  # committed bytes right after the commit
-    after_fp16: int
-    block_tokens: int  # tokens of the block just committed
-    terminal: bool
+    block_tokens: int  # tokens of the block committed
     requested: list[Setting] = field(default_factory=list)  # what the action asked for (before the budget)
     budget_enforced: bool = False  # the budget replaced the requested setting(s) or dropped marked tokens
+    protect: list[bool] | None = None  # per token of the block: kept at protect_bits (after the budget)
     protected: int = 0  # tokens of the block kept at protect_bits (sinks aside), after the budget
     requested_protected: int = 0  # tokens the action marked (sinks aside)
+    # filled in once the cache has committed the block (KVPrecisionEnv._committed)
+    after: int = 0  # committed bytes right after the commit
+    after_fp16: int = 0
+    terminal: bool = False
 
 
 @dataclass
@@ -557,7 +559,16 @@ class KVPrecisionEnv(gym.Env):
         return self._finish_step(commit, ctx, scores, time.perf_counter() - t_fwd)
 
     def _commit_action(self, action) -> _Commit:
-        """Check the action and commit the pending block at its setting(s) (the first phase of a step)."""
+        """Check the action and commit the pending block at its setting(s) (the first phase of a step).
+
+        Three parts, so that the batched env can commit the rows that chose the same setting together
+        (:meth:`stacked_setting`): plan, commit the cache, record."""
+        commit = self._plan_commit(action)
+        self._commit_block(commit)
+        return self._committed(commit)
+
+    def _plan_commit(self, action) -> _Commit:
+        """Check the action and decide what the pending block is committed at, the budget enforced."""
         ep = self._episode
         self._check_open()
         if ep is None:
@@ -585,28 +596,45 @@ class KVPrecisionEnv(gym.Env):
                     marked = [i for i, m in enumerate(protect) if m]
                     for i in marked[keep:]:
                         protect[i] = False
-        settings = [self.bits[a] for a in indices]
         protected = 0 if protect is None else sum(protect)
-        t0 = time.perf_counter()
-        before, before_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
-        block_tokens = ep.cache.pending_length
-        if protected:
-            ep.cache.commit(settings[0], protect=protect, protect_bits=self.protect_bits)
+        return _Commit(
+            settings=[self.bits[a] for a in indices], t0=time.perf_counter(), before=ep.cache.nbytes(False),
+            before_fp16=ep.cache.fp16_nbytes(False), block_tokens=ep.cache.pending_length, requested=requested,
+            budget_enforced=enforced, protect=protect if protected else None, protected=protected,
+            requested_protected=asked,
+        )
+
+    def stacked_setting(self, commit: _Commit) -> Setting | None:
+        """The setting of a planned commit that :meth:`MixedPrecisionKVCache.commit_rows` can make together
+        with other episodes' (one setting for every layer and token, on a mixed-precision cache); None when
+        this episode commits on its own (:meth:`_commit_block`)."""
+        plain = commit.protect is None and self.layer_groups == 1
+        return commit.settings[0] if plain and isinstance(self._episode.cache, MixedPrecisionKVCache) else None
+
+    def _commit_block(self, commit: _Commit) -> None:
+        """Commit the episode's pending block as planned."""
+        cache = self._episode.cache
+        if commit.protect is not None:
+            cache.commit(commit.settings[0], protect=commit.protect, protect_bits=self.protect_bits)
         elif self.layer_groups == 1:
-            ep.cache.commit(settings[0])
+            cache.commit(commit.settings[0])
         else:
-            ep.cache.commit_groups(settings)
-        after, after_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
-        if protected:
-            ep.committed_bit_sum += block_bit_sum(settings[0], start, end, sinks, protected, self.protect_bits)
+            cache.commit_groups(commit.settings)
+
+    def _committed(self, commit: _Commit) -> _Commit:
+        """After the cache committed the block: its bytes and bits counted, the episode moved to the next block."""
+        ep = self._episode
+        settings = commit.settings
+        start, end = ep.blocks[ep.block_index]
+        sinks = self.config.sink_tokens
+        commit.after, commit.after_fp16 = ep.cache.nbytes(False), ep.cache.fp16_nbytes(False)
+        if commit.protected:
+            ep.committed_bit_sum += block_bit_sum(settings[0], start, end, sinks, commit.protected, self.protect_bits)
         else:  # layer groups are equal-sized, so a block's bits are the mean over groups
             ep.committed_bit_sum += sum(block_bit_sum(s, start, end, sinks) for s in settings) / len(settings)
         ep.block_index += 1
-        terminal = ep.block_index >= len(ep.blocks)
-        return _Commit(
-            settings, t0, before, before_fp16, after, after_fp16, block_tokens, terminal, requested, enforced,
-            protected, asked,
-        )
+        commit.terminal = ep.block_index >= len(ep.blocks)
+        return commit
 
     def greedy_exact_match(self) -> bool:
         """After the terminal step: whether greedy decoding from the committed cache produces the gold

@@ -68,6 +68,7 @@ from envs.hellaswag import HellaSwagItem
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
 from envs.scoring import batched_continuation_logprobs
 from quant.batched_cache import BatchedKVCache, RowKVStore
+from quant.kv_cache import MixedPrecisionKVCache, bit_pair
 
 __all__ = ["KVPrecisionVectorEnv"]
 
@@ -181,6 +182,7 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         ending: dict[int, Any] = {}  # rows whose episode ends in this step: their terminal commits
         starts: dict[int, dict[str, Any]] = {}
         to_run: list[tuple[int, int]] = []
+        planned: dict[int, Any] = {}  # rows that commit a block in this step: their planned commits
         for i, env in enumerate(self.envs):
             if self._idle[i]:  # its action is ignored: nothing to run, reward 0, no info
                 obs[i] = env._episode.last_obs
@@ -193,7 +195,11 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
                 starts[i] = start
                 to_run.append((i, 0))
                 continue
-            commit = env._commit_action(actions[i])
+            planned[i] = env._plan_commit(actions[i])
+        self._commit_blocks(planned)
+        for i, commit in planned.items():
+            env = self.envs[i]
+            commit = env._committed(commit)
             if not commit.terminal:
                 commits[i] = commit
                 to_run.append((i, env._episode.block_index))
@@ -229,6 +235,20 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             self._autoreset = terminations | truncations
         self.timings = {"step_ms": 1000 * (time.perf_counter() - t0)}
         return obs, rewards, terminations, truncations, infos
+
+    def _commit_blocks(self, planned: dict[int, Any]) -> None:
+        """Commit each row's pending block as planned: the rows that chose the same plain setting together
+        (``MixedPrecisionKVCache.commit_rows``: one quantization for all of them), the others one by one."""
+        together: dict[tuple[int, int], list[MixedPrecisionKVCache]] = {}
+        for i, commit in planned.items():
+            env = self.envs[i]
+            setting = env.stacked_setting(commit)
+            if setting is None:
+                env._commit_block(commit)
+            else:
+                together.setdefault(bit_pair(setting), []).append(env._episode.cache)
+        for setting, caches in together.items():
+            MixedPrecisionKVCache.commit_rows(caches, setting)
 
     def action_masks(self) -> np.ndarray:
         """``[num_envs, n_actions]`` bool: row i is ``envs[i].action_masks()`` (sb3-contrib's layout). Each

@@ -109,25 +109,28 @@ class RowKVStore:
         """Whether ``kept`` is row ``row`` of layer ``layer``'s keys buffer (no tensor op)."""
         return bool(self._by_layer) and is_row_view(self._by_layer[layer][0], row, kept)
 
-    def write_block(self, row: int, layers: Sequence[MixedPrecisionLayer], keys: torch.Tensor,
-                    values: torch.Tensor) -> bool:
-        """Write a committed block's dequantized ``keys`` and ``values`` ([len(layers), heads, tokens, dim],
-        consecutive layers of row ``row``'s cache, in order) right after each layer's kept tokens, in one copy
-        each; False (nothing written) when some layer does not keep its floats here, they end at different
-        tokens or the block does not fit: the layers then write their own."""
+    def write_block(self, layers: Sequence[MixedPrecisionLayer], keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Write a committed block's dequantized ``keys`` and ``values`` (``[len(layers), heads, tokens, dim]``,
+        any layers of any rows' caches) right after each layer's kept tokens, with one indexed write each;
+        False (nothing written) when some layer does not keep its floats here or the block does not fit: the
+        layers then write their own. Several rows' layers come together when rows commit the same setting
+        (:meth:`~quant.kv_cache.MixedPrecisionKVCache.commit_rows`)."""
         if not layers:
             return False
-        first, n = layers[0].kept_slot.layer, keys.shape[-2]
-        start = layers[0]._kept_length
-        for offset, layer in enumerate(layers):
+        n = keys.shape[-2]
+        where = []  # (layer, row, first token) of each layer's block
+        for layer in layers:
             slot, kept = layer.kept_slot, layer._kept
-            if (slot is None or slot.store is not self or slot.row != row or slot.layer != first + offset
-                    or kept is None or not self.holds(slot.layer, row, kept[0]) or layer._kept_length != start
-                    or start + n > kept[0].shape[-2]):
+            if (not isinstance(slot, _Slot) or slot.store is not self or kept is None
+                    or not self.holds(slot.layer, slot.row, kept[0]) or layer._kept_length + n > kept[0].shape[-2]):
                 return False
+            where.append((slot.layer, slot.row, layer._kept_length))
         with torch.inference_mode():
+            index = torch.tensor(where, device=keys.device)
+            layer_index, row_index = index[:, :1], index[:, 1:2]
+            positions = index[:, 2:] + torch.arange(n, device=keys.device)
             for buffer, block in ((self._keys, keys), (self._values, values)):
-                buffer.narrow(0, first, len(layers)).select(1, row).narrow(-2, start, n).copy_(block)
+                buffer[layer_index, row_index, :, positions] = block.transpose(1, 2)
         return True
 
     def pending_views(self, row: int, start: int, length: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
@@ -175,7 +178,7 @@ class _Slot:
         return self.store.holds(self.layer, self.row, kept)
 
     def write_block(self, layers, keys, values) -> bool:
-        return self.store.write_block(self.row, layers, keys, values)
+        return self.store.write_block(layers, keys, values)
 
 
 class _BatchedLayer(CacheLayerMixin):

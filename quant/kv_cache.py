@@ -166,8 +166,9 @@ class KeptSlot(Protocol):
         """Whether ``kept`` is this slot's current keys view."""
 
     def write_block(self, layers: Sequence[MixedPrecisionLayer], keys: torch.Tensor, values: torch.Tensor) -> bool:
-        """Write the dequantized block of ``layers`` (this slot's layer first, the next ones after it), stacked
-        ``[len(layers), heads, tokens, dim]``, after their kept tokens at once; False: nothing written."""
+        """Write the dequantized block of ``layers`` (this slot's layer first; the others may be any layers of
+        any caches sharing the slot's buffers), stacked ``[len(layers), heads, tokens, dim]``, after each
+        layer's kept tokens at once; False: nothing written (then every layer writes its own)."""
 
 
 def is_row_view(buffer: torch.Tensor, row: int, view: torch.Tensor) -> bool:
@@ -718,6 +719,20 @@ class MixedPrecisionLayer(CacheLayerMixin):
             rotation_matrix(self.values.shape[-1], self.values.device) if self.rotate_values else None,
         )
 
+    def stacks_with(self, other: MixedPrecisionLayer) -> bool:
+        """Whether this layer's pending block can be quantized stacked with ``other``'s into exactly the codes
+        each would store alone: the same pending shapes, dtype and device, and the same storage options."""
+        if self.keys is None or other.keys is None:
+            return False
+        return (
+            self.keys.shape == other.keys.shape
+            and self.values.shape == other.values.shape
+            and self.keys.dtype == other.keys.dtype
+            and self.keys.device == other.keys.device
+            and (self.group_size, self.symmetric, self.rotate_keys, self.rotate_values, self.keep_dequantized)
+            == (other.group_size, other.symmetric, other.rotate_keys, other.rotate_values, other.keep_dequantized)
+        )
+
     def _store(
         self, new: list[_Segment], floats: tuple[torch.Tensor, torch.Tensor] | None = None,
         empty: tuple[torch.Tensor, torch.Tensor] | None = None, written: bool = False,
@@ -932,6 +947,30 @@ class MixedPrecisionKVCache(Cache):
         self.blocks.append(CommittedBlock(kb, vb, pending, sinks, (), protected, (pk, pv)))
 
     @staticmethod
+    def commit_rows(caches: Sequence[MixedPrecisionKVCache], bits: BlockBits) -> None:
+        """``cache.commit(bits)`` for every one of ``caches``, as one stacked quantization over all their layers
+        where their blocks line up (the same pending and sink tokens, layers that stack): the same codes, kept
+        floats and :attr:`blocks` as committing each alone.
+
+        Why: the rows of a batched env that choose the same setting in a step commit together, so a commit's
+        few dozen small tensor ops (each a kernel launch on a GPU) are paid once per setting, not per row."""
+        kb, vb = bit_pair(bits)
+        if len({id(cache) for cache in caches}) != len(caches):
+            raise ValueError("commit_rows() got the same cache twice")
+        for cache in caches:
+            if not isinstance(cache, MixedPrecisionKVCache):
+                raise TypeError(f"commit_rows() takes MixedPrecisionKVCache caches, got {type(cache).__name__}")
+        lined_up: dict[tuple[int, int], list[MixedPrecisionKVCache]] = {}
+        for cache in caches:
+            lined_up.setdefault(cache._check_commit(), []).append(cache)
+        for (pending, sinks), group in lined_up.items():
+            MixedPrecisionKVCache._commit_layers(
+                [layer for cache in group for layer in cache.layers], block_runs(pending, kb, vb, sinks)
+            )
+            for cache in group:
+                cache.blocks.append(CommittedBlock(kb, vb, pending, sinks))
+
+    @staticmethod
     def _protect_mask(protect: Sequence[bool] | None, sinks: int) -> list[bool] | None:
         """``protect`` as a list of bools, sink tokens cleared (they are fp16 anyway), so :attr:`blocks` counts
         only the tokens actually kept at ``protect_bits``."""
@@ -969,17 +1008,11 @@ class MixedPrecisionKVCache(Cache):
 
         Why: a block is small, so quantizing it layer by layer was a few dozen tiny tensor ops per
         layer, dominated by per-op overhead. Quantization groups never cross the batch, so slicing the
-        stacked result gives each layer exactly the codes its own commit would store. Layers whose
-        pending buffers differ in shape, dtype or device commit one by one."""
+        stacked result gives each layer exactly the codes its own commit would store. The layers may be
+        several caches' (:meth:`commit_rows`). Layers that do not stack (:meth:`MixedPrecisionLayer.stacks_with`)
+        commit one by one."""
         first = layers[0]
-        if len(layers) == 1 or any(
-            layer.keys is None
-            or layer.keys.shape != first.keys.shape
-            or layer.values.shape != first.values.shape
-            or layer.keys.dtype != first.keys.dtype
-            or layer.keys.device != first.keys.device
-            for layer in layers
-        ):
+        if len(layers) == 1 or any(not layer.stacks_with(first) for layer in layers):
             for layer in layers:
                 layer._store(
                     _quantize_block(layer.keys, layer.values, runs, layer.group_size, layer.symmetric, layer.rotations)

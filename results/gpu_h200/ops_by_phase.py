@@ -24,6 +24,7 @@ PHASES = [
     (vector.KVPrecisionVectorEnv, "_run_blocks", "block forward (model, masks, contexts)"),
     (batched_cache._BatchedLayer, "update", "  batched cache: pad each row's keys/values"),
     (kv_cache.MixedPrecisionLayer, "update", "  each row's layer: append the block"),
+    (vector.KVPrecisionVectorEnv, "_commit_blocks", "commit (quantize, store, keep floats)"),
     (kv_cache.MixedPrecisionKVCache, "commit", "commit (quantize, store, keep floats)"),
     (features.FeatureSet, "observe", "features"),
     (vector.KVPrecisionVectorEnv, "_score_endings", "scoring the endings"),

@@ -181,3 +181,77 @@ def test_refusals(model):
         BatchedKVCache(caches, [1, 1], store, [1, 1])
     with pytest.raises(ValueError, match="at least one row"):
         RowKVStore(0)
+
+
+def _codes(cache: MixedPrecisionKVCache) -> list[list[torch.Tensor]]:
+    """Every stored tensor of every segment (codes, scales, zero points), layer by layer."""
+    return [
+        [t for s in layer.segments for q in (s.keys, s.values) for t in (q.data, q.scale, q.zero) if t is not None]
+        for layer in cache.layers
+    ]
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["store", "own-buffers"])
+def test_commit_rows_equals_each_commit(model, shared):
+    """Rows that commit the same setting together store exactly what each would alone: codes, kept floats,
+    bytes and blocks; rows whose blocks do not line up (another length) are committed in their own stack."""
+    caches = _caches(model, 4)
+    store = RowKVStore(4) if shared else None
+    if shared:
+        for row, cache in enumerate(caches):
+            store.attach(row, cache)
+    slots = [0, 1, 2, 3] if shared else None
+    ids = torch.randint(0, 256, (4, 100), generator=torch.Generator().manual_seed(6))
+    _forward(model, caches, [ids[0, :9], ids[1, :16], ids[2, :5], ids[3, :16]], store, slots)
+    for cache, bits in zip(caches, (4, (4, 2), 16, 2), strict=True):  # histories of different lengths
+        cache.commit(bits)
+    for step, setting in enumerate((4, (3, 2))):
+        _forward(model, caches, [ids[r, 20 + 16 * step : 36 + 16 * step - 4 * (r == 3)] for r in range(4)],
+                 store, slots)
+        alone = copy.deepcopy(caches)  # its own floats: committed one by one
+        for cache in alone:
+            cache.commit(setting)
+        MixedPrecisionKVCache.commit_rows(caches, setting)
+        for together, own in zip(caches, alone, strict=True):
+            assert together.blocks == own.blocks
+            assert together.nbytes() == own.nbytes() and together.fp16_nbytes() == own.fp16_nbytes()
+            for a, b in zip(_codes(together), _codes(own), strict=True):
+                for x, y in zip(a, b, strict=True):
+                    assert torch.equal(x, y)
+            for a, b in zip(together.layers, own.layers, strict=True):
+                for x, y in zip(a.dequantized, b.dequantized, strict=True):
+                    assert torch.equal(x, y)
+    if shared:
+        for row, cache in enumerate(caches):
+            assert all(store.holds(i, row, layer._kept[0]) for i, layer in enumerate(cache.layers))
+    for cache in caches:
+        _assert_kept_is_fresh(cache)
+
+
+def test_commit_rows_is_one_commit_per_setting(model):
+    """What commit_rows is for: three rows of the store committed together issue no more torch ops than one
+    row's commit, and the floats are still written in place (this fails if the store's write falls back)."""
+    store, caches = RowKVStore(4), _caches(model, 4)
+    for row, cache in enumerate(caches):
+        store.attach(row, cache)
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(7))
+    _forward(model, caches, [ids[r, :16] for r in range(4)], store, [0, 1, 2, 3])
+    MixedPrecisionKVCache.commit_rows(caches, 4)
+    _forward(model, caches, [ids[r, 16:32] for r in range(4)], store, [0, 1, 2, 3])
+    with TorchOpCounter() as one:
+        caches[0].commit(4)
+    with TorchOpCounter() as together:
+        MixedPrecisionKVCache.commit_rows(caches[1:], 4)
+    assert together.ops <= one.ops
+    for row, cache in enumerate(caches):
+        assert all(store.holds(i, row, layer._kept[0]) for i, layer in enumerate(cache.layers))
+
+
+def test_commit_rows_refusals(model):
+    caches = _caches(model, 2)
+    with pytest.raises(ValueError, match="same cache twice"):
+        MixedPrecisionKVCache.commit_rows([caches[0], caches[0]], 4)
+    with pytest.raises(TypeError, match="MixedPrecisionKVCache"):
+        MixedPrecisionKVCache.commit_rows([caches[0], object()], 4)
+    with pytest.raises(ValueError, match="nothing pending"):
+        MixedPrecisionKVCache.commit_rows(caches, 4)
