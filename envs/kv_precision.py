@@ -921,8 +921,12 @@ class KVPrecisionEnv(gym.Env):
 
     def _block_ids(self, index: int) -> torch.Tensor:
         """[1, T] token ids of block ``index`` of the episode."""
+        return torch.tensor(self._block_tokens(index), device=self.model.device).unsqueeze(0)
+
+    def _block_tokens(self, index: int) -> list[int]:
+        """The token ids of block ``index`` of the episode."""
         start, end = self._episode.blocks[index]
-        return torch.tensor(self._episode.prompt_ids[start:end], device=self.model.device).unsqueeze(0)
+        return list(self._episode.prompt_ids[start:end])
 
     def _block_context(
         self, index: int, logits: torch.Tensor, attentions, saliency: torch.Tensor | None, seconds: float,

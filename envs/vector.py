@@ -319,13 +319,11 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         """
         if not blocks:
             return []
-        ids = [self.envs[i]._block_ids(index)[0] for i, index in blocks]
+        ids = [self.envs[i]._block_tokens(index) for i, index in blocks]
         width = max(len(x) for x in ids)
         model = self.model
         device = model.device
-        batch = torch.zeros((len(ids), width), dtype=torch.long)
-        for r, x in enumerate(ids):
-            batch[r, : len(x)] = x
+        batch = torch.tensor([x + [0] * (width - len(x)) for x in ids], dtype=torch.long)  # right-padded: one op
         cache = BatchedKVCache(
             [self.envs[i]._episode.cache for i, _ in blocks], [len(x) for x in ids], self.store, [i for i, _ in blocks]
         )

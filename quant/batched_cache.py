@@ -56,6 +56,9 @@ class RowKVStore:
         self._keys: torch.Tensor | None = None
         self._values: torch.Tensor | None = None
         self._by_layer: list[tuple[torch.Tensor, torch.Tensor]] = []  # [N, heads, capacity, dim] views per layer
+        # (layer, row) -> [1, heads, capacity, dim] views, and a zero-token pair: cut once per allocation (see row)
+        self._rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
         self._attached: list[MixedPrecisionKVCache | None] = [None] * rows
 
     @property
@@ -95,7 +98,7 @@ class RowKVStore:
                     torch.zeros((self.layers, self.rows, s[-3], tokens, s[-1]), dtype=dtype, device=device)
                     for s in (key_shape, value_shape)
                 )
-            self._by_layer = list(zip(self._keys.unbind(0), self._values.unbind(0), strict=True))
+            self._allocated()
         keys, values = self._keys, self._values
         if (keys.shape[2], keys.shape[4], values.shape[2], values.shape[4]) != (
             key_shape[-3], key_shape[-1], value_shape[-3], value_shape[-1]
@@ -104,6 +107,27 @@ class RowKVStore:
         if keys.shape[3] < tokens:
             self._grow(max(tokens, 2 * keys.shape[3]))
         return self._by_layer[layer]
+
+    def row(self, layer: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ``row`` of layer ``layer``'s (keys, values) buffers, ``[1, heads, capacity, dim]``: cut once per
+        allocation and kept, because an episode's first block takes every layer's row (two slices a layer, each
+        an op, per episode otherwise)."""
+        found = self._rows.get((layer, row))
+        if found is None:
+            keys, values = self._by_layer[layer]
+            found = self._rows[(layer, row)] = (keys[row : row + 1], values[row : row + 1])
+        return found
+
+    @property
+    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-token (keys, values), ``[1, heads, 0, dim]``: the pending tokens of a layer that adopts its row."""
+        return self._empty
+
+    def _allocated(self) -> None:
+        """The buffers are new: cut the per-layer views again and forget the per-row ones."""
+        self._by_layer = list(zip(self._keys.unbind(0), self._values.unbind(0), strict=True))
+        self._rows = {}
+        self._empty = (self._keys[0, :1, :, :0], self._values[0, :1, :, :0])
 
     def holds(self, layer: int, row: int, kept: torch.Tensor) -> bool:
         """Whether ``kept`` is row ``row`` of layer ``layer``'s keys buffer (no tensor op)."""
@@ -150,14 +174,13 @@ class RowKVStore:
                 buffer.narrow(3, 0, used).copy_(old)
                 grown.append(buffer)
         self._keys, self._values = grown
-        self._by_layer = list(zip(self._keys.unbind(0), self._values.unbind(0), strict=True))
+        self._allocated()
         for row, cache in enumerate(self._attached):
             if cache is None:
                 continue
             for index, target in enumerate(cache.layers):
                 if target._kept is not None and is_row_view(old_by_layer[index][0], row, target._kept[0]):
-                    keys, values = self._by_layer[index]
-                    target.rebind_kept(keys[row : row + 1], values[row : row + 1])
+                    target.rebind_kept(*self.row(index, row))
 
 
 @dataclass
@@ -172,7 +195,7 @@ class _Slot:
         found = self.store.reserve(self.layer, tokens, key_shape, value_shape, dtype, device)
         if found is None:
             return None
-        return found[0][self.row : self.row + 1], found[1][self.row : self.row + 1]
+        return self.store.row(self.layer, self.row)
 
     def holds(self, kept: torch.Tensor) -> bool:
         return self.store.holds(self.layer, self.row, kept)
@@ -244,7 +267,7 @@ class _BatchedLayer(CacheLayerMixin):
             if layer._kept is None and not layer._committed and not layer.pending_length and layer.kept_slot == _Slot(
                 owner.store, slot, self.index
             ):  # the episode's first block: the row's layer takes its row of the store now
-                layer.adopt_kept(keys[slot : slot + 1], values[slot : slot + 1])
+                layer.adopt_kept(*owner.store.row(self.index, slot), owner.store.empty)
             if layer.appends_in_place(keys, values, slot):
                 owner.appended(r, self.index, n)  # its pending views are set once the forward is through
                 continue

@@ -584,16 +584,19 @@ class MixedPrecisionLayer(CacheLayerMixin):
             and (self.pending_length == 0 or self._pending_in_kept())
         )
 
-    def adopt_kept(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def adopt_kept(
+        self, keys: torch.Tensor, values: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
         """Before its first token: hold ``keys`` and ``values`` (a row of shared buffers, [1, heads, capacity,
         dim]) as the kept buffers, so that a batched forward writes the first block there too
-        (:meth:`appends_in_place`) and the first commit dequantizes it in place."""
+        (:meth:`appends_in_place`) and the first commit dequantizes it in place. ``empty``: zero-token
+        (keys, values) to hold as the pending tokens meanwhile (shared by the rows; default: cut from the row)."""
         if self._committed or self.pending_length:
             raise RuntimeError("adopt_kept() is for a layer that holds no token yet")
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
         self._kept, self._kept_length = (keys, values), 0
-        self.keys, self.values = keys.narrow(-2, 0, 0), values.narrow(-2, 0, 0)
+        self.keys, self.values = empty if empty is not None else (keys.narrow(-2, 0, 0), values.narrow(-2, 0, 0))
 
     def extend_pending(self, new: int) -> None:
         """``new`` tokens were written into the kept buffers right after the pending ones (by a batched
@@ -637,6 +640,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
             if in_place:
                 new.keys = new.values = None
                 new.extend_pending(self.pending_length)
+            elif not self.pending_length:  # no token, but maybe a view of the shared buffers: not copied whole
+                new.keys, new.values = _empty_like_tokens(self.keys), _empty_like_tokens(self.values)
             else:
                 new.keys, new.values = copy.deepcopy(self.keys, memo), copy.deepcopy(self.values, memo)
         return new
@@ -1183,7 +1188,7 @@ class MixedPrecisionKVCache(Cache):
             if layer.keys is not None and layer.keys.shape[0] != 1:
                 raise ValueError("branch() needs a cache of batch size 1")
             saved.append((layer.keys, layer.values))
-            if layer.keys is not None:
+            if layer.keys is not None and batch_size > 1:
                 layer.keys = layer.keys.expand(batch_size, *layer.keys.shape[1:])
                 layer.values = layer.values.expand(batch_size, *layer.values.shape[1:])
             layer.batch_expand = batch_size

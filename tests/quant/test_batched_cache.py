@@ -255,3 +255,19 @@ def test_commit_rows_refusals(model):
         MixedPrecisionKVCache.commit_rows([caches[0], object()], 4)
     with pytest.raises(ValueError, match="nothing pending"):
         MixedPrecisionKVCache.commit_rows(caches, 4)
+
+
+def test_a_copy_of_a_layer_that_adopted_its_row_copies_no_buffer(model):
+    """A layer that adopted its row holds the store's shared zero-token pending pair; a deep copy (a snapshot)
+    gets zero-token tensors of its own, not a copy of the storage they view (every row's buffers)."""
+    store, (cache,) = RowKVStore(2), _caches(model, 1)
+    store.attach(1, cache)
+    config = model.config
+    shape = (1, config.num_key_value_heads, 16, config.hidden_size // config.num_attention_heads)
+    store.reserve(0, 64, shape, shape, torch.float32, torch.device("cpu"))
+    layer = cache.layers[0]
+    layer.adopt_kept(*store.row(0, 1), store.empty)
+    assert layer.pending_length == 0 and layer.keys is store.empty[0]
+    copied = copy.deepcopy(layer)
+    for tensor in (copied.keys, copied.values):
+        assert tensor.shape == (1, shape[1], 0, shape[3]) and tensor.untyped_storage().nbytes() == 0
