@@ -938,12 +938,10 @@ class KVPrecisionEnv(gym.Env):
         ep = self._episode
         start, end = ep.blocks[index]
         ep.last_logits = logits[-1]
-        targets = torch.tensor(
-            ep.prompt_ids[start + 1 : end + 1] + [-1] * (end + 1 - len(ep.prompt_ids)), device=logits.device
-        )
-        targets = targets[: end - start]
+        known = ep.prompt_ids[start + 1 : end + 1]  # the next tokens; the prompt's last has none
+        targets = torch.tensor(known + [-1] * (end - start - len(known)), device=logits.device)
         return ep.observer.context(
-            self._block_ids(index)[0], logits, targets, ep.cache,
+            torch.tensor(self._block_tokens(index), device=logits.device), logits, targets, ep.cache,
             attentions=attentions, saliency=saliency, forward_seconds=seconds, batch_values=batch_values,
         )
 

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from envs.batched_forward import RowTokens, forward_rows, mask_dtype
 from envs.cache_kwarg import with_cache
-from quant.batched_cache import BatchedKVCache, RowKVStore
+from quant.batched_cache import RowKVStore
 from quant.kv_cache import MixedPrecisionKVCache
 
 __all__ = [
     "encode_pair", "score_requests", "continuation_logprobs", "batched_continuation_logprobs", "can_pack",
-    "choose", "PackedRow", "TARGET_DELIMITER", "CACHED_SCORING",
+    "choose", "EndingsRow", "PackedRow", "TARGET_DELIMITER", "CACHED_SCORING",
 ]
 
 TARGET_DELIMITER = " "
@@ -180,11 +181,6 @@ def _row_rest(model, cache, conts: list[list[int]], pad_id: int) -> list[float]:
     return _gather_sums(logits, [c[1:] for c in conts], [0] * len(conts))
 
 
-def _mask_dtype(model) -> torch.dtype:
-    """The dtype of an additive attention mask for ``model`` (its own, float32 for a quantized model)."""
-    return model.dtype if model.dtype.is_floating_point else torch.float32
-
-
 def _first_token_scores(prefix_last_logits: torch.Tensor, conts: list[list[int]]) -> list[float]:
     """Each continuation's first token's log-prob from the logits at the prefix's last position."""
     first = torch.log_softmax(prefix_last_logits.float().reshape(-1, prefix_last_logits.shape[-1]), dim=-1)
@@ -202,6 +198,7 @@ class PackedRow:
     earlier tokens of its own continuation only."""
 
     ids: torch.Tensor  # [L] the inputs, continuation after continuation
+    tokens: list[int]  # the same ids as a list
     local: torch.Tensor  # [L] each token's position after the prefix
     visible: torch.Tensor  # [L, L] bool: query token may see new token
     starts: list[int]  # where each continuation's inputs begin in the row
@@ -211,12 +208,13 @@ class PackedRow:
     def of(cls, conts: list[list[int]], device) -> PackedRow:
         pieces = [c[:-1] for c in conts]
         lengths = torch.tensor([len(p) for p in pieces], device=device)
-        ids = torch.tensor([t for p in pieces for t in p], dtype=torch.long, device=device)
+        tokens = [t for p in pieces for t in p]
+        ids = torch.tensor(tokens, dtype=torch.long, device=device)
         starts = torch.cumsum(lengths, 0) - lengths
         segment = torch.repeat_interleave(torch.arange(len(pieces), device=device), lengths)
         local = torch.arange(len(ids), device=device) - starts[segment]
         visible = (segment[:, None] == segment[None, :]) & (local[:, None] >= local[None, :])
-        return cls(ids, local, visible, starts.tolist(), [c[1:] for c in conts])
+        return cls(ids, tokens, local, visible, starts.tolist(), [c[1:] for c in conts])
 
     def sums(self, logits: torch.Tensor) -> list[float]:
         """Each continuation's summed target log-probs from the row's ``[L', V]`` logits (``L' >= L``)."""
@@ -230,7 +228,7 @@ def _packed_rest(model, cache, past: int, conts: list[list[int]]) -> list[float]
     device = next(model.parameters()).device
     row = PackedRow.of(conts, device)
     n = len(row.ids)
-    dtype = _mask_dtype(model)
+    dtype = mask_dtype(model)
     mask = torch.zeros(1, 1, n, past + n, dtype=dtype, device=device)
     mask[0, 0, :, past:].masked_fill_(~row.visible, torch.finfo(dtype).min)
     logits = model(
@@ -256,46 +254,57 @@ def batched_continuation_logprobs(
 
     Why: the batched vector env ends several episodes in the same step, and scoring each row's endings
     in a forward of its own made a step of N rows cost up to N + 1 forwards. Each row's continuations
-    are packed into its row as for one cache (:class:`PackedRow`, :data:`CACHED_SCORING`), the rows
-    right-padded over a :class:`~quant.batched_cache.BatchedKVCache`, which gives every row its own
-    positions and mask. The caches get the continuation tokens appended, as with one cache (branch or
-    discard afterwards). Scores equal the row-by-row ones up to the float noise of a padded batch.
+    are packed into its row as for one cache (:class:`EndingsRow`, :data:`CACHED_SCORING`), the rows
+    right-padded (:func:`envs.batched_forward.forward_rows`), each with its own positions and mask. The
+    caches get the continuation tokens appended, as with one cache (branch or discard afterwards). Scores
+    equal the row-by-row ones up to the float noise of a padded batch.
     """
     if not (len(caches) == len(prefixes) == len(continuations) == len(prefix_last_logits)) or not caches:
         raise ValueError("need one cache, prefix, list of continuations and last logits per row")
-    if not can_pack(model):
-        raise ValueError("this model has sliding-window or chunked attention layers, which a packed row's mask "
-                         "would override: score the rows one by one (continuation_logprobs)")
-    rows_conts = [[list(c) for c in conts] for conts in continuations]
-    if any(not conts or any(not c for c in conts) for conts in rows_conts):
-        raise ValueError("every row needs a non-empty list of non-empty continuations")
     for cache, prefix in zip(caches, prefixes, strict=True):
         if cache.get_seq_length() != len(prefix):
             raise ValueError(f"a cache holds {cache.get_seq_length()} tokens but its prefix has {len(prefix)}")
-    scores = [_first_token_scores(last, conts) for last, conts in zip(prefix_last_logits, rows_conts, strict=True)]
     device = next(model.parameters()).device
-    packed = [PackedRow.of(conts, device) if any(len(c) > 1 for c in conts) else None for conts in rows_conts]
-    new = [0 if row is None else len(row.ids) for row in packed]
-    width = max(new)
-    if width == 0:
-        return scores
-    ids = torch.zeros(len(packed), width, dtype=torch.long, device=device)
-    local = torch.zeros(len(packed), width, dtype=torch.long, device=device)
-    visible = torch.zeros(len(packed), width, width, dtype=torch.bool, device=device)
-    for r, row in enumerate(packed):
-        if row is not None:
-            n = len(row.ids)
-            ids[r, :n], local[r, :n], visible[r, :n, :n] = row.ids, row.local, row.visible
-    batch = BatchedKVCache(list(caches), new, store, slots)
-    dtype = _mask_dtype(model)
-    logits = model(
-        input_ids=ids, position_ids=batch.position_ids(width, device, local),
-        attention_mask=batch.attention_mask(width, dtype, device, visible), **with_cache(model, batch), use_cache=True,
-    ).logits
-    for r, row in enumerate(packed):
-        if row is not None:
-            scores[r] = [s + t for s, t in zip(scores[r], row.sums(logits[r]), strict=True)]
-    return scores
+    rows = [EndingsRow.of(model, last, conts, device) for last, conts in zip(prefix_last_logits, continuations,
+                                                                              strict=True)]
+    if not any(row.tokens.ids for row in rows):
+        return [row.first for row in rows]
+    logits = forward_rows(model, caches, [row.tokens for row in rows], store, slots)[0].logits
+    return [row.scores(logits[r]) for r, row in enumerate(rows)]
+
+
+@dataclass(frozen=True)
+class EndingsRow:
+    """One row's endings to score in a forward shared with other rows: each ending's first token scored from
+    the logits at the prompt's last position, the rest packed into the row (:class:`PackedRow`; no token when
+    every ending is one token long)."""
+
+    first: list[float]  # each ending's first token's log-prob
+    packed: PackedRow | None
+
+    @classmethod
+    def of(cls, model, prefix_last_logits: torch.Tensor, continuations: Sequence[Sequence[int]], device) -> EndingsRow:
+        if not can_pack(model):
+            raise ValueError("this model has sliding-window or chunked attention layers, which a packed row's mask "
+                             "would override: score the rows one by one (continuation_logprobs)")
+        conts = [list(c) for c in continuations]
+        if not conts or any(not c for c in conts):
+            raise ValueError("every row needs a non-empty list of non-empty continuations")
+        packed = PackedRow.of(conts, device) if any(len(c) > 1 for c in conts) else None
+        return cls(_first_token_scores(prefix_last_logits, conts), packed)
+
+    @property
+    def tokens(self) -> RowTokens:
+        """The row's new tokens in the shared forward (none: it sits out)."""
+        if self.packed is None:
+            return RowTokens([])
+        return RowTokens(self.packed.tokens, self.packed.local, self.packed.visible)
+
+    def scores(self, logits: torch.Tensor) -> list[float]:
+        """Each ending's summed log-prob, from the row's logits in the shared forward (``[L', V]``)."""
+        if self.packed is None:
+            return list(self.first)
+        return [s + t for s, t in zip(self.first, self.packed.sums(logits), strict=True)]
 
 
 def choose(scores: Sequence[float], endings: Sequence[str]) -> tuple[int, int]:

@@ -16,17 +16,20 @@ batched matmuls (quantized settings amplify last-bit differences; see tests/envs
 What the rows share beyond the forward is what would otherwise cost operators per row (on a GPU each is
 a kernel launch, and those launches, not the device, bound the batched env: issue 14's op count): the
 rows' kept floats live in one :class:`~quant.batched_cache.RowKVStore` (a step appends and reads every
-row at once, a commit writes every layer at once), and ``attn_var``'s head variance is computed once per
-step for all rows (``features.head_variance``), each row's attention maps cut only when a feature reads
-them.
+row at once), the rows that commit the same setting in a step commit together (one quantization and one
+write of every row's layers, ``MixedPrecisionKVCache.commit_rows``), and ``attn_var``'s head variance is
+computed once per step for all rows (``features.head_variance``), each row's attention maps cut only when a
+feature reads them.
 
-``batch_scoring`` (default: on unless the model is on a CPU): the rows whose episodes end in the same
-step score their endings in one forward too, each row's endings packed as the single env packs them.
-On a GPU every forward is hundreds of kernel launches, and scoring row by row took a fifth of a step of
-64 rows (results/gpu_h200). On a CPU a forward costs its FLOPs: the rows' packed endings differ in
-length (30-160 tokens on HellaSwag), padding them to the longest wastes about what batching saves
-(``experiments.bench_throughput --rows batched batched-scoring``, SmolLM2-135M on 2 cores: 0.93x the
-row-by-row episodes/s with 4 rows, 1.06x with 8), so there they score row by row.
+``batch_scoring`` (default: on unless the model is on a CPU): the rows whose episodes end in a step score
+their endings in the step's block forward, beside the other rows' next blocks (each row's endings packed as
+the single env packs them, :class:`envs.scoring.EndingsRow`; :mod:`envs.batched_forward` lays out both).
+With ``autoreset_mode="same_step"`` a row that ends starts its next episode in that forward, on the same
+row of the store, so there the endings are scored first, in one forward of their own. On a GPU every
+forward is hundreds of kernel launches, and scoring row by row took a fifth of a step of 64 rows
+(results/gpu_h200). On a CPU a forward costs its FLOPs: the rows' packed endings differ in length (30-160
+tokens on HellaSwag) and the batch is padded to the longest, which wastes about what batching saves
+(``experiments.bench_throughput --rows batched batched-scoring``), so there they score row by row.
 
 With ``bit_budget``, :meth:`KVPrecisionVectorEnv.action_masks` stacks the rows' masks and each row's
 commit phase enforces its budget as the single env does.
@@ -62,12 +65,12 @@ import torch
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from envs.cache_kwarg import with_cache
+from envs.batched_forward import RowTokens, forward_rows
 from envs.features import BlockContext, head_variance
 from envs.hellaswag import HellaSwagItem
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
-from envs.scoring import batched_continuation_logprobs
-from quant.batched_cache import BatchedKVCache, RowKVStore
+from envs.scoring import EndingsRow, batched_continuation_logprobs
+from quant.batched_cache import RowKVStore
 from quant.kv_cache import MixedPrecisionKVCache, bit_pair
 
 __all__ = ["KVPrecisionVectorEnv"]
@@ -154,7 +157,7 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             gym.Env.reset(env, seed=None if seeds is None else seeds[i])  # the row's np_random, as env.reset
             env._check_open()
             starts.append(self._start_row(i, options if rows is None else {**options, "row": rows[i]}))
-        contexts = self._run_blocks([(i, 0) for i in range(self.num_envs)])
+        contexts = self._run_blocks([(i, 0) for i in range(self.num_envs)])[0]
         obs = np.stack([env._first_observation(ctx) for env, ctx in zip(self.envs, contexts, strict=True)])
         infos: dict[str, Any] = {}
         for i, info in enumerate(starts):
@@ -205,23 +208,22 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
                 to_run.append((i, env._episode.block_index))
             else:
                 ending[i] = commit
-        t_score = time.perf_counter()
-        scores = self._score_endings(list(ending))
-        score_seconds = (time.perf_counter() - t_score) / max(len(ending), 1)  # each row's share
-        for i, commit in ending.items():  # the episode ends: the single env's terminal step, scores given
-            env = self.envs[i]
-            obs[i], rewards[i], terminations[i], truncations[i], info = env._finish_step(
-                commit, None, scores[i], score_seconds
-            )
-            start = self._next_start(i) if self.autoreset_mode == AutoresetMode.SAME_STEP else None
-            if start is not None:  # SAME_STEP: restart now, in this step's forward
-                infos = self._add_info(infos, {"final_obs": obs[i].copy(), "final_info": info}, i)
-                starts[i] = start
-                to_run.append((i, 0))
-            else:
-                infos = self._add_info(infos, info, i)
+        # with batch_scoring (NEXT_STEP), the rows that end score their endings in the block forward below;
+        # else they are scored first, and a SAME_STEP row's next episode joins the block forward
+        in_forward = self._scores_in_block_forward(list(ending))
+        if ending and not in_forward:
+            t_score = time.perf_counter()
+            scores = self._score_endings(list(ending))
+            score_seconds = (time.perf_counter() - t_score) / len(ending)  # each row's share
+            infos = self._end_episodes(ending, scores, score_seconds, obs, rewards, terminations, truncations,
+                                       infos, starts, to_run)
         to_run.sort()  # rows in order in the batch, restarted ones among them
-        contexts = dict(zip((i for i, _ in to_run), self._run_blocks(to_run), strict=True))
+        scoring = sorted(ending) if in_forward else []
+        found, scores, seconds = self._run_blocks(to_run, scoring)
+        contexts = dict(zip((i for i, _ in to_run), found, strict=True))
+        if in_forward:
+            infos = self._end_episodes(ending, scores, seconds, obs, rewards, terminations, truncations, infos,
+                                       starts, to_run)
         for i, env in enumerate(self.envs):
             if i in starts:
                 obs[i] = env._first_observation(contexts[i])
@@ -282,11 +284,40 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             env.close()
 
     # --- internals ----------------------------------------------------------------------------
+    def _end_episodes(
+        self, ending: dict[int, Any], scores: dict[int, np.ndarray], seconds: float, obs: np.ndarray,
+        rewards: np.ndarray, terminations: np.ndarray, truncations: np.ndarray, infos: dict[str, Any],
+        starts: dict[int, dict[str, Any]], to_run: list[tuple[int, int]],
+    ) -> dict[str, Any]:
+        """The terminal step of every row in ``ending`` (the single env's, its endings' ``scores`` given); with
+        SAME_STEP a row that has a next item starts it now (added to ``starts`` and ``to_run``). The infos."""
+        for i, commit in ending.items():
+            env = self.envs[i]
+            obs[i], rewards[i], terminations[i], truncations[i], info = env._finish_step(
+                commit, None, scores[i], seconds
+            )
+            start = self._next_start(i) if self.autoreset_mode == AutoresetMode.SAME_STEP else None
+            if start is not None:  # SAME_STEP: restart now, in this step's forward
+                infos = self._add_info(infos, {"final_obs": obs[i].copy(), "final_info": info}, i)
+                starts[i] = start
+                to_run.append((i, 0))
+            else:
+                infos = self._add_info(infos, info, i)
+        return infos
+
+    def _scores_in_block_forward(self, rows: list[int]) -> bool:
+        """Whether the endings of ``rows`` (their episodes end in this step) are scored in the step's block
+        forward: with ``batch_scoring`` and NEXT_STEP autoreset (a SAME_STEP row's next episode takes its row
+        of the store in that forward, so its endings are scored first), where the model allows packing."""
+        return (bool(rows) and self.batch_scoring and self.autoreset_mode == AutoresetMode.NEXT_STEP
+                and self.envs[rows[0]]._pack_endings)
+
     def _score_endings(self, rows: list[int]) -> dict[int, np.ndarray]:
-        """The endings of every row whose episode ends in this step: with ``batch_scoring``, all in ONE
-        forward, each against its row's own cache (:func:`envs.scoring.batched_continuation_logprobs`),
-        every cache branched so it is left as it was, as the single env's scoring leaves it; else (or for
-        one row, or a model whose attention a packed row cannot mask) row by row, the single env's path."""
+        """The endings of every row whose episode ends in this step, before the block forward: with
+        ``batch_scoring``, all in ONE forward, each against its row's own cache
+        (:func:`envs.scoring.batched_continuation_logprobs`), every cache branched so it is left as it was, as
+        the single env's scoring leaves it; else (or for one row, or a model whose attention a packed row
+        cannot mask) row by row, the single env's path."""
         if not self.batch_scoring or len(rows) <= 1 or not self.envs[rows[0]]._pack_endings:
             return {i: self.envs[i]._score_current() for i in rows}
         episodes = [self.envs[i]._episode for i in rows]
@@ -311,42 +342,51 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             raise ValueError(f"need one seed per env ({self.num_envs}), got {len(seeds)}")
         return seeds
 
-    def _run_blocks(self, blocks: list[tuple[int, int]]) -> list[BlockContext]:
-        """Run block ``index`` of row ``i`` for every ``(i, index)`` in one forward; their contexts, in order.
+    def _run_blocks(
+        self, blocks: list[tuple[int, int]], scoring: list[int] = ()
+    ) -> tuple[list[BlockContext], dict[int, np.ndarray], float]:
+        """Run block ``index`` of row ``i`` for every ``(i, index)`` and score the endings of every row in
+        ``scoring`` (its episode ends in this step), all in ONE forward (:func:`envs.batched_forward.forward_rows`):
+        ``(the blocks' contexts in order, each scoring row's ending scores, each row's share of the forward's
+        seconds)``.
 
-        Each row's new keys/values go to its own cache (pending, as the single env leaves them); its
-        logits and attention maps are cut back to its own tokens and keys.
+        Each block row's new keys/values go to its own cache (pending, as the single env leaves them); its
+        logits and attention maps are cut back to its own tokens and keys. A scoring row's endings are packed
+        into its row as the single env packs them (:class:`envs.scoring.EndingsRow`), its cache branched so it
+        is left as it was.
         """
-        if not blocks:
-            return []
-        ids = [self.envs[i]._block_tokens(index) for i, index in blocks]
-        width = max(len(x) for x in ids)
-        model = self.model
-        device = model.device
-        batch = torch.tensor([x + [0] * (width - len(x)) for x in ids], dtype=torch.long)  # right-padded: one op
-        cache = BatchedKVCache(
-            [self.envs[i]._episode.cache for i, _ in blocks], [len(x) for x in ids], self.store, [i for i, _ in blocks]
-        )
-        attentions = "attentions" in self.envs[0].forward_needs
+        rows = sorted([(i, index) for i, index in blocks] + [(i, None) for i in scoring])
+        if not rows:
+            return [], {}, 0.0
+        model, device = self.model, self.model.device
+        ending = {i: EndingsRow.of(model, self.envs[i]._episode.last_logits, self.envs[i]._episode.endings, device)
+                  for i in scoring}
+        tokens = [RowTokens(self.envs[i]._block_tokens(index)) if index is not None else ending[i].tokens
+                  for i, index in rows]
+        if not any(t.ids for t in tokens):  # only scoring rows, every ending one token long: nothing to run
+            for i in scoring:
+                self.envs[i]._episode.done = True
+            return [], {i: np.asarray(ending[i].first, dtype=np.float64) for i in scoring}, 0.0
+        attentions = "attentions" in self.envs[0].forward_needs and bool(blocks)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model(
-                input_ids=batch.to(device),
-                attention_mask=cache.attention_mask(width, model.dtype, device),
-                position_ids=cache.position_ids(width, device),
-                **with_cache(model, cache),
-                use_cache=True,
-                output_attentions=attentions,
-            )
-        seconds = (time.perf_counter() - t0) / len(blocks)  # each row's share of the forward
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            for i in scoring:
+                stack.enter_context(self.envs[i]._episode.cache.branch(1))
+            out, past = forward_rows(model, [self.envs[i]._episode.cache for i, _ in rows], tokens, self.store,
+                                     [i for i, _ in rows], output_attentions=attentions)
+        seconds = (time.perf_counter() - t0) / len(rows)  # each row's share of the forward
         variance = head_variance(out.attentions) if attentions and self._reads_head_variance else None
-        contexts = []
-        for r, ((i, index), x) in enumerate(zip(blocks, ids, strict=True)):
-            n, seen = len(x), cache.past[r] + len(x)
-            maps = _RowMaps(out.attentions, r, n, seen) if attentions else None
+        contexts, scores = [], {}
+        for r, (i, index) in enumerate(rows):
+            if index is None:
+                scores[i] = np.asarray(ending[i].scores(out.logits[r]), dtype=np.float64)
+                self.envs[i]._episode.done = True
+                continue
+            n = len(tokens[r].ids)
+            maps = _RowMaps(out.attentions, r, n, past[r] + n) if attentions else None
             values = None if variance is None else {"head_variance": variance[r, :n]}
             contexts.append(self.envs[i]._block_context(index, out.logits[r, :n], maps, None, seconds, values))
-        return contexts
+        return contexts, scores, seconds
 
 
 class _RowMaps(Sequence):

@@ -3,7 +3,11 @@ one row), counted on any device: on a GPU each operator is at least one kernel l
 the batched env there (`prof_vec.py`). One pass over N held-out rows after one uncounted pass; each
 operator is charged to the innermost phase that is running.
 
-    python results/gpu_h200/ops_by_phase.py N MODEL BATCH_SCORING     # e.g. 8 embedded 1
+    python results/gpu_h200/ops_by_phase.py N MODEL BATCH_SCORING [EPISODES_PER_ROW]   # e.g. 8 embedded 1
+
+EPISODES_PER_ROW (default 1): the pass runs that many episodes per row, each row taking the next held-out
+item when its episode ends (autoreset), so with more than one the rows stay busy as in training, and the
+model's operators are shared by every row in most steps.
 """
 
 import functools
@@ -58,10 +62,11 @@ class PhaseOpCounter(TorchOpCounter):
 
 
 n, model, batch_scoring = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+per_row = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 vec = gym.make_vec(envs.ENV_ID, num_envs=n, vectorization_mode="vector_entry_point", model=model, split="eval",
                    batch_scoring=batch_scoring)
 actions = np.full(n, list(vec.envs[0].bits).index(4))
-rows = [item.row for item in vec.envs[0].items[:n]]
+rows = [item.row for item in vec.envs[0].items[: n * per_row]]
 
 
 def one_pass() -> int:
@@ -80,6 +85,7 @@ for cls, name, label in PHASES:
     counter.charge(cls, name, label)
 with counter:
     row_steps = one_pass()
-print(f"N={n} {model} batch_scoring={batch_scoring}: {counter.ops / row_steps:.0f} torch ops per row-step")
+print(f"N={n} {model} batch_scoring={batch_scoring}, {len(rows)} episodes: {counter.ops / row_steps:.0f} torch ops "
+      f"per row-step, {counter.ops / len(rows):.0f} per episode ({row_steps / len(rows):.1f} row-steps each)")
 for label, ops in counter.by_phase.most_common():
     print(f"  {label:<44} {ops / row_steps:7.0f}")

@@ -15,6 +15,7 @@ from _tiny_env import ITEMS, TINY_CONFIG, assert_vector_follows_single, make_env
 
 import envs
 import envs.vector
+from envs.batched_forward import forward_rows
 from envs.features import head_variance
 from envs.kv_precision import KVPrecisionEnv
 from envs.scoring import batched_continuation_logprobs
@@ -46,6 +47,9 @@ def first_episodes(vec, action: int, seed=None, options=None) -> list[dict]:
                 continue
             traces[i].append(obs[i])
             if term[i]:
+                if info.get("_final_info", np.zeros(vec.num_envs, bool))[i]:  # SAME_STEP: the row restarted
+                    traces[i][-1] = info["final_obs"][i]
+                    info = info["final_info"]
                 ends[i] = {k: info[k][i] for k in ("scores", "pred", "pred_norm", "loglik_delta", "row")}
                 ends[i]["reward"] = float(reward[i])
                 ends[i]["obs"] = traces[i]
@@ -141,17 +145,33 @@ def test_attention_features_equal_the_single_envs(tiny_model, monkeypatch):
 
 
 
-@pytest.mark.parametrize("batch_scoring", [False, True], ids=["rows-score-alone", "endings-in-one-forward"])
-def test_all16_equals_single_env(tiny_model, batch_scoring, monkeypatch):
-    vec, single = make_vec(tiny_model, num_envs=4, batch_scoring=batch_scoring), make_env(tiny_model)
+@pytest.mark.parametrize(
+    "batch_scoring,mode",
+    [(False, "next_step"), (True, "next_step"), (True, "same_step")],
+    ids=["rows-score-alone", "endings-in-the-block-forward", "endings-in-one-forward-first"],
+)
+def test_all16_equals_single_env(tiny_model, batch_scoring, mode, monkeypatch):
+    """Scores as the single env's whichever way the endings are scored: row by row; with batch_scoring, in
+    the step's block forward (NEXT_STEP), or in one forward of their own before it (SAME_STEP, where a
+    restarted row's next episode joins the block forward)."""
+    vec = make_vec(tiny_model, num_envs=4, batch_scoring=batch_scoring, autoreset_mode=mode)
+    single = make_env(tiny_model)
     assert vec.batch_scoring is batch_scoring
-    batched_rows = []  # rows per batched scoring forward
+    batched_rows = []  # rows per batched scoring forward of its own
+    shared = []  # per block forward: (rows scoring endings, rows running a block)
 
     def counted(model, caches, *args):
         batched_rows.append(len(caches))
         return batched_continuation_logprobs(model, caches, *args)
 
+    def forward(model, caches, rows, *args, **kwargs):
+        if kwargs.get("output_attentions") is not None:  # the step's forward (not the batched scoring's)
+            packed = sum(row.visible is not None for row in rows)
+            shared.append((packed, len(rows) - packed))
+        return forward_rows(model, caches, rows, *args, **kwargs)
+
     monkeypatch.setattr(envs.vector, "batched_continuation_logprobs", counted)
+    monkeypatch.setattr(envs.vector, "forward_rows", forward)
     full = single.bits.index(16)
     rows = [100, 103, 105, 108]
     lengths = set()
@@ -168,8 +188,39 @@ def test_all16_equals_single_env(tiny_model, batch_scoring, monkeypatch):
         ref = single_episode(single, full, seed=7 + i)
         assert end["row"] == ref["row"]
         np.testing.assert_allclose(end["scores"], ref["scores"], atol=1e-3)
-    # rows that ended in the same step shared a forward only when asked to
-    assert (max(batched_rows) > 1) if batch_scoring else not batched_rows
+    # endings shared a forward only when asked to: the block forward with NEXT_STEP, one of their own with SAME_STEP
+    if not batch_scoring:
+        assert not batched_rows and not any(packed for packed, _ in shared)
+    elif mode == "next_step":
+        assert any(packed for packed, _ in shared) and not batched_rows
+    else:
+        assert max(batched_rows) > 1 and not any(packed for packed, _ in shared)
+    vec.close()
+
+
+def test_endings_join_the_block_forward_of_the_rows_that_go_on(tiny_model, monkeypatch):
+    """batch_scoring, NEXT_STEP, prompts of different lengths: a row's endings are scored in the same forward
+    as the other rows' next blocks (packed rows beside causal blocks), and every row's scores, predictions
+    and observations are the single env's."""
+    mixed = []
+
+    def forward(model, caches, rows, *args, **kwargs):
+        packed = sum(row.visible is not None for row in rows)
+        mixed.append(0 < packed < len(rows))
+        return forward_rows(model, caches, rows, *args, **kwargs)
+
+    monkeypatch.setattr(envs.vector, "forward_rows", forward)
+    options = dict(shots=2, split="train", interval=33)  # prompts of 99 and 100 tokens: 3 and 4 blocks
+    vec, single = make_vec(tiny_model, num_envs=4, batch_scoring=True, **options), make_env(tiny_model, **options)
+    full = single.bits.index(16)
+    assert len(set(vec.reset(seed=3)[1]["blocks"].tolist())) > 1  # rows end in different steps
+    for i, end in enumerate(first_episodes(vec, full, seed=3)):
+        ref = single_episode(single, full, seed=3 + i)
+        assert end["row"] == ref["row"]
+        np.testing.assert_allclose(end["scores"], ref["scores"], atol=1e-3)
+        assert (end["pred"], end["pred_norm"]) == (ref["pred"], ref["pred_norm"])
+        np.testing.assert_allclose(np.stack(end["obs"]), np.stack(ref["obs"]), atol=1e-4)
+    assert any(mixed)
     vec.close()
 
 
