@@ -261,12 +261,14 @@ def batched_continuation_logprobs(
     """
     if not (len(caches) == len(prefixes) == len(continuations) == len(prefix_last_logits)) or not caches:
         raise ValueError("need one cache, prefix, list of continuations and last logits per row")
+    if not can_pack(model):
+        raise ValueError("this model has sliding-window or chunked attention layers, which a packed row's mask "
+                         "would override: score the rows one by one (continuation_logprobs)")
     for cache, prefix in zip(caches, prefixes, strict=True):
         if cache.get_seq_length() != len(prefix):
             raise ValueError(f"a cache holds {cache.get_seq_length()} tokens but its prefix has {len(prefix)}")
     device = next(model.parameters()).device
-    rows = [EndingsRow.of(model, last, conts, device) for last, conts in zip(prefix_last_logits, continuations,
-                                                                              strict=True)]
+    rows = [EndingsRow.of(last, conts, device) for last, conts in zip(prefix_last_logits, continuations, strict=True)]
     if not any(row.tokens.ids for row in rows):
         return [row.first for row in rows]
     logits = forward_rows(model, caches, [row.tokens for row in rows], store, slots)[0].logits
@@ -277,16 +279,13 @@ def batched_continuation_logprobs(
 class EndingsRow:
     """One row's endings to score in a forward shared with other rows: each ending's first token scored from
     the logits at the prompt's last position, the rest packed into the row (:class:`PackedRow`; no token when
-    every ending is one token long)."""
+    every ending is one token long). The model must allow packing (:func:`can_pack`): the caller checks it."""
 
     first: list[float]  # each ending's first token's log-prob
     packed: PackedRow | None
 
     @classmethod
-    def of(cls, model, prefix_last_logits: torch.Tensor, continuations: Sequence[Sequence[int]], device) -> EndingsRow:
-        if not can_pack(model):
-            raise ValueError("this model has sliding-window or chunked attention layers, which a packed row's mask "
-                             "would override: score the rows one by one (continuation_logprobs)")
+    def of(cls, prefix_last_logits: torch.Tensor, continuations: Sequence[Sequence[int]], device) -> EndingsRow:
         conts = [list(c) for c in continuations]
         if not conts or any(not c for c in conts):
             raise ValueError("every row needs a non-empty list of non-empty continuations")
@@ -300,8 +299,9 @@ class EndingsRow:
             return RowTokens([])
         return RowTokens(self.packed.tokens, self.packed.local, self.packed.visible)
 
-    def scores(self, logits: torch.Tensor) -> list[float]:
-        """Each ending's summed log-prob, from the row's logits in the shared forward (``[L', V]``)."""
+    def scores(self, logits: torch.Tensor | None) -> list[float]:
+        """Each ending's summed log-prob, from the row's logits in the shared forward (``[L', V]``; None where
+        the row had no token to run)."""
         if self.packed is None:
             return list(self.first)
         return [s + t for s, t in zip(self.first, self.packed.sums(logits), strict=True)]

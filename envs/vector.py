@@ -355,37 +355,36 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         into its row as the single env packs them (:class:`envs.scoring.EndingsRow`), its cache branched so it
         is left as it was.
         """
-        rows = sorted([(i, index) for i, index in blocks] + [(i, None) for i in scoring])
+        rows = sorted(list(blocks) + [(i, None) for i in scoring])
         if not rows:
             return [], {}, 0.0
         model, device = self.model, self.model.device
-        ending = {i: EndingsRow.of(model, self.envs[i]._episode.last_logits, self.envs[i]._episode.endings, device)
+        ending = {i: EndingsRow.of(self.envs[i]._episode.last_logits, self.envs[i]._episode.endings, device)
                   for i in scoring}
         tokens = [RowTokens(self.envs[i]._block_tokens(index)) if index is not None else ending[i].tokens
                   for i, index in rows]
-        if not any(t.ids for t in tokens):  # only scoring rows, every ending one token long: nothing to run
-            for i in scoring:
-                self.envs[i]._episode.done = True
-            return [], {i: np.asarray(ending[i].first, dtype=np.float64) for i in scoring}, 0.0
         attentions = "attentions" in self.envs[0].forward_needs and bool(blocks)
-        t0 = time.perf_counter()
-        with torch.inference_mode(), contextlib.ExitStack() as stack:
-            for i in scoring:
-                stack.enter_context(self.envs[i]._episode.cache.branch(1))
-            out, past = forward_rows(model, [self.envs[i]._episode.cache for i, _ in rows], tokens, self.store,
-                                     [i for i, _ in rows], output_attentions=attentions)
-        seconds = (time.perf_counter() - t0) / len(rows)  # each row's share of the forward
+        logits, seconds = None, 0.0  # none: only scoring rows, every ending one token long (nothing to run)
+        if any(t.ids for t in tokens):
+            t0 = time.perf_counter()
+            with torch.inference_mode(), contextlib.ExitStack() as stack:
+                for i in scoring:
+                    stack.enter_context(self.envs[i]._episode.cache.branch(1))
+                out, past = forward_rows(model, [self.envs[i]._episode.cache for i, _ in rows], tokens, self.store,
+                                         [i for i, _ in rows], output_attentions=attentions)
+            seconds = (time.perf_counter() - t0) / len(rows)  # each row's share of the forward
+            logits = out.logits
         variance = head_variance(out.attentions) if attentions and self._reads_head_variance else None
         contexts, scores = [], {}
         for r, (i, index) in enumerate(rows):
             if index is None:
-                scores[i] = np.asarray(ending[i].scores(out.logits[r]), dtype=np.float64)
+                scores[i] = np.asarray(ending[i].scores(None if logits is None else logits[r]), dtype=np.float64)
                 self.envs[i]._episode.done = True
                 continue
             n = len(tokens[r].ids)
             maps = _RowMaps(out.attentions, r, n, past[r] + n) if attentions else None
             values = None if variance is None else {"head_variance": variance[r, :n]}
-            contexts.append(self.envs[i]._block_context(index, out.logits[r, :n], maps, None, seconds, values))
+            contexts.append(self.envs[i]._block_context(index, logits[r, :n], maps, None, seconds, values))
         return contexts, scores, seconds
 
 
