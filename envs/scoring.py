@@ -271,7 +271,7 @@ def batched_continuation_logprobs(
     rows = [EndingsRow.of(last, conts, device) for last, conts in zip(prefix_last_logits, continuations, strict=True)]
     if not any(row.tokens.ids for row in rows):
         return [row.first for row in rows]
-    logits = forward_rows(model, caches, [row.tokens for row in rows], store, slots)[0].logits
+    logits = forward_rows(model, caches, [row.tokens for row in rows], store, slots).logits
     return [row.scores(logits[r]) for r, row in enumerate(rows)]
 
 

@@ -18,18 +18,18 @@ a kernel launch, and those launches, not the device, bound the batched env: issu
 rows' kept floats live in one :class:`~quant.batched_cache.RowKVStore` (a step appends and reads every
 row at once), the rows that commit the same setting in a step commit together (one quantization and one
 write of every row's layers, ``MixedPrecisionKVCache.commit_rows``), and ``attn_var``'s head variance is
-computed once per step for all rows (``features.head_variance``), each row's attention maps cut only when a
-feature reads them.
+computed once per group of rows attended together (``features.head_variance``; all rows on a GPU, each row on
+a CPU, :class:`envs.batched_forward.RowLayout`), each row's attention maps cut only when a feature reads them.
 
-``batch_scoring`` (default: on unless the model is on a CPU): the rows whose episodes end in a step score
-their endings in the step's block forward, beside the other rows' next blocks (each row's endings packed as
-the single env packs them, :class:`envs.scoring.EndingsRow`; :mod:`envs.batched_forward` lays out both).
-With ``autoreset_mode="same_step"`` a row that ends starts its next episode in that forward, on the same
-row of the store, so there the endings are scored first, in one forward of their own. On a GPU every
-forward is hundreds of kernel launches, and scoring row by row took a fifth of a step of 64 rows
-(results/gpu_h200). On a CPU a forward costs its FLOPs: the rows' packed endings differ in length (30-160
-tokens on HellaSwag) and the batch is padded to the longest, which wastes about what batching saves
-(``experiments.bench_throughput --rows batched batched-scoring``), so there they score row by row.
+``batch_scoring`` (default on): the rows whose episodes end in a step score their endings in the step's
+block forward, beside the other rows' next blocks (each row's endings packed as the single env packs them,
+:class:`envs.scoring.EndingsRow`; :mod:`envs.batched_forward` lays out both). With
+``autoreset_mode="same_step"`` a row that ends starts its next episode in that forward, on the same row of the
+store, so there the endings are scored first, in one forward of their own. On a GPU every forward is hundreds
+of kernel launches, and scoring row by row took a fifth of a step of 64 rows (results/gpu_h200). On a CPU a
+forward costs its FLOPs: the forward is padding-free (the rows' packed endings, 30-160 tokens on HellaSwag,
+no longer pad every block row to their width), so there the endings' tokens share the weights' reads with the
+blocks' (``experiments.bench_throughput --rows batched batched-scoring``: off, they score row by row).
 
 With ``bit_budget``, :meth:`KVPrecisionVectorEnv.action_masks` stacks the rows' masks and each row's
 commit phase enforces its budget as the single env does.
@@ -91,7 +91,7 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
         items: Sequence[HellaSwagItem] | None = None,
         render_mode: str | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
-        batch_scoring: bool | None = None,
+        batch_scoring: bool = True,
         **overrides: Any,
     ):
         autoreset_mode = _autoreset_mode(autoreset_mode)
@@ -99,6 +99,8 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             raise ValueError(f"autoreset_mode must be NEXT_STEP or SAME_STEP, got {autoreset_mode}")
         if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        if not isinstance(batch_scoring, (bool, np.bool_)):
+            raise ValueError(f"batch_scoring must be True or False, got {batch_scoring!r}")
         first = KVPrecisionEnv(config, lm=lm, tokenizer=tokenizer, items=items, render_mode=render_mode, **overrides)
         if first.config.cache != "mixed":
             raise ValueError(
@@ -111,7 +113,7 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
                 'saliency features or use gym.make_vec(..., vectorization_mode="sync")'
             )
         self.envs: list[KVPrecisionEnv] = [first] + [first.sibling() for _ in range(num_envs - 1)]
-        self.batch_scoring = first.model.device.type != "cpu" if batch_scoring is None else bool(batch_scoring)
+        self.batch_scoring = bool(batch_scoring)
         self.num_envs = num_envs
         self.config = first.config
         self.render_mode = None
@@ -370,11 +372,11 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             with torch.inference_mode(), contextlib.ExitStack() as stack:
                 for i in scoring:
                     stack.enter_context(self.envs[i]._episode.cache.branch(1))
-                out, past = forward_rows(model, [self.envs[i]._episode.cache for i, _ in rows], tokens, self.store,
-                                         [i for i, _ in rows], output_attentions=attentions)
+                out = forward_rows(model, [self.envs[i]._episode.cache for i, _ in rows], tokens, self.store,
+                                   [i for i, _ in rows], output_attentions=attentions)
             seconds = (time.perf_counter() - t0) / len(rows)  # each row's share of the forward
             logits = out.logits
-        variance = head_variance(out.attentions) if attentions and self._reads_head_variance else None
+        variances: dict[int, torch.Tensor] = {}  # group -> its rows' head variance, once per group
         contexts, scores = [], {}
         for r, (i, index) in enumerate(rows):
             if index is None:
@@ -382,27 +384,15 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
                 self.envs[i]._episode.done = True
                 continue
             n = len(tokens[r].ids)
-            maps = _RowMaps(out.attentions, r, n, past[r] + n) if attentions else None
-            values = None if variance is None else {"head_variance": variance[r, :n]}
-            contexts.append(self.envs[i]._block_context(index, logits[r, :n], maps, None, seconds, values))
+            maps = out.row_maps(r) if attentions else None
+            values = None
+            if attentions and self._reads_head_variance:
+                group, k = out.group_of(r)
+                if group not in variances:
+                    variances[group] = head_variance(out.group_maps(group))
+                values = {"head_variance": variances[group][k, :n]}
+            contexts.append(self.envs[i]._block_context(index, logits[r], maps, None, seconds, values))
         return contexts, scores, seconds
-
-
-class _RowMaps(Sequence):
-    """Row ``row``'s attention maps out of a batched forward, per layer ``[1, heads, tokens, seen]``, cut when
-    read: a step whose features take their attention statistics from the whole batch (``head_variance``)
-    never pays a cut per row and layer (on a GPU each is a kernel launch)."""
-
-    def __init__(self, maps: Sequence[torch.Tensor], row: int, tokens: int, seen: int):
-        self.maps, self.row, self.tokens, self.seen = maps, row, tokens, seen
-
-    def __len__(self) -> int:
-        return len(self.maps)
-
-    def __getitem__(self, layer):
-        if isinstance(layer, slice):
-            return [self[i] for i in range(*layer.indices(len(self)))]
-        return self.maps[layer][self.row : self.row + 1, :, : self.tokens, : self.seen]
 
 
 def _autoreset_mode(value: AutoresetMode | str) -> AutoresetMode:

@@ -6,8 +6,8 @@ Rows, each at fixed bits on the held-out split: the single env (one process, tor
 Gymnasium's ``SyncVectorEnv`` of N envs (``gym.make_vec(..., vectorization_mode="sync")``); the
 batched vector env of N rows, one forward per step for all of them (``vectorization_mode=
 "vector_entry_point"``, envs/vector.py), its endings scored row by row (``batched``) and, the rows that end
-in the same step, in one forward (``batched-scoring``: the env's ``batch_scoring``, its default off a
-CPU); the Ray backend of ``evaluate`` with N workers (``--threads`` torch threads each, default 1). Plus whole env / bare forward:
+in the same step, in the block forward (``batched-scoring``: the env's ``batch_scoring``, its default on
+every device); the Ray backend of ``evaluate`` with N workers (``--threads`` torch threads each, default 1). Plus whole env / bare forward:
 the single env's wall time over a bare SDPA forward of the same blocks
 (``experiments.bench_env.bare_forward_ms``, ``model(block, cache=DynamicCache())``). Measuring them
 in one run keeps the ratios meaningful on a shared, noisy machine, where absolute numbers are not.
@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from agents.fixed import FixedBitsPolicy
 from agents.rollout import rollout
+from envs import batched_forward
 from experiments.bench_env import bare_forward_ms
 from experiments.io import write_json
 
@@ -54,11 +55,21 @@ class TorchOpCounter(TorchDispatchMode):
     Why: on a GPU every operator is at least one kernel launch, a few microseconds of CPU time each in eager
     PyTorch, so a step that issues many small operators per row is bound by launches however fast the device
     is (the H200 ran the batched env at 6.7 episodes/s, results/gpu_h200). The count is the same on any
-    device, so the work that would bring it down can be measured on a CPU."""
+    device, so the work that would bring it down can be measured on a CPU. While counting, a batched forward
+    attends as on a GPU, by groups of rows (``envs.batched_forward.ATTEND_BY_ROW``; a CPU attends row by row)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
+        self._attend_by_row = None
+
+    def __enter__(self):
+        self._attend_by_row, batched_forward.ATTEND_BY_ROW = batched_forward.ATTEND_BY_ROW, False
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        batched_forward.ATTEND_BY_ROW = self._attend_by_row
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1

@@ -25,7 +25,7 @@ continuations per row, packed side by side, against every row's cache at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -221,6 +221,8 @@ class _BatchedLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.owner.unpad is not None:
+            key_states, value_states = self.owner.unpad(key_states), self.owner.unpad(value_states)
         batch = key_states.shape[0]
         if batch != len(self.rows):
             raise ValueError(f"batched forward of {batch} rows on a cache of {len(self.rows)}")
@@ -297,10 +299,14 @@ class BatchedKVCache(Cache):
     input is all padding and its cache is untouched). ``store`` and ``slots``: the rows' caches keep their
     floats in ``store`` (:meth:`RowKVStore.attach`), batch row r's in store row ``slots[r]``; every layer
     then reads and writes the store instead of copying each row (module docstring). Same numbers.
+    ``unpad``: the forward runs the rows' tokens side by side in one sequence (batch 1, no padding); it takes
+    a layer's new keys/values ``[1, heads, total, dim]`` to the padded ``[rows, heads, width, dim]`` this
+    cache works in (envs.batched_forward.RowLayout.padded).
     """
 
     def __init__(self, rows: Sequence[MixedPrecisionKVCache], new_tokens: Sequence[int],
-                 store: RowKVStore | None = None, slots: Sequence[int] | None = None):
+                 store: RowKVStore | None = None, slots: Sequence[int] | None = None,
+                 unpad: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if len(rows) != len(new_tokens) or not rows:
             raise ValueError(f"need one new-token count per row, got {len(new_tokens)} for {len(rows)} rows")
         for row in rows:
@@ -315,6 +321,7 @@ class BatchedKVCache(Cache):
         self.new_tokens = [int(n) for n in new_tokens]
         self.past = [row.get_seq_length() for row in self.rows]
         self.store, self.slots = store, None if slots is None else [int(s) for s in slots]
+        self.unpad = unpad
         #: the batch is the store's rows in order, so a view of the store is the batch (no row gathered)
         self.every_row_in_order = store is not None and self.slots == list(range(store.rows))
         self._rows: dict[str, torch.Tensor] = {}  # device (and shape) -> slots as a tensor

@@ -14,6 +14,7 @@ import torch
 from _tiny_env import ITEMS, TINY_CONFIG, assert_vector_follows_single, make_env
 
 import envs
+import envs.batched_forward
 import envs.vector
 from envs.batched_forward import forward_rows
 from envs.features import head_variance
@@ -124,9 +125,12 @@ def test_rows_keep_their_floats_in_the_vector_envs_store(tiny_model):
 
 
 # --- equality with the single env ----------------------------------------------------------------------
-def test_attention_features_equal_the_single_envs(tiny_model, monkeypatch):
-    """attn_var from one head-variance pass over the whole batch per step, recv_attn from each row's maps
-    cut when it reads them: the single env's observations either way."""
+@pytest.mark.parametrize("by_row", [True, False])
+def test_attention_features_equal_the_single_envs(tiny_model, monkeypatch, by_row):
+    """attn_var from one head-variance pass per group of rows attended together (every row alone on a CPU,
+    ``by_row``; the whole batch elsewhere), recv_attn from each row's maps cut when it reads them: the
+    single env's observations either way."""
+    monkeypatch.setattr(envs.batched_forward, "ATTEND_BY_ROW", by_row)
     rows_per_call = []
 
     def counted(maps):
@@ -141,7 +145,8 @@ def test_attention_features_equal_the_single_envs(tiny_model, monkeypatch):
     for end, row in zip(first_episodes(vec, full, options={"rows": rows}), rows, strict=True):
         ref = single_episode(single, full, options={"row": row})
         np.testing.assert_allclose(np.stack(end["obs"]), np.stack(ref["obs"]), atol=1e-4)
-    assert 2 in rows_per_call  # both rows' statistic in one pass
+    assert (2 in rows_per_call) != by_row  # both rows' statistic in one pass, unless attended row by row
+    assert rows_per_call
 
 
 
@@ -198,16 +203,27 @@ def test_all16_equals_single_env(tiny_model, batch_scoring, mode, monkeypatch):
     vec.close()
 
 
-def test_endings_join_the_block_forward_of_the_rows_that_go_on(tiny_model, monkeypatch):
+@pytest.mark.parametrize("layout", ["by-row", "together", "padded"])
+def test_endings_join_the_block_forward_of_the_rows_that_go_on(tiny_model, monkeypatch, layout):
     """batch_scoring, NEXT_STEP, prompts of different lengths: a row's endings are scored in the same forward
     as the other rows' next blocks (packed rows beside causal blocks), and every row's scores, predictions
-    and observations are the single env's."""
-    mixed = []
+    and observations are the single env's, in each layout of the forward (envs.batched_forward): padding-free
+    attending row by row (a CPU) or all rows together (a GPU), and right-padded (a model whose
+    attention cannot be replaced)."""
+    monkeypatch.setattr(envs.batched_forward, "ATTEND_BY_ROW", layout == "by-row")
+    if layout == "padded":
+        monkeypatch.setattr(envs.batched_forward, "packs_rows", lambda model: False)
+    mixed, groups, layouts = [], [], []
+    of = envs.batched_forward.RowLayout.of
+    monkeypatch.setattr(envs.batched_forward.RowLayout, "of", lambda *a, **k: layouts.append(1) or of(*a, **k))
 
     def forward(model, caches, rows, *args, **kwargs):
         packed = sum(row.visible is not None for row in rows)
         mixed.append(0 < packed < len(rows))
-        return forward_rows(model, caches, rows, *args, **kwargs)
+        out = forward_rows(model, caches, rows, *args, **kwargs)
+        if mixed[-1]:
+            groups.append((len(out.groups), len(rows)))
+        return out
 
     monkeypatch.setattr(envs.vector, "forward_rows", forward)
     options = dict(shots=2, split="train", interval=33)  # prompts of 99 and 100 tokens: 3 and 4 blocks
@@ -221,6 +237,9 @@ def test_endings_join_the_block_forward_of_the_rows_that_go_on(tiny_model, monke
         assert (end["pred"], end["pred_norm"]) == (ref["pred"], ref["pred_norm"])
         np.testing.assert_allclose(np.stack(end["obs"]), np.stack(ref["obs"]), atol=1e-4)
     assert any(mixed)
+    # by row: a group per row; together or padded: all rows in one
+    assert groups and all(n == (rows if layout == "by-row" else 1) for n, rows in groups)
+    assert bool(layouts) == (layout != "padded")  # padding-free unless the model's attention cannot be replaced
     vec.close()
 
 
@@ -237,14 +256,14 @@ def test_rows_of_different_lengths_are_padded(tiny_model):
         ((2, 4, 8, 16), 0, {}),
         ((2, (4, 2), 16), 1, {}),
         ((2, 4, 8, 16), 0, {"rotate_keys": True, "sink_tokens": 2}),
-        ((2, 4, 8, 16), 0, {"batch_scoring": True}),
+        ((2, 4, 8, 16), 0, {"batch_scoring": False}),
     ],
-    ids=["2bit", "k4v2", "2bit-rotated", "2bit-endings-in-one-forward"],
+    ids=["2bit", "k4v2", "2bit-rotated", "2bit-endings-row-by-row"],
 )
 def test_quantized_paired_difference_ci_contains_zero(tiny_model, bits, action, extra):
     n = 4
     extra = dict(extra)
-    batch_scoring = extra.pop("batch_scoring", None)
+    batch_scoring = extra.pop("batch_scoring", True)  # the default: endings in the block forward
     vec = make_vec(tiny_model, num_envs=n, bits=bits, shots=2, batch_scoring=batch_scoring, **extra)
     single = make_env(tiny_model, bits=bits, shots=2, **extra)
     if extra.get("rotate_keys"):
@@ -312,6 +331,8 @@ def test_refuses_what_it_cannot_batch(tiny_model):
         make_vec(tiny_model, features=("saliency",))
     with pytest.raises(ValueError, match="num_envs"):
         KVPrecisionVectorEnv(0)
+    with pytest.raises(ValueError, match="batch_scoring"):
+        KVPrecisionVectorEnv(2, batch_scoring=None)
 
 
 def test_same_step_autoreset(tiny_model):
