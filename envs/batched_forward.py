@@ -26,6 +26,7 @@ import itertools
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers import AttentionInterface
@@ -189,15 +190,36 @@ def _rows_attention_in(model) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class RowsOutput:
-    """What :func:`forward_rows` gives back: ``logits[r]`` row r's ``[its tokens, vocab]``; ``past`` each row's
-    history length before the forward; ``groups`` the rows attended together, ``(first row, end row, width,
-    keys)``; ``attentions`` (None unless asked) per layer one map per group, ``[its rows, heads, width, keys]``
-    (:meth:`row_maps` cuts a row's)."""
+    """What :func:`forward_rows` gives back: ``flat_logits`` ``[N, vocab]`` every position the forward ran, row r's
+    at ``starts[r]`` on (``logits[r]``, its ``[its tokens, vocab]``); ``past`` each row's history length before the
+    forward; ``groups`` the rows attended together, ``(first row, end row, width, keys)``; ``attentions`` (None
+    unless asked) per layer one map per group, ``[its rows, heads, width, keys]`` (:meth:`row_maps` cuts a row's)."""
 
-    logits: list[torch.Tensor]
+    flat_logits: torch.Tensor
+    starts: list[int]
+    lengths: list[int]
     past: list[int]
     groups: tuple[tuple[int, int, int, int], ...]
     attentions: tuple[tuple[torch.Tensor, ...], ...] | None = None
+
+    @cached_property
+    def logits(self) -> list[torch.Tensor]:
+        """``logits[r]``: row r's ``[its tokens, vocab]`` (a view)."""
+        return [self.flat_logits[s : s + n] for s, n in zip(self.starts, self.lengths, strict=True)]
+
+    def runs(self, rows: Sequence[int]) -> list[tuple[list[int], torch.Tensor]]:
+        """``rows`` (ascending) cut where their logits stop lying back to back, each run with its rows' logits as
+        one ``[their tokens, vocab]`` view: what their next-token statistics take in one pass
+        (``envs.features.LogitStats``). Padding-free, only the rows left out cut a run; right-padded, a row
+        shorter than the widest too."""
+        runs: list[tuple[list[int], int]] = []  # (rows, end position)
+        for r in rows:
+            if runs and runs[-1][1] == self.starts[r]:
+                runs[-1][0].append(r)
+                runs[-1] = (runs[-1][0], self.starts[r] + self.lengths[r])
+            else:
+                runs.append(([r], self.starts[r] + self.lengths[r]))
+        return [(run, self.flat_logits[self.starts[run[0]] : end]) for run, end in runs]
 
     def group_of(self, row: int) -> tuple[int, int]:
         """``(group, the row's index in it)``."""
@@ -215,7 +237,7 @@ class RowsOutput:
     def row_maps(self, row: int) -> Sequence[torch.Tensor]:
         """Row ``row``'s maps, per layer ``[1, heads, its tokens, its history + tokens]``, cut when read."""
         group, index = self.group_of(row)
-        n = len(self.logits[row])
+        n = self.lengths[row]
         return _RowMaps(self.group_maps(group), index, n, self.past[row] + n)
 
 
@@ -280,7 +302,7 @@ def forward_rows(
         ids = torch.tensor([row.ids + [0] * (width - len(row.ids)) for row in rows], dtype=torch.long, device=device)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **with_cache(model, batch),
                     use_cache=True, output_attentions=output_attentions)
-        logits = [out.logits[r, :n] for r, n in enumerate(lengths)]
+        flat, starts = out.logits.reshape(-1, out.logits.shape[-1]), [r * width for r in range(len(rows))]
         groups = ((0, len(rows), width, batch.width),)
         attentions = tuple((maps,) for maps in out.attentions) if output_attentions else None
     else:
@@ -289,7 +311,6 @@ def forward_rows(
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions.reshape(1, -1)[:, layout.tokens],
                         **with_cache(model, batch), use_cache=True, output_attentions=output_attentions,
                         row_layout=layout)
-        ends = list(itertools.accumulate(lengths))
-        logits = [out.logits[0, end - n : end] for n, end in zip(lengths, ends, strict=True)]
+        flat, starts = out.logits[0], [0, *itertools.accumulate(lengths)][:-1]
         groups, attentions = layout.groups, out.attentions if output_attentions else None
-    return RowsOutput(logits, batch.past, groups, attentions)
+    return RowsOutput(flat, starts, lengths, batch.past, groups, attentions)

@@ -137,6 +137,50 @@ class EpisodeState:
         )
 
 
+class LogitStats:
+    """Next-token statistics of one or more blocks' logits stacked ``[T, vocab]``, with their next tokens
+    ``targets`` ``[T]`` (-1 where unknown), each computed on first read in one pass over all of them.
+
+    Why stacked: the rows of a batched forward whose logits lie back to back share one (``envs.vector``), so on
+    a GPU a step issues these ops once, not once per row. A :class:`BlockContext` reads its own tokens' slice
+    (``BlockContext.logit_stats``), or, alone, builds one over its own logits."""
+
+    def __init__(self, logits: torch.Tensor, targets: torch.Tensor):
+        if logits.shape[:-1] != targets.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} need one target per position, got {tuple(targets.shape)}")
+        self.logits, self.targets = logits, targets
+
+    @cached_property
+    def softmax_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(shifted, exp(shifted), log Z)`` with ``shifted = logits - max``: the one pass over the
+        [T, vocab] logits that entropy and the target log-probs share. Materialising a full
+        ``log_softmax`` (and exponentiating it again for the entropy) cost twice as much."""
+        x = self.logits.float()
+        shifted = x - x.amax(dim=-1, keepdim=True)
+        exp = shifted.exp()
+        return shifted, exp, exp.sum(-1).log()
+
+    @cached_property
+    def log_probs(self) -> torch.Tensor:
+        """Full [T, V] next-token log-probs (built-in features avoid it; custom ones may read it)."""
+        shifted, _, log_z = self.softmax_parts
+        return shifted - log_z.unsqueeze(-1)
+
+    @cached_property
+    def entropy(self) -> torch.Tensor:
+        """[T] next-token entropy in nats: ``log Z - sum(p * shifted)``, the dot product as one bmm."""
+        shifted, exp, log_z = self.softmax_parts
+        dot = torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
+        return log_z - dot / log_z.exp()
+
+    @cached_property
+    def target_log_probs(self) -> torch.Tensor:
+        """[T] log p(next token) at every position; meaningless where the target is unknown (-1)."""
+        shifted, _, log_z = self.softmax_parts
+        # gather, not ``shifted[mask]``: that would copy the whole [T', vocab] rows to pick one each
+        return shifted.gather(-1, self.targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) - log_z
+
+
 @dataclass
 class BlockContext:
     """Everything a feature may read about the block just run through the model."""
@@ -157,29 +201,33 @@ class BlockContext:
     # per-token values a batched forward computed for all its rows at once (name -> [T]): the properties of
     # the same name return them instead of computing them from this block's own maps (envs.vector)
     batch_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (stats, offset): LogitStats over several blocks' logits, this block's at rows offset.. offset + T of them
+    # (a batched forward's rows, envs.vector); None: the block's own, built when first read
+    logit_stats: tuple[LogitStats, int] | None = None
 
     @cached_property
-    def _softmax_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(shifted, exp(shifted), log Z)`` with ``shifted = logits - max``: the one pass over the
-        [T, vocab] logits that entropy and the target log-probs share. Materialising a full
-        ``log_softmax`` (and exponentiating it again for the entropy) cost twice as much."""
-        x = self.logits.float()
-        shifted = x - x.amax(dim=-1, keepdim=True)
-        exp = shifted.exp()
-        return shifted, exp, exp.sum(-1).log()
+    def _stats(self) -> tuple[LogitStats, slice | None]:
+        """The :class:`LogitStats` this block reads, and its slice of them (None: they are all its own)."""
+        if self.logit_stats is None:
+            return LogitStats(self.logits, self.targets), None
+        stats, offset = self.logit_stats
+        t = len(self.logits)
+        return stats, None if offset == 0 and t == len(stats.targets) else slice(offset, offset + t)
+
+    def _own(self, name: str) -> torch.Tensor:
+        stats, part = self._stats
+        values = getattr(stats, name)
+        return values if part is None else values[part]
 
     @cached_property
     def log_probs(self) -> torch.Tensor:
         """Full [T, V] next-token log-probs (built-in features avoid it; custom ones may read it)."""
-        shifted, _, log_z = self._softmax_parts
-        return shifted - log_z.unsqueeze(-1)
+        return self._own("log_probs")
 
     @cached_property
     def entropy(self) -> torch.Tensor:
-        """[T] next-token entropy in nats: ``log Z - sum(p * shifted)``, the dot product as one bmm."""
-        shifted, exp, log_z = self._softmax_parts
-        dot = torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
-        return log_z - dot / log_z.exp()
+        """[T] next-token entropy in nats (:attr:`LogitStats.entropy`)."""
+        return self._own("entropy")
 
     @cached_property
     def head_variance(self) -> torch.Tensor:
@@ -229,11 +277,7 @@ class BlockContext:
     @cached_property
     def target_log_probs(self) -> torch.Tensor:
         """log p(actual next token) at each position with a known target ([T'] <= [T])."""
-        shifted, _, log_z = self._softmax_parts
-        mask = self.target_mask
-        # gather first, then mask: ``shifted[mask]`` would copy the whole [T', vocab] rows to pick one each
-        picked = shifted.gather(-1, self.targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)[mask]
-        return picked - log_z[mask]
+        return self._own("target_log_probs")[self.target_mask]
 
 
 def head_variance(attentions: Sequence[torch.Tensor]) -> torch.Tensor:

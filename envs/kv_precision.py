@@ -59,7 +59,7 @@ from envs.budget import (
 from envs.cache_kwarg import with_cache
 from envs.episodes import EpisodeSet, episode_set, parse_episode_set
 from envs.evidence import evidence_char_spans, overlapping_tokens, token_char_spans
-from envs.features import DEFAULT_FEATURES, FULL_BITS, BlockContext, FeatureSet, TokenVocabulary
+from envs.features import DEFAULT_FEATURES, FULL_BITS, BlockContext, FeatureSet, LogitStats, TokenVocabulary
 from envs.fingerprint import process_fingerprint_id
 from envs.hellaswag import HellaSwagItem, item_rng, load_hellaswag
 from envs.model import load_model, resolve_device, resolve_dtype
@@ -928,21 +928,31 @@ class KVPrecisionEnv(gym.Env):
         start, end = self._episode.blocks[index]
         return list(self._episode.prompt_ids[start:end])
 
+    def _block_targets(self, index: int) -> list[int]:
+        """Each token's next token in block ``index`` of the episode (-1 for the prompt's last: none follows)."""
+        start, end = self._episode.blocks[index]
+        known = self._episode.prompt_ids[start + 1 : end + 1]
+        return known + [-1] * (end - start - len(known))
+
     def _block_context(
         self, index: int, logits: torch.Tensor, attentions, saliency: torch.Tensor | None, seconds: float,
-        batch_values: dict[str, torch.Tensor] | None = None,
+        batch_values: dict[str, torch.Tensor] | None = None, logit_stats: tuple[LogitStats, int] | None = None,
     ) -> BlockContext:
         """The context of block ``index`` once the model has run it: ``logits`` [T, V], per-layer
         ``attentions`` [1, heads, T, S] (or None), with its keys/values pending in the episode's cache;
-        ``batch_values``: per-token values a batched forward computed for every row (``BlockContext``)."""
+        ``batch_values`` and ``logit_stats``: what a batched forward computed for several rows at once
+        (``BlockContext``; the targets are then the stats' own)."""
         ep = self._episode
-        start, end = ep.blocks[index]
         ep.last_logits = logits[-1]
-        known = ep.prompt_ids[start + 1 : end + 1]  # the next tokens; the prompt's last has none
-        targets = torch.tensor(known + [-1] * (end - start - len(known)), device=logits.device)
+        if logit_stats is None:
+            targets = torch.tensor(self._block_targets(index), device=logits.device)
+        else:
+            stats, offset = logit_stats
+            targets = stats.targets[offset : offset + len(logits)]
         return ep.observer.context(
             torch.tensor(self._block_tokens(index), device=logits.device), logits, targets, ep.cache,
             attentions=attentions, saliency=saliency, forward_seconds=seconds, batch_values=batch_values,
+            logit_stats=logit_stats,
         )
 
     def _forward_with_saliency(self, ids: torch.Tensor, cache: MixedPrecisionKVCache):

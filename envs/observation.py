@@ -12,7 +12,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from envs.features import BlockContext, EpisodeState, FeatureSet, RunningFrequency, TokenVocabulary
+from envs.features import (
+    BlockContext,
+    EpisodeState,
+    FeatureSet,
+    LogitStats,
+    RunningFrequency,
+    TokenVocabulary,
+)
 
 __all__ = ["BlockObserver"]
 
@@ -42,6 +49,7 @@ class BlockObserver:
         saliency: torch.Tensor | None = None,
         forward_seconds: float = 0.0,
         batch_values: dict[str, torch.Tensor] | None = None,
+        logit_stats: tuple[LogitStats, int] | None = None,
     ) -> BlockContext:
         """The :class:`BlockContext` of the next block; ``cache`` holds it pending (see ``BlockContext``)."""
         index, start = self.block_index, self.position
@@ -61,6 +69,7 @@ class BlockObserver:
             cache=cache,
             forward_seconds=forward_seconds,
             batch_values=dict(batch_values or {}),
+            logit_stats=logit_stats,
         )
 
     def observe(self, ctx: BlockContext) -> np.ndarray:

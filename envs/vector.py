@@ -65,8 +65,8 @@ import torch
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from envs.batched_forward import RowTokens, forward_rows
-from envs.features import BlockContext, head_variance
+from envs.batched_forward import RowsOutput, RowTokens, forward_rows
+from envs.features import BlockContext, LogitStats, head_variance
 from envs.hellaswag import HellaSwagItem
 from envs.kv_precision import EnvConfig, KVPrecisionEnv
 from envs.scoring import EndingsRow, batched_continuation_logprobs
@@ -377,6 +377,7 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
             seconds = (time.perf_counter() - t0) / len(rows)  # each row's share of the forward
             logits = out.logits
         variances: dict[int, torch.Tensor] = {}  # group -> its rows' head variance, once per group
+        stats = self._logit_stats(out, rows) if blocks else {}
         contexts, scores = [], {}
         for r, (i, index) in enumerate(rows):
             if index is None:
@@ -391,8 +392,21 @@ class KVPrecisionVectorEnv(gym.vector.VectorEnv):
                 if group not in variances:
                     variances[group] = head_variance(out.group_maps(group))
                 values = {"head_variance": variances[group][k, :n]}
-            contexts.append(self.envs[i]._block_context(index, logits[r], maps, None, seconds, values))
+            contexts.append(self.envs[i]._block_context(index, logits[r], maps, None, seconds, values, stats[r]))
         return contexts, scores, seconds
+
+    def _logit_stats(self, out: RowsOutput, rows: list[tuple[int, int | None]]) -> dict[int, tuple[LogitStats, int]]:
+        """Per block row r of the forward: the :class:`~envs.features.LogitStats` of its run of rows whose logits
+        lie back to back (:meth:`RowsOutput.runs`), and its offset in them. Entropy and the target log-probs
+        then cost one pass per run, not per row (on a GPU, a run's ops instead of every row's)."""
+        targets = {r: self.envs[i]._block_targets(index) for r, (i, index) in enumerate(rows) if index is not None}
+        shared = {}
+        for run, logits in out.runs(sorted(targets)):
+            run_stats = LogitStats(logits, torch.tensor([t for r in run for t in targets[r]], device=logits.device))
+            offset = 0
+            for r in run:
+                shared[r], offset = (run_stats, offset), offset + len(targets[r])
+        return shared
 
 
 def _autoreset_mode(value: AutoresetMode | str) -> AutoresetMode:

@@ -85,6 +85,21 @@ def test_padding_free_equals_padded(model, monkeypatch, layout):
     assert free[1].logits[3].shape[0] == 0  # the row that sat out has no logits
 
 
+@pytest.mark.parametrize("layout", ["by-row", "padded"])
+def test_runs_join_the_rows_whose_logits_lie_back_to_back(model, monkeypatch, layout):
+    """RowsOutput.runs: the rows asked for, cut where their logits stop lying back to back (a row left out of
+    the ask; right-padded, also a row shorter than the widest), each run's logits the rows' own, joined."""
+    out = _run(model, monkeypatch, layout)[0]
+    blocks = [0, 1, 4]  # _rows(): the packed row (2) and the row sitting out (3) are not asked for
+    runs = out.runs(blocks)
+    assert [run for run, _ in runs] == [[0, 1], [4]]  # row 0 is full width, so row 1 follows it in either layout
+    for run, logits in runs:
+        torch.testing.assert_close(logits, torch.cat([out.logits[r] for r in run]), atol=0, rtol=0)
+    # every row: right-padded, the short block (7 of 16 tokens) and the packed row (14) end before the next starts
+    assert [run for run, _ in out.runs(range(5))] == ([[0, 1, 2, 3, 4]] if layout != "padded" else
+                                                      [[0, 1], [2], [3], [4]])
+
+
 def test_the_models_attention_is_restored(model):
     """The forward names rows_attention in the model's config for its own duration only, even when it fails."""
     caches = _caches(model, [8, 8])

@@ -23,6 +23,7 @@ from envs.features import (
     EpisodeState,
     Feature,
     FeatureSet,
+    LogitStats,
     RunningFrequency,
     head_variance,
     register_feature,
@@ -176,6 +177,26 @@ def test_entropy_and_token_acc_on_a_handmade_block():
     assert obs["token_acc_mean"] == pytest.approx((0.25 + float(p[1, 0])) / 2, rel=1e-5)
     assert obs["token_acc_min"] == pytest.approx(0.25, rel=1e-5)
     assert obs["progress"] == pytest.approx(0.5)
+
+
+def test_blocks_reading_shared_logit_stats_get_their_own():
+    """Two blocks' logits stacked in one LogitStats (a batched forward's run of rows): each block, reading its
+    slice by offset, gets the entropy, target log-probs and log-probs its own logits give; the observations too."""
+    torch.manual_seed(0)
+    state = EpisodeState(block_index=0, n_blocks=2, avg_bits=16, kv_ratio=1.0, last_bits=16)
+    logits = [torch.randn(3, 7), torch.randn(4, 7)]
+    targets = [torch.tensor([1, 5, 2]), torch.tensor([0, 6, 3, -1])]
+    shared = LogitStats(torch.cat(logits), torch.cat(targets))
+    features = FeatureSet(("entropy", "token_acc"))
+    for b, offset in enumerate((0, 3)):
+        own = BlockContext(torch.arange(len(targets[b])), logits[b], targets[b], state)
+        read = BlockContext(torch.arange(len(targets[b])), logits[b], targets[b], state, logit_stats=(shared, offset))
+        for name in ("entropy", "target_log_probs", "log_probs"):
+            torch.testing.assert_close(getattr(read, name), getattr(own, name))
+        assert read.target_log_probs.shape == (int((targets[b] >= 0).sum()),)
+        assert features.observe(read) == pytest.approx(features.observe(own))
+    with pytest.raises(ValueError, match="one target per position"):
+        LogitStats(torch.zeros(3, 7), torch.zeros(4, dtype=torch.long))
 
 
 def test_head_variance_of_a_padded_batch_is_each_rows_own():
