@@ -10,7 +10,10 @@ in the same step, in the block forward (``batched-scoring``: the env's ``batch_s
 every device); the Ray backend of ``evaluate`` with N workers (``--threads`` torch threads each, default 1). Plus whole env / bare forward:
 the single env's wall time over a bare SDPA forward of the same blocks
 (``experiments.bench_env.bare_forward_ms``, ``model(block, cache=DynamicCache())``). Measuring them
-in one run keeps the ratios meaningful on a shared, noisy machine, where absolute numbers are not.
+in one run keeps the ratios meaningful on a shared, noisy machine, where absolute numbers are not; and the
+single and batched runners take the rows in ``--rounds`` parts, in turn (:func:`run_rounds`), so that a slow
+spell hits them alike (two runs in a row on one machine once gave 1.28x and 1.68x when each ran all its rows
+at once). The table gives each round's ratio too, lowest-highest.
 
 ``--count-ops`` adds the torch operators each row-step issues (one env step, or reset, of one row), counted
 in one more pass: on a GPU each operator is at least one kernel launch, so this is what bounds the
@@ -99,6 +102,13 @@ def store_references(args: argparse.Namespace) -> int:
     return len(rows)
 
 
+def _round_rows(items, args: argparse.Namespace, at_least: int = 1) -> list[int]:
+    """The warm-up row (the first held-out row), then the rows this round measures (``args.measured``, indices
+    into ``items``; the last repeated up to ``at_least`` rows: the batched env's reset needs one per env)."""
+    rows = [items[min(i, len(items) - 1)].row for i in args.measured]
+    return [items[0].row] + rows + rows[-1:] * (at_least - len(rows))
+
+
 def bench_single(args: argparse.Namespace) -> dict[str, Any]:
     """The single env on the first ``episodes`` held-out rows (after one warm-up), and the bare
     SDPA forward of the same blocks."""
@@ -109,14 +119,14 @@ def bench_single(args: argparse.Namespace) -> dict[str, Any]:
 
     env = KVPrecisionEnv(**_env_kwargs(args))
     policy = FixedBitsPolicy(env.observation_names, env.bits, args.bits)
-    rows = [item.row for item in env.items[: args.episodes + 1]]
+    rows = _round_rows(env.items, args)
     rollout(env, policy, options={"row": rows[0]})  # warm-up: first-call costs, not measured
     t0 = time.perf_counter()
     for row in rows[1:]:
         rollout(env, policy, options={"row": row})
     wall = time.perf_counter() - t0
     ops = None
-    if args.count_ops:  # one more pass over the first measured row, counted (counting is slow)
+    if args.count_ops and args.first_round:  # one more pass over the first measured row, counted (slow)
         with TorchOpCounter() as counter:
             episode = rollout(env, policy, options={"row": rows[1]})
         ops = counter.ops / (len(episode) + 1)  # the reset runs block 0: one row-step of its own
@@ -219,8 +229,7 @@ def bench_batched(args: argparse.Namespace, batch_scoring: bool = False) -> dict
     vec = gym.make_vec(ENV_ID, num_envs=n, vectorization_mode="vector_entry_point", batch_scoring=batch_scoring,
                        **_env_kwargs(args))
     actions = np.full(n, list(vec.envs[0].bits).index(args.bits))
-    items = vec.envs[0].items
-    rows = [items[min(i, len(items) - 1)].row for i in range(1 + max(args.episodes, n))]
+    rows = _round_rows(vec.envs[0].items, args, at_least=n)
     vec.reset(options={"rows": [rows[0]] * n})  # warm-up
     vec.step(actions)
     t0, finished = time.perf_counter(), 0
@@ -230,7 +239,7 @@ def bench_batched(args: argparse.Namespace, batch_scoring: bool = False) -> dict
         finished += int(np.sum(terminated | truncated))
     wall = time.perf_counter() - t0
     ops = None
-    if args.count_ops:  # one more pass over the first n measured rows, all starting together, counted
+    if args.count_ops and args.first_round:  # one more pass over the first n measured rows, together, counted
         row_steps = n
         with TorchOpCounter() as counter:
             vec.reset(options={"rows": rows[1 : n + 1]})
@@ -243,7 +252,7 @@ def bench_batched(args: argparse.Namespace, batch_scoring: bool = False) -> dict
     env = vec.envs[0]
     gain = None
     prompts = [env.episode_inputs(row)[1] for row in rows[1 : n + 1]]
-    if not batch_scoring and len(prompts) == n:
+    if not batch_scoring and len(prompts) == n and args.first_round:
         sdpa, _ = load_model(args.model, dtype=env.model.dtype, device=env.model.device, attn_implementation="sdpa")
         gain = bare_batching_gain(sdpa, prompts, env.config.interval)
     vec.close()
@@ -257,6 +266,48 @@ BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 }
 
 
+#: the runners that run the same held-out rows, so a round of each can be compared with the others' (paired)
+PAIRED = ("single", "batched", "batched-scoring")
+
+
+def run_rounds(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every runner in ``args.rows``. The paired ones (:data:`PAIRED`) take the measured rows in ``--rounds``
+    consecutive parts, each part by every runner in turn (in reverse order every other round), so that a
+    slow spell of a shared machine hits them all alike rather than whichever ran then; their totals are summed
+    and each round's rate kept (``rounds``). The others run once, after them, on all the rows."""
+    paired = [name for name in args.rows if name in PAIRED]
+    rounds = max(1, min(args.rounds, args.episodes // args.num_envs)) if paired else 1  # >= num_envs rows each
+    parts = np.array_split(np.arange(1, args.episodes + 1), rounds)
+    by_round: dict[str, list[dict[str, Any]]] = {name: [] for name in paired}
+    for k, part in enumerate(parts):
+        round_args = argparse.Namespace(**vars(args), measured=part.tolist(), first_round=k == 0)
+        for name in paired if k % 2 == 0 else paired[::-1]:
+            by_round[name].append(BENCHES[name](round_args))
+    results = {name: _summed(by_round[name]) for name in paired}
+    everything = argparse.Namespace(**vars(args), measured=list(range(1, args.episodes + 1)), first_round=True)
+    results.update({name: BENCHES[name](everything) for name in args.rows if name not in PAIRED})
+    return {name: results[name] for name in args.rows}
+
+
+def _summed(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One runner's rounds as one result: episodes and seconds summed, the rate and whole/bare of the sums, what
+    only the first round measures (ops, the bare batching gain) from it, and each round's rate (``rounds``)."""
+    out = dict(rounds[0])
+    for key in ("episodes", "seconds", "bare_sdpa_seconds"):
+        if key in out:
+            out[key] = sum(r[key] for r in rounds)
+    out["episodes_per_s"] = out["episodes"] / out["seconds"]
+    if "bare_sdpa_seconds" in out:
+        out["whole_env_over_bare_sdpa"] = out["seconds"] / out["bare_sdpa_seconds"]
+    out["rounds"] = [{key: r[key] for key in ("episodes", "seconds", "episodes_per_s", "whole_env_over_bare_sdpa")
+                      if key in r} for r in rounds]
+    return out
+
+
+def _spread(values: Sequence[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
 def format_table(results: dict[str, dict[str, Any]], n: int) -> str:
     labels = {"single": "single env", "sync": f"SyncVectorEnv({n})", "batched": f"batched vector env ({n})",
               "batched-scoring": "  + endings in one forward", "ray": f"Ray ({n} workers)"}
@@ -264,13 +315,27 @@ def format_table(results: dict[str, dict[str, Any]], n: int) -> str:
     counted = any(r.get("ops_per_row_step") is not None for r in results.values())
     lines = [f"{'runner':<26} {'episodes':>8} {'episodes/s':>11} {'x single':>9} {'threads':>8}"
              + (f" {'ops/row-step':>13}" if counted else "")]
+    single_rounds = results.get("single", {}).get("rounds", [])
+    rounds = len(single_rounds) > 1
+    if rounds:
+        lines[0] += f" {'x single by round':>18}"
     for name, r in results.items():
         ratio = f"{r['episodes_per_s'] / base:>9.2f}" if base else f"{'':>9}"
         ops = r.get("ops_per_row_step")
-        lines.append(f"{labels[name]:<26} {r['episodes']:>8} {r['episodes_per_s']:>11.3f} {ratio} {r['threads']:>8}"
-                     + (f" {'' if ops is None else f'{ops:.0f}':>13}" if counted else ""))
+        line = (f"{labels[name]:<26} {r['episodes']:>8} {r['episodes_per_s']:>11.3f} {ratio} {r['threads']:>8}"
+                + (f" {'' if ops is None else f'{ops:.0f}':>13}" if counted else ""))
+        if rounds and len(r.get("rounds", [])) == len(single_rounds):
+            paired = zip(r["rounds"], single_rounds, strict=True)
+            line += f" {_spread([a['episodes_per_s'] / b['episodes_per_s'] for a, b in paired]):>18}"
+        lines.append(line)
     if "single" in results:
-        lines.append(f"\nwhole env / bare SDPA forward (single env): {results['single']['whole_env_over_bare_sdpa']:.2f}x")
+        whole = results["single"]
+        spread = _spread([r["whole_env_over_bare_sdpa"] for r in single_rounds]) if rounds else ""
+        lines.append(f"\nwhole env / bare SDPA forward (single env): {whole['whole_env_over_bare_sdpa']:.2f}x"
+                     + (f" (by round: {spread})" if rounds else ""))
+    if rounds:
+        lines.append(f"(the single and batched rows ran in {len(single_rounds)} rounds of the same rows, in turn; "
+                     "'by round': the lowest-highest of the rounds' ratios)")
     gain = results.get("batched", {}).get("bare_batching")
     if gain:
         lines.append(f"bare SDPA forward, {gain['rows']} rows in one batch / one at a time ({gain['blocks']} blocks each): "
@@ -293,6 +358,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="torch threads of the single and vector env (default: torch's choice) and of each Ray "
                         "worker (default 1); on a busy machine more threads than free cores slow torch down a lot")
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which runners to measure")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="the single and batched runners take the rows in this many parts, each part by every runner "
+                        "in turn, so a slow spell of a shared machine hits them alike (at most episodes / num-envs)")
     p.add_argument("--count-ops", action="store_true",
                    help="also count the torch operators per row-step (one env step or reset of one row) of the "
                         "single and batched envs, in one more, untimed pass: on a GPU each is a kernel launch")
@@ -302,13 +370,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.episodes < 1 or args.num_envs < 1:
-        raise ValueError("--episodes and --num-envs must be >= 1")
+    if args.episodes < 1 or args.num_envs < 1 or args.rounds < 1:
+        raise ValueError("--episodes, --num-envs and --rounds must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"references of {store_references(args)} held-out rows stored; every runner reads them")
-    results = {name: BENCHES[name](args) for name in args.rows}
+    results = run_rounds(args)
     print(format_table(results, args.num_envs))
     write_json(args.out, {"config": vars(args) | {"out": str(args.out)}, "results": results})
     print(f"wrote {args.out}")

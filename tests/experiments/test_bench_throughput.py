@@ -81,3 +81,38 @@ def test_ops_per_row_step_are_counted_on_request(tmp_path, capsys):
     single, batched = counted["single"]["ops_per_row_step"], counted["batched"]["ops_per_row_step"]
     assert 0 < batched < single
     assert "ops/row-step" in capsys.readouterr().out
+
+
+def test_paired_runners_take_the_rows_in_rounds_in_turn(monkeypatch):
+    """--rounds: the single and batched runners run the same parts of the rows, one after another (in reverse
+    every other round), and their rounds are summed; an unpaired runner (sync) runs once on all the rows."""
+    calls = []
+
+    def fake(name):
+        def run(args):
+            calls.append((name, tuple(args.measured), args.first_round))
+            seconds = len(args.measured) * (1.0 if name == "single" else 0.5)
+            return {"episodes": len(args.measured), "seconds": seconds, "episodes_per_s": len(args.measured) / seconds,
+                    "threads": 1, **({"bare_sdpa_seconds": seconds / 2, "whole_env_over_bare_sdpa": 2.0}
+                                     if name == "single" else {})}
+        return run
+
+    monkeypatch.setattr(bench_throughput, "BENCHES", {name: fake(name) for name in ("single", "batched", "sync")})
+    args = bench_throughput.parse_args(["--episodes", "7", "--num-envs", "2", "--rounds", "3",
+                                        "--rows", "single", "sync", "batched"])
+    results = bench_throughput.run_rounds(args)
+    assert calls == [("single", (1, 2, 3), True), ("batched", (1, 2, 3), True),
+                     ("batched", (4, 5), False), ("single", (4, 5), False),
+                     ("single", (6, 7), False), ("batched", (6, 7), False),
+                     ("sync", (1, 2, 3, 4, 5, 6, 7), True)]
+    assert list(results) == ["single", "sync", "batched"]
+    assert results["single"]["episodes"] == 7 and results["single"]["seconds"] == 7.0
+    assert results["batched"]["episodes_per_s"] == 2.0 and len(results["batched"]["rounds"]) == 3
+    assert results["single"]["whole_env_over_bare_sdpa"] == 2.0
+    table = bench_throughput.format_table(results, 2)
+    assert "2.00-2.00" in table and "3 rounds" in table
+    # never more rounds than parts of num_envs rows (the batched env's reset needs one row per env)
+    calls.clear()
+    bench_throughput.run_rounds(bench_throughput.parse_args(["--episodes", "3", "--num-envs", "2", "--rounds", "3",
+                                                             "--rows", "single"]))
+    assert calls == [("single", (1, 2, 3), True)]
