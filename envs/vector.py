@@ -19,7 +19,8 @@ rows' kept floats live in one :class:`~quant.batched_cache.RowKVStore` (a step a
 row at once), the rows that commit the same setting in a step commit together (one quantization and one
 write of every row's layers, ``MixedPrecisionKVCache.commit_rows``), and ``attn_var``'s head variance is
 computed once per group of rows attended together (``features.head_variance``; all rows on a GPU, each row on
-a CPU, :class:`envs.batched_forward.RowLayout`), each row's attention maps cut only when a feature reads them.
+a CPU, :class:`envs.batched_forward.RowLayout`), each row's attention maps cut only when a feature reads them;
+entropy and the target log-probs once per run of rows whose logits lie back to back (``features.LogitStats``).
 
 ``batch_scoring`` (default on): the rows whose episodes end in a step score their endings in the step's
 block forward, beside the other rows' next blocks (each row's endings packed as the single env packs them,
