@@ -212,14 +212,14 @@ class RowsOutput:
         one ``[their tokens, vocab]`` view: what their next-token statistics take in one pass
         (``envs.features.LogitStats``). Padding-free, only the rows left out cut a run; right-padded, a row
         shorter than the widest too."""
-        runs: list[tuple[list[int], int]] = []  # (rows, end position)
+        end = lambda r: self.starts[r] + self.lengths[r]  # noqa: E731
+        runs: list[list[int]] = []
         for r in rows:
-            if runs and runs[-1][1] == self.starts[r]:
-                runs[-1][0].append(r)
-                runs[-1] = (runs[-1][0], self.starts[r] + self.lengths[r])
+            if runs and end(runs[-1][-1]) == self.starts[r]:
+                runs[-1].append(r)
             else:
-                runs.append(([r], self.starts[r] + self.lengths[r]))
-        return [(run, self.flat_logits[self.starts[run[0]] : end]) for run, end in runs]
+                runs.append([r])
+        return [(run, self.flat_logits[self.starts[run[0]] : end(run[-1])]) for run in runs]
 
     def group_of(self, row: int) -> tuple[int, int]:
         """``(group, the row's index in it)``."""
